@@ -1,0 +1,84 @@
+"""Build the aiohttp Application: middlewares, the route table, and the runtime's lifecycle.
+
+Resources (the upstream and IdP client sessions, the session backend, provider metadata) are
+opened in one cleanup context, so they are closed only if they were opened, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway import dispatch, endpoints, login, logout
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.observability import access_log_middleware
+from gateway.oidc.flow import Client
+from gateway.oidc.provider import Provider
+from gateway.pages import error_middleware
+from gateway.routing import RouteTable
+from gateway.runtime import RUNTIME, Runtime
+from gateway.sessions.backends import open_backend
+from gateway.sessions.store import SessionStore
+
+log = logging.getLogger("gateway")
+
+# Large enough for fat cookies, small enough to bound memory per connection.
+MAX_FIELD_SIZE = 16 * 1024
+
+
+def _client(config: Config) -> Client:
+    oidc = config.oidc
+    return Client(client_id=oidc.client_id, client_secret=oidc.secret(),
+                  redirect_uri=config.redirect_uri, scopes=oidc.scopes,
+                  auth_method=oidc.token_endpoint_auth_method, timeout=oidc.timeout)
+
+
+def _runtime_context(config: Config, clock: Callable[[], float]
+                     ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        backend = open_backend(config.session.store, clock=clock,
+                               timeout=config.session.store_timeout)
+        upstream_http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+        idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        try:
+            provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
+                                clock=clock)
+            app[RUNTIME] = Runtime(
+                config=config, routes=RouteTable(config.routes),
+                sessions=SessionStore(backend, idle_timeout=config.session.idle_timeout,
+                                      max_lifetime=config.session.max_lifetime, clock=clock),
+                provider=provider, client=_client(config), upstream_http=upstream_http,
+                idp_http=idp_http, clock=clock)
+            try:
+                await provider.metadata()
+            except GatewayError as exc:
+                log.warning("discovery_failed_at_startup detail=%s (will retry)", exc.detail)
+            yield
+        finally:
+            await upstream_http.close()
+            await idp_http.close()
+            await backend.aclose()
+
+    return context
+
+
+def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(middlewares=[access_log_middleware, error_middleware],
+                          handler_args={"max_field_size": MAX_FIELD_SIZE})
+    app.cleanup_ctx.append(_runtime_context(config, clock))
+    app.router.add_get("/oauth2/start", login.start)
+    app.router.add_get("/oauth2/callback", login.callback)
+    app.router.add_route("GET", "/oauth2/sign_out", logout.sign_out)
+    app.router.add_route("POST", "/oauth2/sign_out", logout.sign_out)
+    app.router.add_get("/oauth2/userinfo", endpoints.userinfo)
+    app.router.add_get("/oauth2/healthz", endpoints.healthz)
+    app.router.add_get("/oauth2/readyz", endpoints.readyz)
+    app.router.add_route("*", "/{tail:.*}", dispatch.handle)
+    return app

@@ -1,0 +1,67 @@
+"""Command line: `gateway run | check-config | demo`. The only reader of GATEWAY_CONFIG.
+
+main(argv) returns the exit code, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway import config as config_module
+from gateway import observability
+from gateway.app import build_app
+from gateway.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Identity-aware reverse proxy with OpenID Connect login.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "serve until SIGTERM/SIGINT"),
+                       ("check-config", "validate a config file and exit")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    demo = commands.add_parser("demo", help="run a self-contained demo (dev IdP, sample app)")
+    demo.add_argument("--port", type=int, default=4180, help="gateway port (default 4180)")
+    return parser
+
+
+def _load(path: str | None) -> config_module.Config:
+    path = path or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        raise ConfigError("--config", "no config file given (or set GATEWAY_CONFIG)")
+    return config_module.load(path, os.environ)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        return run_demo(port=args.port)
+    try:
+        config = _load(args.config)
+        config.oidc.secret()  # a missing secret file is a config error, found before serving
+        if args.command == "check-config":
+            print(f"config OK: {len(config.routes)} route(s)")
+            return 0
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"config error: oidc.client_secret_file: {exc.strerror}", file=sys.stderr)
+        return 1
+    observability.setup(config.logging)
+    logging.getLogger("gateway").info("gateway_starting listen=%s public_url=%s routes=%d",
+                                      config.server.listen, config.server.public_url,
+                                      len(config.routes))
+    web.run_app(build_app(config), host=config.server.host, port=config.server.port,
+                access_log=None, shutdown_timeout=config.server.shutdown_timeout,
+                print=lambda *_: None)
+    return 0

@@ -1,0 +1,343 @@
+"""Load and validate the YAML configuration into frozen, typed objects.
+
+This is the only module that reads YAML or the environment for configuration; everything else
+receives a `Config`. `${VAR}` is expanded in parsed scalar strings (not in the raw text), so a
+secret containing `: ` or `#` cannot change the YAML structure. Every problem is reported as a
+`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from gateway.errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def parse_duration(value: object) -> float:
+    """'30s', '15m', '8h', '1d', '250ms' -> seconds. Bare numbers are refused: no unit guessing."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration; use a number with a unit, like 30s, 15m or 8h")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def _http_url(value: str, *, require_path_free: bool = False) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if require_path_free and (url.query_string or url.fragment):
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Model):
+    listen: str = "127.0.0.1:4180"
+    public_url: str
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_timeout: Duration = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} must be HOST:PORT, like 127.0.0.1:4180")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        _http_url(value, require_path_free=True)
+        if URL(value).path not in ("", "/"):
+            raise ValueError(f"{value!r} must be an origin without a path (serve the gateway at /)")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (CIDR)") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies)
+
+
+class OIDCConfig(_Model):
+    issuer: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    groups_claim: str = "groups"
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
+        "client_secret_basic"  # noqa: S105  (a method name, not a password)
+    )
+    timeout: Duration = 10.0
+    clock_skew: Duration = 60.0
+
+    @field_validator("issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        # OIDC Discovery §4.3: the issuer is compared exactly, so keep it as written.
+        _http_url(value, require_path_free=True)
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError("must include 'openid'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> OIDCConfig:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret (from ${VAR}) or client_secret_file")
+        return self
+
+    def secret(self) -> str:
+        """The client secret, read from the file on demand so rotation needs no config change."""
+        if self.client_secret is not None:
+            return self.client_secret.get_secret_value()
+        assert self.client_secret_file is not None
+        return self.client_secret_file.read_text().strip()
+
+
+class SessionConfig(_Model):
+    store: str = "memory://"
+    cookie_name: str = Field(default="gateway_session", pattern=r"^[A-Za-z0-9_\-]+$")
+    cookie_secure: bool | None = None
+    idle_timeout: Duration = 1800.0
+    max_lifetime: Duration = 43200.0
+    store_timeout: Duration = 2.0
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value == "memory://":
+            return value
+        url = URL(value)
+        if url.scheme not in ("redis", "rediss", "unix") or (url.scheme != "unix" and not url.host):
+            raise ValueError(f"{value!r}: use redis://HOST:PORT/DB, rediss://..., or memory://")
+        return value
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> SessionConfig:
+        if self.idle_timeout > self.max_lifetime:
+            raise ValueError("idle_timeout must not be longer than max_lifetime")
+        return self
+
+
+class AllowRules(_Model):
+    emails: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    @field_validator("emails")
+    @classmethod
+    def _lower_emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().lower() for v in value)
+
+    @field_validator("email_domains")
+    @classmethod
+    def _lower_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().lower().removeprefix("@") for v in value)
+
+
+class RouteConfig(_Model):
+    name: str = Field(min_length=1)
+    host: str | None = None
+    path_prefix: str = "/"
+    upstream: str
+    auth: Literal["required", "public"] = "required"
+    allow: AllowRules | None = None
+    strip_prefix: bool = False
+    preserve_host: bool = False
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 60.0
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower().rstrip(".")
+        labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+        if not all(_HOST_LABEL.match(label) for label in labels):
+            raise ValueError(f"{value!r} is not a host name or *.domain wildcard")
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "?#%\\") or "/../" in value + "/":
+            raise ValueError(f"{value!r} must be a plain path starting with '/'")
+        if value.startswith("/oauth2") and value[7:8] in ("", "/"):
+            raise ValueError("/oauth2 is reserved for the gateway's own endpoints")
+        return value.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, value: str) -> str:
+        return _http_url(value, require_path_free=True).rstrip("/")
+
+    @model_validator(mode="after")
+    def _allow_needs_auth(self) -> RouteConfig:
+        if self.auth == "public" and self.allow is not None:
+            raise ValueError("allow rules need auth: required")
+        return self
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    server: ServerConfig
+    oidc: OIDCConfig
+    session: SessionConfig = SessionConfig()
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_names(cls, value: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        seen: set[str] = set()
+        for route in value:
+            if route.name in seen:
+                raise ValueError(f"duplicate route name {route.name!r}")
+            seen.add(route.name)
+        return value
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.server.public_url + "/oauth2/callback"
+
+    @property
+    def cookie_secure(self) -> bool:
+        if self.session.cookie_secure is not None:
+            return self.session.cookie_secure
+        return self.server.public_url.startswith("https://")
+
+
+def _expand(node: object, environ: Mapping[str, str], path: str) -> object:
+    if isinstance(node, dict):
+        return {k: _expand(v, environ, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, environ, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(path, f"environment variable {name} is not set")
+            return environ[name]
+
+        return _ENV_REF.sub(substitute, node)
+    return node
+
+
+def _check_secret_source(raw: Mapping[str, object]) -> None:
+    # Secrets only from the environment or files: a literal in YAML ends up in git and backups.
+    oidc = raw.get("oidc")
+    if isinstance(oidc, dict):
+        secret = oidc.get("client_secret")
+        if isinstance(secret, str) and not _ENV_REF.fullmatch(secret.strip()):
+            raise ConfigError(
+                "oidc.client_secret",
+                "must come from the environment, like \"${GW_CLIENT_SECRET}\", "
+                "or use oidc.client_secret_file",
+            )
+
+
+def _key_of(loc: tuple[int | str, ...], raw: Mapping[str, object]) -> str:
+    parts: list[str] = []
+    node: object = raw
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and item < len(node) and \
+                isinstance(node[item], dict) else None
+            parts[-1] += f"[{item}]" if not name else f"[{name}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(item)
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def parse(raw: object, environ: Mapping[str, str]) -> Config:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the configuration must be a YAML mapping")
+    _check_secret_source(raw)
+    expanded = _expand(raw, environ, "")
+    assert isinstance(expanded, dict)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = _key_of(tuple(error["loc"]), expanded)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "is required"
+        raise ConfigError(key or "(top level)", message) from None
+
+
+def load(path: str | Path, environ: Mapping[str, str]) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("", f"{path} is not valid YAML{where}") from None
+    return parse(raw, environ)

@@ -1,0 +1,59 @@
+"""The catch-all handler: route -> session -> policy -> proxy, challenge or deny.
+
+The whole per-request path reads top to bottom here. At most one store round trip (the session
+load, on protected routes only); public routes never touch the store, so they keep working when
+it is down, and never carry identity headers.
+"""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+from aiohttp import web
+from yarl import URL
+
+from gateway import policy, proxy
+from gateway.errors import ForbiddenError, NotAuthenticatedError, NotFoundError
+from gateway.login import redirect_to_idp
+from gateway.pages import wants_html
+from gateway.redirects import safe_return_path
+from gateway.routing import canonical_path
+from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime, runtime_from
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    rt = runtime_from(request)
+    path = canonical_path(request.raw_path)
+    if path == "/oauth2" or path.startswith("/oauth2/"):
+        raise NotFoundError(f"no gateway endpoint {path}")
+    route = rt.routes.match(request.host, path)
+    if route is None:
+        raise NotFoundError(f"no route for host={request.host!r} path={path}")
+    request[ROUTE_NAME] = route.name
+    identity = None
+    if route.auth == "required":
+        session = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+        identity = session.identity if session else None
+    decision = policy.decide(route, identity)
+    match decision:
+        case policy.Allow(identity=allowed):
+            if allowed is not None:
+                request[USER_SUB] = allowed.sub
+            return await proxy.forward(request, rt, route, path, allowed)
+        case policy.Challenge():
+            return await _challenge(request, rt, path)
+        case policy.Deny(reason=reason):
+            assert identity is not None
+            request[USER_SUB] = identity.sub
+            raise ForbiddenError(f"route {route.name}: {reason}")
+        case _:
+            assert_never(decision)
+
+
+async def _challenge(request: web.Request, rt: Runtime, path: str) -> web.StreamResponse:
+    """Browsers go to the IdP and come back to exactly this URL; API clients get a 401."""
+    if not wants_html(request):
+        raise NotAuthenticatedError("no session on a protected route")
+    query = request.raw_path.partition("?")[2]
+    target = str(URL(path + (f"?{query}" if query else ""), encoded=True))
+    return await redirect_to_idp(request, rt, safe_return_path(target) or "/")

@@ -1,0 +1,48 @@
+"""The gateway's own small endpoints: /oauth2/userinfo, /oauth2/healthz, /oauth2/readyz."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, NotAuthenticatedError
+from gateway.login import no_store
+from gateway.runtime import USER_SUB, runtime_from
+
+
+async def userinfo(request: web.Request) -> web.StreamResponse:
+    rt = runtime_from(request)
+    session = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    if session is None:
+        raise NotAuthenticatedError("userinfo without a session")
+    identity = session.identity
+    request[USER_SUB] = identity.sub
+    return no_store(web.json_response({
+        "user": identity.sub,
+        "email": identity.email,
+        "email_verified": identity.email_verified,
+        "preferred_username": identity.preferred_username,
+        "groups": list(identity.groups),
+    }))
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return no_store(web.json_response({"status": "ok"}))
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready when the store answers and the IdP metadata is loaded (retried here if not)."""
+    rt = runtime_from(request)
+    checks: dict[str, str] = {}
+    try:
+        await rt.sessions.backend.ping()
+        checks["store"] = "ok"
+    except GatewayError as exc:
+        checks["store"] = exc.public_message
+    try:
+        await rt.provider.metadata()
+        checks["idp"] = "ok"
+    except GatewayError as exc:
+        checks["idp"] = exc.public_message
+    ready = all(value == "ok" for value in checks.values())
+    return no_store(web.json_response({"status": "ready" if ready else "not ready", **checks},
+                                      status=200 if ready else 503))

@@ -1,0 +1,127 @@
+"""The gateway's one exception hierarchy.
+
+Every failure a user or operator can cause is one of these; `pages.error_middleware` is the
+only place that turns them into HTTP responses. Each class carries the status, a public
+message that is safe to show (never a token, cookie or secret) and a log event name.
+
+    GatewayError
+     ├── ConfigError                 operator error in the YAML or the environment
+     ├── BadRequestError        400  malformed path, parameters or cookies
+     ├── LoginError             400  the login could not complete (state, IdP error, bad token)
+     ├── NotAuthenticatedError  401  API client without a session
+     ├── ForbiddenError         403  authenticated but denied by the route's allow rules
+     ├── NotFoundError          404  no route matches
+     ├── IdPError               502  the OpenID Provider answered badly
+     │    └── IdPTimeoutError   504
+     ├── IdPUnavailableError    503  the OpenID Provider cannot be reached (discovery/JWKS)
+     ├── StoreUnavailableError  503  the session store cannot be reached
+     └── UpstreamError          502  the upstream refused or broke the connection
+          └── UpstreamTimeoutError 504
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    title: str = "Internal error"
+    public_message: str = "The gateway could not handle this request."
+    event: str = "gateway_error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        # `detail` is for the log line only; it may name internals but never secrets.
+        super().__init__(detail or self.public_message)
+        self.detail = detail or self.public_message
+
+
+class ConfigError(GatewayError):
+    """Raised with the dotted key and the problem, e.g. ("oidc.issuer", "is required")."""
+
+    event = "config_invalid"
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class BadRequestError(GatewayError):
+    status = 400
+    title = "Bad request"
+    public_message = "The request is malformed."
+    event = "bad_request"
+
+
+class LoginError(GatewayError):
+    status = 400
+    title = "Sign-in failed"
+    public_message = "Sign-in could not be completed. Please start again."
+    event = "login_failed"
+
+    def __init__(self, detail: str, public_message: str | None = None) -> None:
+        super().__init__(detail)
+        if public_message:
+            self.public_message = public_message
+
+
+class NotAuthenticatedError(GatewayError):
+    status = 401
+    title = "Authentication required"
+    public_message = "Sign in to access this resource."
+    event = "not_authenticated"
+
+
+class ForbiddenError(GatewayError):
+    status = 403
+    title = "Access denied"
+    public_message = "Your account is not allowed to access this resource."
+    event = "access_denied"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    title = "Not found"
+    public_message = "No application is served at this address."
+    event = "route_not_found"
+
+
+class IdPError(GatewayError):
+    status = 502
+    title = "Identity provider error"
+    public_message = "The identity provider returned an invalid answer. Please try again later."
+    event = "idp_error"
+
+
+class IdPTimeoutError(IdPError):
+    status = 504
+    title = "Identity provider timeout"
+    public_message = "The identity provider did not answer in time. Please try again later."
+    event = "idp_timeout"
+
+
+class IdPUnavailableError(GatewayError):
+    status = 503
+    title = "Sign-in unavailable"
+    public_message = "The identity provider cannot be reached. Please try again later."
+    event = "idp_unavailable"
+
+
+class StoreUnavailableError(GatewayError):
+    status = 503
+    title = "Service unavailable"
+    public_message = "The session store is unavailable. Please try again shortly."
+    event = "store_unavailable"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    title = "Bad gateway"
+    public_message = "The application behind the gateway could not be reached."
+    event = "upstream_unreachable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    title = "Gateway timeout"
+    public_message = "The application behind the gateway did not answer in time."
+    event = "upstream_timeout"

@@ -1,0 +1,110 @@
+"""Headers that cross the gateway, in both directions.
+
+Pure: takes a mapping and plain values, returns a new CIMultiDict; never imports aiohttp.web.
+SECURITY: the identity headers are the upstream's only source of truth about the user, so every
+client-sent spelling of them is removed on every route (gunicorn drops names with "_", many PHP
+and WSGI stacks fold "_" into "-": both spellings are stripped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.identity import Identity
+
+# RFC 9110 §7.6.1: hop-by-hop fields, plus any field named in Connection.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+USER = "X-Forwarded-User"
+EMAIL = "X-Forwarded-Email"
+PREFERRED_USERNAME = "X-Forwarded-Preferred-Username"
+GROUPS = "X-Forwarded-Groups"
+_IDENTITY = frozenset({
+    "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
+    "x-forwarded-groups", "x-forwarded-access-token", "x-auth-request-user",
+    "x-auth-request-email", "x-auth-request-preferred-username", "x-auth-request-groups",
+    "x-auth-request-access-token", "remote-user", "x-remote-user",
+})
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                         "x-real-ip", "forwarded"})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What the gateway knows about the connection, for the X-Forwarded-* headers."""
+
+    ip: str
+    scheme: str
+    host: str
+    trusted: bool  # the peer is a trusted proxy whose X-Forwarded-* may be kept
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def _connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(_normalise(token.strip()) for token in value.split(",") if token.strip())
+    return frozenset(listed)
+
+
+def _without_cookies(values: Iterable[str], drop: frozenset[str]) -> str:
+    kept = []
+    for value in values:
+        for pair in value.split(";"):
+            name = pair.split("=", 1)[0].strip()
+            if name and name not in drop:
+                kept.append(pair.strip())
+    return "; ".join(kept)
+
+
+def for_upstream(
+    headers: MultiMapping[str],
+    identity: Identity | None,
+    client: ClientInfo,
+    *,
+    gateway_cookies: frozenset[str],
+    preserve_host: bool,
+) -> CIMultiDict[str]:
+    """Request headers to send upstream."""
+    drop = HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie"}
+    if not client.trusted:
+        drop |= _FORWARDING
+    if not preserve_host:
+        drop |= {"host"}
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in headers.items() if _normalise(name) not in drop
+    )
+    cookie = _without_cookies(headers.getall("Cookie", ()), gateway_cookies)
+    if cookie:
+        out["Cookie"] = cookie
+    forwarded_for = out.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{forwarded_for}, {client.ip}" if forwarded_for else client.ip
+    out.setdefault("X-Forwarded-Proto", client.scheme)
+    out.setdefault("X-Forwarded-Host", client.host)
+    if identity is not None:
+        out.update(identity_headers(identity))
+    return out
+
+
+def identity_headers(identity: Identity) -> Mapping[str, str]:
+    values = {
+        USER: identity.sub,
+        EMAIL: identity.email,
+        PREFERRED_USERNAME: identity.preferred_username,
+        GROUPS: ",".join(identity.groups) if identity.groups else None,
+    }
+    return {name: value for name, value in values.items() if value}
+
+
+def from_upstream(headers: MultiMapping[str]) -> CIMultiDict[str]:
+    """Response headers to send back to the client (duplicates such as Set-Cookie kept)."""
+    drop = HOP_BY_HOP | _connection_listed(headers)
+    return CIMultiDict((n, v) for n, v in headers.items() if n.lower() not in drop)

@@ -1,0 +1,60 @@
+"""Who the user is, taken from validated ID token and userinfo claims.
+
+The only place claim names are read. Pure: never imports aiohttp.web.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    sub: str
+    email: str | None = None
+    email_verified: bool = False
+    preferred_username: str | None = None
+    groups: tuple[str, ...] = ()
+    sid: str | None = None
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, object], groups_claim: str) -> Identity:
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise ValueError("claims have no 'sub'")
+        return cls(
+            sub=sub,
+            email=_text(claims.get("email")),
+            # OIDC Core §5.1: only an explicit true counts; some IdPs send the string "true".
+            email_verified=claims.get("email_verified") in (True, "true"),
+            preferred_username=_text(claims.get("preferred_username")),
+            groups=_groups(claims.get(groups_claim)),
+            sid=_text(claims.get("sid")),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sub": self.sub,
+            "email": self.email,
+            "email_verified": self.email_verified,
+            "preferred_username": self.preferred_username,
+            "groups": list(self.groups),
+            "sid": self.sid,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Identity:
+        return cls.from_claims({**data, "groups": data.get("groups")}, "groups")
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _groups(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value if isinstance(v, str | int) and str(v))
+    return ()

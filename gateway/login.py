@@ -1,0 +1,130 @@
+"""Login: /oauth2/start, the challenge of an unauthenticated browser, and /oauth2/callback.
+
+A login attempt (state, nonce, PKCE verifier, return path) is kept server-side for ten minutes,
+is single use, and is bound to the browser that started it by a random binding cookie
+(Path=/oauth2, so upstreams never see it). The binding cookie is reused while it lives, so
+several logins started in parallel tabs all complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+
+from aiohttp import web
+
+from gateway.errors import IdPError, LoginError
+from gateway.identity import Identity
+from gateway.oidc import flow, tokens
+from gateway.redirects import safe_return_path
+from gateway.runtime import USER_SUB, Runtime, runtime_from
+from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.store import ATTEMPT_TTL
+
+log = logging.getLogger("gateway.login")
+
+_BINDING_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_IDP_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+_USERINFO_CLAIMS = ("email", "preferred_username")
+
+
+def _binding_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def no_store(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
+    """Start a login that will come back to `return_to` (already checked by the caller)."""
+    metadata = await rt.provider.metadata()
+    auth = flow.begin(metadata, rt.client)
+    binding = request.cookies.get(rt.binding_cookie, "")
+    if not _BINDING_SHAPE.match(binding):
+        binding = secrets.token_urlsafe(32)
+    attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding))
+    await rt.sessions.save_attempt(auth.state, attempt)
+    response = web.HTTPFound(auth.url)
+    response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/oauth2",
+                        httponly=True, samesite="Lax", secure=rt.config.cookie_secure)
+    no_store(response)
+    return response
+
+
+async def start(request: web.Request) -> web.StreamResponse:
+    rt = runtime_from(request)
+    requested = request.query.get("rd")
+    return_to = safe_return_path(requested)
+    if requested and return_to is None:
+        log.warning("redirect_refused param=rd")  # the value itself may be an attack payload
+    return await redirect_to_idp(request, rt, return_to or "/")
+
+
+def _idp_error(request: web.Request) -> LoginError:
+    code = request.query.get("error", "")
+    code = code if _IDP_ERROR_CODE.match(code) else "invalid_error_code"
+    return LoginError(f"identity provider returned error={code}",
+                      public_message=f"The identity provider did not complete the sign-in "
+                                     f"({code}). You can try again.")
+
+
+async def _complete(rt: Runtime, attempt: LoginAttempt,
+                    code: str) -> tuple[dict[str, object], TokenSet]:
+    """Exchange the code and return validated claims (ID token, completed by userinfo)."""
+    metadata = await rt.provider.metadata()
+    token_set = await flow.exchange(rt.idp_http, metadata, rt.client, code,
+                                    attempt.code_verifier, now=rt.clock())
+    expect = tokens.Expectations(
+        issuer=metadata.issuer, client_id=rt.client.client_id,
+        client_secret=rt.client.client_secret, algorithms=metadata.id_token_signing_algs,
+        leeway=int(rt.config.oidc.clock_skew), now=rt.clock)
+    try:
+        kid = tokens.header_of(token_set.id_token).get("kid")
+        keys = await rt.provider.keys(kid if isinstance(kid, str) else None)
+        claims = tokens.validate_id_token(token_set.id_token, keys, expect, nonce=attempt.nonce)
+    except tokens.TokenError as exc:
+        raise LoginError(f"ID token refused: {exc}") from exc
+    wanted = (*_USERINFO_CLAIMS, rt.config.oidc.groups_claim)
+    if metadata.userinfo_endpoint and any(name not in claims for name in wanted):
+        info = await flow.userinfo(rt.idp_http, metadata, rt.client, token_set.access_token)
+        # OIDC Core §5.3.2: userinfo's sub must be the ID token's, or the answer is not ours.
+        if info.get("sub") != claims["sub"]:
+            raise IdPError("userinfo sub differs from the ID token's sub")
+        claims = {**info, **claims}
+    return claims, token_set
+
+
+async def callback(request: web.Request) -> web.StreamResponse:
+    rt = runtime_from(request)
+    state = request.query.get("state", "")
+    attempt = await rt.sessions.pop_attempt(state) if 0 < len(state) <= 256 else None
+    if "error" in request.query:
+        raise _idp_error(request)
+    code = request.query.get("code", "")
+    if attempt is None:
+        raise LoginError("unknown, expired or already used state")
+    binding = request.cookies.get(rt.binding_cookie, "")
+    # SECURITY: login CSRF / replayed callback: the state must belong to this browser.
+    if not hmac.compare_digest(_binding_hash(binding), attempt.browser_binding):
+        raise LoginError("callback came from a browser that did not start this login")
+    if not code:
+        raise LoginError("callback has no code")
+    claims, token_set = await _complete(rt, attempt, code)
+    try:
+        identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
+    except ValueError as exc:
+        raise LoginError(f"claims unusable: {exc}") from exc
+    await rt.sessions.delete(request.cookies.get(rt.session_cookie))
+    cookie = await rt.sessions.create(identity, token_set)
+    request[USER_SUB] = identity.sub
+    log.info("login_succeeded sub=%s", identity.sub)
+    response = web.HTTPFound(attempt.return_to)
+    response.set_cookie(rt.session_cookie, cookie.value,
+                        max_age=int(rt.config.session.max_lifetime), path="/", httponly=True,
+                        samesite="Lax", secure=rt.config.cookie_secure)
+    return no_store(response)

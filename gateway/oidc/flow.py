@@ -1,0 +1,111 @@
+"""The authorization code flow as a confidential client: request, code exchange, userinfo.
+
+Builds the authorization URL (state, nonce, PKCE S256), exchanges the code with
+client_secret_basic or client_secret_post, and fetches userinfo. Network failures are
+translated in provider.fetch_json; protocol failures here become IdPError/LoginError.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from gateway.errors import IdPError, LoginError
+from gateway.oidc.provider import ProviderMetadata, fetch_json
+from gateway.sessions.model import TokenSet
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    client_id: str
+    client_secret: str
+    redirect_uri: str
+    scopes: tuple[str, ...]
+    auth_method: str  # client_secret_basic | client_secret_post
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    state: str
+    nonce: str
+    code_verifier: str
+    url: str
+
+
+def _s256(verifier: str) -> str:
+    # RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))) without padding.
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def begin(metadata: ProviderMetadata, client: Client) -> AuthRequest:
+    state = secrets.token_urlsafe(32)
+    nonce = secrets.token_urlsafe(32)
+    verifier = secrets.token_urlsafe(48)  # 64 chars, within RFC 7636's 43..128
+    url = URL(metadata.authorization_endpoint).update_query(
+        response_type="code",
+        client_id=client.client_id,
+        redirect_uri=client.redirect_uri,
+        scope=" ".join(client.scopes),
+        state=state,
+        nonce=nonce,
+        code_challenge=_s256(verifier),
+        code_challenge_method="S256",
+    )
+    return AuthRequest(state, nonce, verifier, str(url))
+
+
+def _client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
+    if client.auth_method == "client_secret_post":
+        form.update(client_id=client.client_id, client_secret=client.client_secret)
+        return {}
+    # RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
+    user = quote(client.client_id, safe="") + ":" + quote(client.client_secret, safe="")
+    return {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
+
+
+async def exchange(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
+                   code: str, code_verifier: str, *, now: float) -> TokenSet:
+    form = {"grant_type": "authorization_code", "code": code,
+            "redirect_uri": client.redirect_uri, "code_verifier": code_verifier}
+    headers = {"Accept": "application/json", **_client_auth(client, form)}
+    status, body = await fetch_json(http, "POST", metadata.token_endpoint, data=form,
+                                    headers=headers, timeout=client.timeout,
+                                    what="token endpoint")
+    if status == 400 and isinstance(body, dict) and body.get("error") == "invalid_grant":
+        raise LoginError("token endpoint: invalid_grant (code expired or reused)")
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else None
+        raise IdPError(f"token endpoint answered HTTP {status} {error or ''}".strip())
+    access, id_token = body.get("access_token"), body.get("id_token")
+    if not isinstance(access, str) or not isinstance(id_token, str):
+        raise IdPError("token response lacks access_token or id_token")
+    if str(body.get("token_type", "")).lower() != "bearer":
+        raise IdPError("token response has a token_type other than Bearer")
+    expires_in = body.get("expires_in")
+    refresh = body.get("refresh_token")
+    return TokenSet(
+        access_token=access,
+        id_token=id_token,
+        refresh_token=refresh if isinstance(refresh, str) else None,
+        expires_at=now + expires_in if isinstance(expires_in, int | float) else None,
+    )
+
+
+async def userinfo(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
+                   access_token: str) -> dict[str, object]:
+    assert metadata.userinfo_endpoint is not None
+    status, body = await fetch_json(
+        http, "GET", metadata.userinfo_endpoint, timeout=client.timeout, what="userinfo",
+        headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+    )
+    if status != 200 or not isinstance(body, dict):
+        raise IdPError(f"userinfo answered HTTP {status} (signed userinfo is not supported)")
+    return body

@@ -1,0 +1,150 @@
+"""The OpenID Provider as the gateway knows it: discovery metadata and the JWKS, cached.
+
+Discovery is loaded at startup and retried with backoff when it fails, so a gateway started
+while the IdP is down recovers by itself. The JWKS is refetched when a token names an unknown
+kid (key rotation), at most once per JWKS_REFETCH_INTERVAL so forged kids cannot make us hammer
+the IdP. Every call has the configured timeout. aiohttp and JSON errors are translated here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
+
+JWKS_REFETCH_INTERVAL = 30.0  # seconds; rotation is rare, forged kids are cheap
+DISCOVERY_BACKOFF_MAX = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    userinfo_endpoint: str | None
+    end_session_endpoint: str | None
+    id_token_signing_algs: tuple[str, ...]
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], expected_issuer: str) -> ProviderMetadata:
+        # OIDC Discovery §4.3: the issuer in the document must equal the configured one exactly.
+        if doc.get("issuer") != expected_issuer:
+            raise IdPError(f"discovery issuer {doc.get('issuer')!r} != configured issuer")
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            if not isinstance(doc.get(name), str):
+                raise IdPError(f"discovery document has no {name}")
+        algs = doc.get("id_token_signing_alg_values_supported") or ["RS256"]
+        return cls(
+            issuer=doc["issuer"],
+            authorization_endpoint=doc["authorization_endpoint"],
+            token_endpoint=doc["token_endpoint"],
+            jwks_uri=doc["jwks_uri"],
+            userinfo_endpoint=doc.get("userinfo_endpoint"),
+            end_session_endpoint=doc.get("end_session_endpoint"),
+            # "none" is never acceptable for an ID token from the token endpoint.
+            id_token_signing_algs=tuple(a for a in algs if isinstance(a, str) and a != "none"),
+        )
+
+
+async def fetch_json(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout: float,  # noqa: ASYNC109  (applied to the one call as a ClientTimeout)
+    what: str,
+    **kwargs: Any,
+) -> tuple[int, Any]:
+    """One IdP call: (status, parsed JSON or None). Network failures become IdP errors."""
+    try:
+        async with http.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout),
+                                allow_redirects=False, **kwargs) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = None
+            return resp.status, body
+    except TimeoutError as exc:
+        raise IdPTimeoutError(f"{what}: no answer within {timeout:g}s") from exc
+    except aiohttp.ClientError as exc:
+        raise IdPUnavailableError(f"{what}: {type(exc).__name__}") from exc
+
+
+class Provider:
+    def __init__(self, http: aiohttp.ClientSession, issuer: str, *, timeout: float,
+                 clock: Callable[[], float]) -> None:
+        self._http = http
+        self._issuer = issuer
+        self._timeout = timeout
+        self._clock = clock
+        self._metadata: ProviderMetadata | None = None
+        self._keys: KeySet | None = None
+        self._keys_fetched_at = float("-inf")
+        self._next_discovery = float("-inf")
+        self._backoff = 1.0
+        self._discovery_lock = asyncio.Lock()
+        self._keys_lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._metadata is not None
+
+    async def metadata(self) -> ProviderMetadata:
+        if self._metadata is not None:
+            return self._metadata
+        async with self._discovery_lock:
+            if self._metadata is None:
+                if self._clock() < self._next_discovery:
+                    raise IdPUnavailableError("discovery failed recently; waiting to retry")
+                try:
+                    self._metadata = await self._discover()
+                    self._backoff = 1.0
+                except (IdPError, IdPUnavailableError):
+                    self._next_discovery = self._clock() + self._backoff
+                    self._backoff = min(self._backoff * 2, DISCOVERY_BACKOFF_MAX)
+                    raise
+            return self._metadata
+
+    async def _discover(self) -> ProviderMetadata:
+        url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
+        status, doc = await fetch_json(self._http, "GET", url, timeout=self._timeout,
+                                       what="discovery")
+        if status != 200 or not isinstance(doc, dict):
+            raise IdPUnavailableError(f"discovery answered HTTP {status}")
+        return ProviderMetadata.from_document(doc, self._issuer)
+
+    async def keys(self, kid: str | None) -> KeySet:
+        """The JWKS, refetched (rate-limited) when it lacks `kid`."""
+        if self._keys is not None and (kid is None or _has_kid(self._keys, kid)):
+            return self._keys
+        metadata = await self.metadata()
+        async with self._keys_lock:
+            stale = self._keys is None or (kid is not None and not _has_kid(self._keys, kid))
+            if stale and self._clock() - self._keys_fetched_at >= JWKS_REFETCH_INTERVAL:
+                self._keys = await self._fetch_keys(metadata.jwks_uri)
+                self._keys_fetched_at = self._clock()
+        if self._keys is None:
+            raise IdPUnavailableError("JWKS not available")
+        return self._keys
+
+    async def _fetch_keys(self, jwks_uri: str) -> KeySet:
+        status, doc = await fetch_json(self._http, "GET", jwks_uri,
+                                       timeout=self._timeout, what="jwks")
+        if status != 200 or not isinstance(doc, dict):
+            raise IdPUnavailableError(f"JWKS answered HTTP {status}")
+        try:
+            return KeySet.import_key_set(doc)  # type: ignore[arg-type]  # validated by joserfc
+        except (JoseError, ValueError, KeyError, TypeError) as exc:
+            raise IdPError("JWKS is not a valid key set") from exc
+
+
+def _has_kid(keys: KeySet, kid: str) -> bool:
+    return any(key.kid == kid for key in keys.keys)

@@ -1,0 +1,73 @@
+"""Error responses: the one place a GatewayError becomes HTTP, as a short page or JSON.
+
+Browsers (Accept has text/html, no X-Requested-With) get a small HTML page; API clients get
+`{"error": ..., "message": ...}`. Never a traceback; anything unexpected is logged and answered
+with a generic 500.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway")
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;
+color:#222}}h1{{font-size:1.4rem}}p{{line-height:1.5}}a{{color:#0b5cad}}</style></head>
+<body><h1>{status} {title}</h1><p>{message}</p>{extra}</body></html>
+"""
+
+
+def wants_html(request: web.Request) -> bool:
+    if request.headers.get("X-Requested-With"):
+        return False
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def render(request: web.Request, status: int, title: str, message: str, *,
+           code: str, link: tuple[str, str] | None = None) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if wants_html(request):
+        extra = ""
+        if link:
+            extra = f'<p><a href="{html.escape(link[0])}">{html.escape(link[1])}</a></p>'
+        body = _PAGE.format(status=status, title=html.escape(title),
+                            message=html.escape(message), extra=extra)
+        return web.Response(status=status, text=body, content_type="text/html", headers=headers)
+    return web.json_response({"error": code, "message": message}, status=status,
+                             headers=headers)
+
+
+def error_response(request: web.Request, exc: GatewayError) -> web.Response:
+    link = ("/oauth2/start", "Sign in again") if exc.status == 400 and \
+        exc.event == "login_failed" else None
+    return render(request, exc.status, exc.title, exc.public_message, code=exc.event, link=link)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        log.warning("%s status=%d detail=%s", exc.event, exc.status, exc.detail)
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = render(request, exc.status, exc.reason, exc.reason,
+                          code=exc.reason.lower().replace(" ", "_"))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled_error path=%s", request.path)
+        return render(request, 500, "Internal error", GatewayError.public_message,
+                      code="internal_error")

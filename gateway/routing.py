@@ -1,0 +1,127 @@
+"""Canonical request paths and the route table.
+
+One canonical form is decided here and used for both matching and forwarding, so the policy
+that is checked is always the policy of the path the upstream will serve. Pure: never imports
+aiohttp.web.
+
+Canonical form (raw request path, before any decoding by the framework):
+- percent-encoded unreserved characters (letters, digits, `-._~`) are decoded, so `%2e%2e` is `..`;
+- dot segments are removed (RFC 3986 §5.2.4), so `/public/../admin` is `/admin`;
+- runs of `/` are merged, as nginx's merge_slashes does;
+- encoded `/`, `\\` and NUL, double-encoded dots/slashes, raw backslashes and control characters
+  are refused: upstreams disagree on what they mean, so no meaning is safe.
+Matching compares path segments without `;params`, because servlet containers route
+`/admin;x=1` to `/admin`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config import AllowRules, RouteConfig
+from gateway.errors import BadRequestError
+
+MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
+_UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+_FORBIDDEN_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00|25(2[eEfF]|5[cC]))")
+_BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+_CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    host: str | None
+    prefix: str
+    upstream: str
+    auth: Literal["required", "public"]
+    allow: AllowRules | None
+    strip_prefix: bool
+    preserve_host: bool
+    connect_timeout: float
+    read_timeout: float
+
+    @classmethod
+    def from_config(cls, rc: RouteConfig) -> Route:
+        return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
+                   rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout)
+
+    def upstream_path(self, path: str) -> str:
+        if self.strip_prefix and self.prefix != "/":
+            return path[len(self.prefix):] or "/"
+        return path
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 16))
+
+
+def _remove_dot_segments(path: str) -> str:
+    output: list[str] = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment not in (".", ""):
+            output.append(segment)
+    trailing = path.endswith(("/", "/.", "/..")) and bool(output)
+    return "/" + "/".join(output) + ("/" if trailing else "")
+
+
+def canonical_path(raw_path: str) -> str:
+    """The one path the gateway matches and forwards; BadRequestError if there is none."""
+    path = raw_path.split("?", 1)[0]
+    if not path.startswith("/"):
+        raise BadRequestError("request target is not an absolute path")
+    if len(path) > MAX_PATH_LENGTH:
+        raise BadRequestError("request path is too long")
+    # SECURITY: encoded slashes/backslashes/NUL and double encoding smuggle path structure
+    # past the matcher to upstreams that decode again.
+    if _FORBIDDEN_ESCAPES.search(path) or _BAD_ESCAPE.search(path) or _CONTROL.search(path):
+        raise BadRequestError("request path contains an encoded slash, backslash or control byte")
+    return _remove_dot_segments(_UNRESERVED.sub(_decode_unreserved, path))
+
+
+def _match_segments(path: str) -> list[str]:
+    return [segment.split(";", 1)[0] for segment in path.split("/")[1:]]
+
+
+def _prefix_matches(prefix: str, segments: list[str]) -> bool:
+    if prefix == "/":
+        return True
+    wanted = prefix.split("/")[1:]
+    return segments[: len(wanted)] == wanted
+
+
+def _host_rank(route_host: str | None, host: str) -> int:
+    """0 = exact host, 1 = wildcard (longer suffix first), 2 = any host, -1 = no match."""
+    if route_host is None:
+        return 2
+    if route_host.startswith("*."):
+        return 1 if host.endswith(route_host[1:]) and len(host) > len(route_host) - 1 else -1
+    return 0 if host == route_host else -1
+
+
+class RouteTable:
+    """Routes grouped by host specificity; within the best group, the longest prefix wins."""
+
+    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+        self._routes = tuple(Route.from_config(rc) for rc in routes)
+
+    def match(self, host: str, path: str) -> Route | None:
+        host = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host.lower()
+        host = host.rstrip(".")
+        segments = _match_segments(path)
+        best: tuple[int, int, int] | None = None
+        chosen: Route | None = None
+        for route in self._routes:
+            rank = _host_rank(route.host, host)
+            if rank < 0 or not _prefix_matches(route.prefix, segments):
+                continue
+            host_len = len(route.host or "")
+            key = (rank, -host_len, -len(route.prefix))
+            if best is None or key < best:
+                best, chosen = key, route
+        return chosen

@@ -1,0 +1,53 @@
+"""The long-lived things one gateway app owns, and typed access to per-request state.
+
+`Runtime` is built in app.py's cleanup context and stored under one AppKey; handlers reach it
+through `runtime_from(request)`. Nothing here is module-level mutable state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.oidc.flow import Client
+from gateway.oidc.provider import Provider
+from gateway.routing import RouteTable
+from gateway.sessions.store import SessionStore
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    routes: RouteTable
+    sessions: SessionStore
+    provider: Provider
+    client: Client
+    upstream_http: aiohttp.ClientSession  # pooled, no cookies, bodies passed through as-is
+    idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
+    clock: Callable[[], float]
+
+    @property
+    def session_cookie(self) -> str:
+        return self.config.session.cookie_name
+
+    @property
+    def binding_cookie(self) -> str:
+        """Binds a login to the browser that started it; Path=/oauth2, never sent upstream."""
+        return self.config.session.cookie_name + "_login"
+
+    @property
+    def gateway_cookies(self) -> frozenset[str]:
+        return frozenset({self.session_cookie, self.binding_cookie})
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+ROUTE_NAME = web.RequestKey("route_name", str)
+USER_SUB = web.RequestKey("user_sub", str)
+
+
+def runtime_from(request: web.Request) -> Runtime:
+    return request.app[RUNTIME]

@@ -1,0 +1,1 @@
+"""Server-side sessions: sealed records in Redis or memory, keyed by an opaque cookie."""

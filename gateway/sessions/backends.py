@@ -1,0 +1,91 @@
+"""Where sealed records live: the Backend protocol and the embedded in-memory backend.
+
+A backend stores opaque bytes with a TTL and knows nothing of sessions or crypto, so one
+contract test suite covers every backend. `open_backend(url)` picks one from the config URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.errors import ConfigError
+
+_SWEEP_INTERVAL = 60.0  # seconds between purges of expired memory records
+
+
+class Backend(Protocol):
+    async def get(self, key: str) -> tuple[bytes | None, float | None]:
+        """The value and its remaining TTL in seconds (None when absent), in one round trip."""
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def expire(self, key: str, ttl: float) -> None: ...
+
+    async def pop(self, key: str) -> bytes | None:
+        """Get and delete atomically: what makes a login attempt single use."""
+
+    async def delete(self, key: str) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryBackend:
+    """Embedded store for a single instance; same TTL semantics as Redis."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._data: dict[str, tuple[bytes, float]] = {}
+        self._next_sweep = clock() + _SWEEP_INTERVAL
+
+    def _live(self, key: str) -> tuple[bytes, float] | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] <= self._clock():
+            del self._data[key]
+            return None
+        return entry
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._data = {k: v for k, v in self._data.items() if v[1] > now}
+            self._next_sweep = now + _SWEEP_INTERVAL
+
+    async def get(self, key: str) -> tuple[bytes | None, float | None]:
+        entry = self._live(key)
+        return (entry[0], entry[1] - self._clock()) if entry else (None, None)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._sweep()
+        self._data[key] = (value, self._clock() + ttl)
+
+    async def expire(self, key: str, ttl: float) -> None:
+        entry = self._live(key)
+        if entry is not None:
+            self._data[key] = (entry[0], self._clock() + ttl)
+
+    async def pop(self, key: str) -> bytes | None:
+        entry = self._live(key)
+        self._data.pop(key, None)
+        return entry[0] if entry else None
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._data.clear()
+
+
+def open_backend(url: str, *, clock: Callable[[], float], timeout: float) -> Backend:
+    if url == "memory://":
+        return MemoryBackend(clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from gateway.sessions.redis import RedisBackend
+
+        return RedisBackend.from_url(url, timeout=timeout)
+    raise ConfigError("session.store", f"unsupported store URL scheme in {url.split(':')[0]!r}")

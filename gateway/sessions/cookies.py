@@ -1,0 +1,58 @@
+"""The opaque session cookie: a random id and a random key, nothing else.
+
+The id names the record (the backend only ever sees sha256(id)); the key decrypts it. Neither a
+dump of the store nor the cookie alone yields the other half. Pure: never imports aiohttp.web.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+ID_BYTES = 32  # 256-bit id + 256-bit key: 512 bits from `secrets` in all
+KEY_BYTES = 32
+_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{43}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCookie:
+    session_id: bytes
+    key: bytes
+
+    @classmethod
+    def new(cls) -> SessionCookie:
+        return cls(secrets.token_bytes(ID_BYTES), secrets.token_bytes(KEY_BYTES))
+
+    @classmethod
+    def parse(cls, value: str | None) -> SessionCookie | None:
+        """None for anything that is not exactly a cookie we could have written."""
+        if not value or not _SHAPE.match(value):
+            return None
+        head, _, tail = value.partition(".")
+        try:
+            return cls(_unb64(head), _unb64(tail))
+        except (binascii.Error, ValueError):
+            return None
+
+    @property
+    def value(self) -> str:
+        return f"{_b64(self.session_id)}.{_b64(self.key)}"
+
+    @property
+    def storage_id(self) -> str:
+        return hashlib.sha256(self.session_id).hexdigest()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    raw = base64.urlsafe_b64decode(text + "=")
+    if _b64(raw) != text:  # non-canonical padding bits: refuse, so one id has one spelling
+        raise ValueError("non-canonical base64")
+    return raw

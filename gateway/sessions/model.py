@@ -1,0 +1,81 @@
+"""The session and login-attempt records, and their versioned byte form.
+
+Pure: never imports aiohttp.web. Records are JSON inside an AES-GCM envelope (see store.py);
+the version field lets a later release read (or cleanly refuse) what an older one wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from gateway.identity import Identity
+
+_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    access_token: str
+    id_token: str
+    refresh_token: str | None = None
+    expires_at: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"access_token": self.access_token, "id_token": self.id_token,
+                "refresh_token": self.refresh_token, "expires_at": self.expires_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> TokenSet:
+        expires_at = data.get("expires_at")
+        refresh = data.get("refresh_token")
+        return cls(
+            access_token=str(data["access_token"]),
+            id_token=str(data["id_token"]),
+            refresh_token=refresh if isinstance(refresh, str) else None,
+            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    identity: Identity
+    tokens: TokenSet
+    created_at: float
+
+    def expires_at(self, max_lifetime: float) -> float:
+        return self.created_at + max_lifetime
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"v": _VERSION, "identity": self.identity.to_dict(),
+                           "tokens": self.tokens.to_dict(), "created_at": self.created_at},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Session:
+        data = json.loads(raw)
+        if data.get("v") != _VERSION:
+            raise ValueError(f"unsupported session record version {data.get('v')!r}")
+        return cls(Identity.from_dict(data["identity"]), TokenSet.from_dict(data["tokens"]),
+                   float(data["created_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class LoginAttempt:
+    """What the callback needs to finish a login that this browser started."""
+
+    nonce: str
+    code_verifier: str
+    return_to: str
+    browser_binding: str  # sha256 hex of the binding cookie set at /oauth2/start
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"v": _VERSION, "nonce": self.nonce, "verifier": self.code_verifier,
+                           "rd": self.return_to, "binding": self.browser_binding}).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> LoginAttempt:
+        data = json.loads(raw)
+        if data.get("v") != _VERSION:
+            raise ValueError("unsupported login attempt version")
+        return cls(data["nonce"], data["verifier"], data["rd"], data["binding"])

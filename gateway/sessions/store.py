@@ -1,0 +1,119 @@
+"""SessionStore: what the app uses to create, load and delete sessions and login attempts.
+
+Records are sealed with AES-GCM under a key the store never keeps: a session's key travels in
+its cookie, a login attempt's key is derived from its state (which only the browser and the IdP
+see). The backend key is a hash, bound into the AEAD, so a record cannot be moved to another
+name. A dump of the store therefore yields neither tokens nor usable cookies.
+
+Sliding idle timeout without a write per request: the record's TTL *is* the idle timer, read
+together with the value in one round trip; it is pushed forward only once the session has been
+idle for a touch interval, and never beyond max_lifetime from login.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.identity import Identity
+from gateway.sessions.backends import Backend
+from gateway.sessions.cookies import SessionCookie
+from gateway.sessions.model import LoginAttempt, Session, TokenSet
+
+ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
+_NONCE_BYTES = 12
+_SESSION_PREFIX = "gateway:session:"
+_ATTEMPT_PREFIX = "gateway:attempt:"
+
+
+def _seal(key: bytes, name: str, plaintext: bytes) -> bytes:
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, name.encode())
+
+
+def _open(key: bytes, name: str, sealed: bytes) -> bytes | None:
+    try:
+        return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], name.encode())
+    except (InvalidTag, ValueError):
+        return None
+
+
+def _attempt_name_and_key(state: str) -> tuple[str, bytes]:
+    # Braces are a Redis Cluster hash tag, so related keys can later share a slot.
+    name = _ATTEMPT_PREFIX + "{" + hashlib.sha256(state.encode()).hexdigest() + "}"
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"gateway login attempt").derive(state.encode())
+    return name, key
+
+
+class SessionStore:
+    def __init__(self, backend: Backend, *, idle_timeout: float, max_lifetime: float,
+                 clock: Callable[[], float]) -> None:
+        self.backend = backend
+        self._idle = idle_timeout
+        self._max = max_lifetime
+        self._clock = clock
+        # Touch at most once per interval: bounds store writes to one per user per interval.
+        self._touch_interval = min(60.0, idle_timeout / 10)
+
+    @staticmethod
+    def _name(cookie: SessionCookie) -> str:
+        return _SESSION_PREFIX + "{" + cookie.storage_id + "}"
+
+    def _ttl(self, created_at: float) -> float:
+        return min(self._idle, created_at + self._max - self._clock())
+
+    async def create(self, identity: Identity, tokens: TokenSet) -> SessionCookie:
+        """Always a new id and key: a login never reuses a cookie (no session fixation)."""
+        cookie = SessionCookie.new()
+        session = Session(identity, tokens, created_at=self._clock())
+        name = self._name(cookie)
+        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()),
+                               self._ttl(session.created_at))
+        return cookie
+
+    async def load(self, cookie_value: str | None) -> Session | None:
+        """The live session named by the cookie, or None (absent, expired, tampered)."""
+        cookie = SessionCookie.parse(cookie_value)
+        if cookie is None:
+            return None
+        name = self._name(cookie)
+        sealed, ttl = await self.backend.get(name)
+        if sealed is None:
+            return None
+        plain = _open(cookie.key, name, sealed)
+        if plain is None:
+            return None  # a cookie with the right id but another key: never a session
+        try:
+            session = Session.from_bytes(plain)
+        except (ValueError, KeyError, TypeError):
+            return None  # written by an incompatible release: treat as signed out
+        remaining = self._ttl(session.created_at)
+        if remaining <= 0:
+            await self.backend.delete(name)
+            return None
+        if ttl is None or remaining - ttl >= self._touch_interval:
+            await self.backend.expire(name, remaining)
+        return session
+
+    async def delete(self, cookie_value: str | None) -> None:
+        cookie = SessionCookie.parse(cookie_value)
+        if cookie is not None:
+            await self.backend.delete(self._name(cookie))
+
+    async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
+        name, key = _attempt_name_and_key(state)
+        await self.backend.set(name, _seal(key, name, attempt.to_bytes()), ATTEMPT_TTL)
+
+    async def pop_attempt(self, state: str) -> LoginAttempt | None:
+        """Single use: the record is gone once read, whatever happens next."""
+        name, key = _attempt_name_and_key(state)
+        sealed = await self.backend.pop(name)
+        plain = _open(key, name, sealed) if sealed is not None else None
+        return LoginAttempt.from_bytes(plain) if plain is not None else None

@@ -1,0 +1,205 @@
+"""Shared fixtures: a real redis-server, the demo IdP and upstream on real sockets, gateways.
+
+End-to-end fixtures bind to 127.0.0.1 on free ports and are torn down after each test.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+sys.path.insert(0, str(Path(__file__).parent))  # helper modules such as nodeop
+
+from gateway.demo.idp import DemoClient, create_idp_app
+from gateway.demo.upstream import create_upstream_app
+
+from gateway import config as config_module
+from gateway.app import build_app
+
+CLIENT_ID = "gateway-test"
+CLIENT_SECRET = "test-secret-" + "s" * 32
+BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class FakeClock:
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A redis-server of our own on a free port; never a server we did not start."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (CI installs it)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+async def serve(app: web.Application, port: int | None = None) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def raw_config(public_url: str, issuer: str, upstream: str, *, store: str = "memory://",
+               routes: list[dict[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server": {"listen": public_url.removeprefix("http://"), "public_url": public_url},
+        "oidc": {"issuer": issuer, "client_id": CLIENT_ID, "client_secret": "${SECRET}",
+                 "scopes": ["openid", "email", "profile"], "timeout": "3s"},
+        "session": {"store": store},
+        "routes": routes or [
+            {"name": "admin", "path_prefix": "/admin", "upstream": upstream,
+             "allow": {"groups": ["admins"]}},
+            {"name": "public", "path_prefix": "/public", "upstream": upstream,
+             "auth": "public"},
+            {"name": "app", "path_prefix": "/", "upstream": upstream},
+        ],
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+@dataclass
+class Stack:
+    """An IdP, an upstream and a gateway, all on real sockets."""
+
+    gateway: str
+    idp: str
+    upstream: str
+    idp_app: web.Application
+    config: config_module.Config
+    runners: list[web.AppRunner]
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def make_stack() -> AsyncIterator[StackFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def make(*, store: str = "memory://", userinfo_only_claims: bool = False,
+                   routes: list[dict[str, Any]] | None = None,
+                   clock: Callable[[], float] = time.time, **sections: Any) -> Stack:
+        gw_port, idp_port = free_port(), free_port()
+        gateway, idp = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{idp_port}"
+        client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",),
+                            (gateway + "/", gateway + "/bye"))
+        idp_app = create_idp_app(idp, [client], userinfo_only_claims=userinfo_only_claims)
+        runner, _ = await serve(idp_app, idp_port)
+        runners.append(runner)
+        runner, upstream = await serve(create_upstream_app())
+        runners.append(runner)
+        raw = raw_config(gateway, idp, upstream, store=store, routes=routes, **sections)
+        config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
+        runner, _ = await serve(build_app(config, clock=clock), gw_port)
+        runners.append(runner)
+        return Stack(gateway, idp, upstream, idp_app, config, list(runners))
+
+    yield make
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[aiohttp.ClientSession]:
+    """A cookie-keeping HTTP client that follows no redirects by itself."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as session:
+        yield session
+
+
+class _FormParser(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "form" and self.action is None:
+            self.action = values.get("action") or ""
+        if tag == "input" and values.get("type") == "hidden" and values.get("name"):
+            self.fields[values["name"] or ""] = values.get("value") or ""
+
+
+async def idp_sign_in(browser: aiohttp.ClientSession, authorize_url: str, user: str,
+                      password: str | None = None) -> str:
+    """Fill the demo IdP's login form; returns where the IdP sends the browser back."""
+    async with browser.get(authorize_url, allow_redirects=False) as resp:
+        if resp.status == 302:  # the IdP remembered the user
+            return resp.headers["Location"]
+        assert resp.status == 200, await resp.text()
+        parser = _FormParser()
+        parser.feed(await resp.text())
+    form = {**parser.fields, "username": user, "password": password or user}
+    action = URL(authorize_url).join(URL(parser.action or "/authorize"))
+    async with browser.post(action, data=form, allow_redirects=False) as resp:
+        assert resp.status == 302, await resp.text()
+        return resp.headers["Location"]
+
+
+async def login(browser: aiohttp.ClientSession, gateway: str, path: str = "/",
+                user: str = "alice") -> aiohttp.ClientResponse:
+    """Browse to `path`, sign in at the IdP, follow the callback; returns the final response."""
+    async with browser.get(gateway + path, allow_redirects=False) as resp:
+        assert resp.status == 302, f"expected a login redirect, got {resp.status}"
+        authorize = resp.headers["Location"]
+    callback = await idp_sign_in(browser, authorize, user)
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 302, await resp.text()
+        target = resp.headers["Location"]
+    assert target == path, f"landed on {target!r}, not {path!r}"
+    resp = await browser.get(gateway + target, allow_redirects=False)
+    await resp.read()
+    return resp

@@ -1,0 +1,96 @@
+"""A real headless Chromium signs in through `gateway demo`, exactly as a newcomer would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+# Without these flags Chromium tries to reach Google services, which this sandbox refuses.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _skip_reason() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is not installed (CI installs Debian's chromium)"
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "python playwright is not installed"
+    return None
+
+
+@contextlib.asynccontextmanager
+async def running_demo(port: int) -> AsyncIterator[str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=20)
+        assert b"open http://127.0.0.1:" in line, line
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=10)
+        except TimeoutError:
+            proc.kill()
+            code = await proc.wait()
+        await proc.communicate()
+        assert code == 0, f"demo exited with {code} on SIGTERM"
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[object]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context()
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+async def test_demo_login_in_chromium_lands_on_the_upstream_with_identity(page: object) -> None:
+    from playwright.async_api import Page, expect
+
+    assert isinstance(page, Page)
+    assert shutil.which("chromium") or os.path.exists(CHROMIUM)
+    async with running_demo(free_port()) as url:
+        await page.goto(url + "/hello?from=browser")
+        await expect(page.locator("#username")).to_be_visible()
+        await page.fill("#username", "alice")
+        await page.fill("#password", "alice")
+        await page.click("#sign-in")
+        await expect(page.locator("#user")).to_have_text("alice")
+        assert page.url == url + "/hello?from=browser"
+        assert "admins,staff" in await page.content()
+        cookies = await page.context.cookies(url)
+        session = next(c for c in cookies if c["name"] == "gateway_session")
+        assert session["httpOnly"] is True
+        assert session["sameSite"] == "Lax"
+        # bob is staff only: the admin area refuses him after his own login.
+        await page.context.clear_cookies()
+        await page.goto(url + "/admin/")
+        await page.fill("#username", "bob")
+        await page.fill("#password", "bob")
+        await page.click("#sign-in")
+        await expect(page.locator("h1")).to_contain_text("403")

@@ -1,0 +1,350 @@
+"""End to end: browser-like client -> gateway -> demo IdP and upstream, over real sockets.
+
+Runs against both stores: the embedded memory store and a real redis-server.
+"""
+
+from __future__ import annotations
+
+import logging
+from http.cookies import SimpleCookie
+
+import aiohttp
+import pytest
+from conftest import (
+    BROWSER_HEADERS,
+    Stack,
+    StackFactory,
+    free_port,
+    idp_sign_in,
+    login,
+    serve,
+)
+from yarl import URL
+
+from gateway.app import build_app
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory, store: str) -> Stack:
+    return await make_stack(store=store)
+
+
+def session_cookie(browser: aiohttp.ClientSession) -> str | None:
+    for cookie in browser.cookie_jar:
+        if cookie.key == "gateway_session":
+            return cookie.value
+    return None
+
+
+async def echo(browser: aiohttp.ClientSession, url: str) -> dict[str, object]:
+    async with browser.get(url, allow_redirects=False) as resp:
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+
+def header(echoed: dict[str, object], name: str) -> list[str]:
+    pairs = echoed["headers"]
+    assert isinstance(pairs, list)
+    return [value for key, value in pairs if key.lower() == name.lower()]
+
+
+async def start_login(browser: aiohttp.ClientSession, url: str) -> str:
+    async with browser.get(url, allow_redirects=False) as resp:
+        assert resp.status == 302
+        return resp.headers["Location"]
+
+
+async def test_browser_login_lands_on_the_exact_url_first_asked_for(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    resp = await login(browser, stack.gateway, "/echo/page?x=1&y=a%20b")
+    assert resp.status == 200
+    echoed = await resp.json()
+    assert echoed["path"] == "/echo/page"
+    assert echoed["query"] == "x=1&y=a%20b"
+    assert header(echoed, "X-Forwarded-User") == ["alice"]
+    assert header(echoed, "X-Forwarded-Email") == ["alice@example.com"]
+    assert header(echoed, "X-Forwarded-Preferred-Username") == ["alice"]
+    assert header(echoed, "X-Forwarded-Groups") == ["admins,staff"]
+
+
+async def test_login_redirect_carries_state_nonce_and_pkce(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    authorize = URL(await start_login(browser, stack.gateway + "/"))
+    assert str(authorize.origin()) == stack.idp
+    query = authorize.query
+    assert query["response_type"] == "code"
+    assert query["code_challenge_method"] == "S256"
+    assert len(query["state"]) >= 43 and len(query["nonce"]) >= 43
+    assert query["redirect_uri"] == stack.gateway + "/oauth2/callback"
+
+
+async def test_api_client_without_session_gets_401_json_and_no_redirect(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"Accept": "application/json"},
+                        {**BROWSER_HEADERS, "X-Requested-With": "XMLHttpRequest"}):
+            async with http.get(stack.gateway + "/echo", headers=headers,
+                                allow_redirects=False) as resp:
+                assert resp.status == 401
+                assert "Location" not in resp.headers
+                assert (await resp.json())["error"] == "not_authenticated"
+
+
+async def test_callback_rejects_reused_state(stack: Stack,
+                                             browser: aiohttp.ClientSession) -> None:
+    """Replay: a callback URL used once cannot create a second session."""
+    authorize = await start_login(browser, stack.gateway + "/echo")
+    callback = await idp_sign_in(browser, authorize, "alice")
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 302
+    first = session_cookie(browser)
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 400
+        assert "gateway_session" not in resp.cookies
+    assert session_cookie(browser) == first
+
+
+async def test_callback_replayed_from_another_browser_creates_no_session(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Login CSRF: a victim's browser must not accept a login the attacker started."""
+    authorize = await start_login(browser, stack.gateway + "/echo")
+    callback = await idp_sign_in(browser, authorize, "alice")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as other:
+        async with other.get(callback, allow_redirects=False) as resp:
+            assert resp.status == 400
+            assert "gateway_session" not in resp.cookies
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 400  # the replay consumed the state: single use
+
+
+async def test_unknown_state_is_refused(stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with browser.get(stack.gateway + "/oauth2/callback?state=made-up&code=x",
+                           allow_redirects=False) as resp:
+        assert resp.status == 400
+        assert "Sign-in failed" in await resp.text()
+        assert "gateway_session" not in resp.cookies
+
+
+async def test_parallel_logins_in_two_tabs_both_complete(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    first = await start_login(browser, stack.gateway + "/echo/one")
+    second = await start_login(browser, stack.gateway + "/echo/two")
+    callback_two = await idp_sign_in(browser, second, "alice")
+    callback_one = await idp_sign_in(browser, first, "alice")
+    for callback, target in ((callback_two, "/echo/two"), (callback_one, "/echo/one")):
+        async with browser.get(callback, allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == target
+
+
+async def test_idp_error_on_callback_shows_clear_page_and_no_session(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    authorize = URL(await start_login(browser, stack.gateway + "/echo"))
+    state = authorize.query["state"]
+    url = f"{stack.gateway}/oauth2/callback?error=access_denied&state={state}"
+    async with browser.get(url, allow_redirects=False) as resp:
+        assert resp.status == 400
+        text = await resp.text()
+        assert "access_denied" in text
+        assert "Traceback" not in text
+        assert "gateway_session" not in resp.cookies
+
+
+async def test_session_cookie_is_opaque_httponly_lax_and_new_on_every_login(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    authorize = await start_login(browser, stack.gateway + "/echo")
+    callback = await idp_sign_in(browser, authorize, "alice")
+    async with browser.get(callback, allow_redirects=False) as resp:
+        raw = resp.headers.getall("Set-Cookie")
+    cookie = SimpleCookie()
+    for value in raw:
+        cookie.load(value)
+    morsel = cookie["gateway_session"]
+    assert morsel["httponly"] is True
+    assert morsel["samesite"] == "Lax"
+    assert morsel["path"] == "/"
+    assert "alice" not in morsel.value and len(morsel.value) == 87
+    first = morsel.value
+    await login(browser, stack.gateway, "/echo")  # fixation: a second login gets a new cookie
+    assert session_cookie(browser) not in (None, first)
+
+
+async def test_userinfo_returns_the_session_identity_and_401_without_one(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with browser.get(stack.gateway + "/oauth2/userinfo") as resp:
+        assert resp.status == 401
+    await login(browser, stack.gateway, "/echo", user="bob")
+    async with browser.get(stack.gateway + "/oauth2/userinfo") as resp:
+        info = await resp.json()
+    assert info["user"] == "bob"
+    assert info["email"] == "bob@example.com"
+    assert info["groups"] == ["staff"]
+
+
+async def test_user_outside_allowed_group_gets_403_page(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo", user="bob")
+    async with browser.get(stack.gateway + "/admin/x", allow_redirects=False) as resp:
+        assert resp.status == 403
+        text = await resp.text()
+        assert "Access denied" in text
+        assert "admins" not in text  # the page names no rule
+
+
+async def test_dot_segments_cannot_reach_admin_under_public_policy(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Path confusion: /public/../admin is /admin, checked and forwarded as /admin."""
+    for raw in ("/public/../admin/x", "/public/%2e%2e/admin/x", "/public/.%2E/admin/x"):
+        async with browser.get(URL(stack.gateway + raw, encoded=True),
+                               allow_redirects=False) as resp:
+            assert resp.status == 302, raw  # login required: the admin route's policy
+    async with browser.get(URL(stack.gateway + "/public/%2Fadmin", encoded=True)) as resp:
+        assert resp.status == 400
+
+
+async def test_client_identity_headers_are_stripped_on_public_and_protected_routes(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Spoofing: client-sent identity headers never reach the upstream."""
+    spoof = {"X-Forwarded-User": "admin", "x_forwarded_email": "root@example.com",
+             "X-FORWARDED-GROUPS": "admins"}
+    async with browser.get(stack.gateway + "/public/echo", headers=spoof) as resp:
+        echoed = await resp.json()
+    for name in ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups",
+                 "x_forwarded_email"):
+        assert header(echoed, name) == []
+    await login(browser, stack.gateway, "/echo", user="bob")
+    async with browser.get(stack.gateway + "/echo", headers=spoof) as resp:
+        echoed = await resp.json()
+    assert header(echoed, "X-Forwarded-User") == ["bob"]
+    assert header(echoed, "X-Forwarded-Groups") == ["staff"]
+    assert header(echoed, "x_forwarded_email") == []
+
+
+async def test_gateway_cookies_are_not_sent_upstream(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo")
+    async with browser.get(stack.gateway + "/echo", headers={"Cookie": "app=1"}) as resp:
+        echoed = await resp.json()
+    cookies = "; ".join(header(echoed, "Cookie"))
+    assert "gateway_session" not in cookies
+
+
+async def test_sign_out_deletes_the_session_and_goes_through_the_idp_logout(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo")
+    stolen = session_cookie(browser)
+    async with browser.get(stack.gateway + "/oauth2/sign_out?rd=/bye",
+                           allow_redirects=False) as resp:
+        assert resp.status == 302
+        target = URL(resp.headers["Location"])
+    assert str(target.origin()) == stack.idp
+    assert target.query["post_logout_redirect_uri"] == stack.gateway + "/bye"
+    assert target.query["client_id"] == "gateway-test"
+    assert "id_token_hint" in target.query
+    async with aiohttp.ClientSession() as attacker:  # the old cookie is dead on the server
+        async with attacker.get(stack.gateway + "/echo", cookies={"gateway_session": stolen},
+                                headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 401
+
+
+async def test_hostile_rd_is_refused_and_login_returns_home(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    for rd in ("//evil.com", "/\\evil.com", "https://evil.com", "/%2F%2Fevil.com"):
+        url = URL(stack.gateway + "/oauth2/start").with_query(rd=rd)
+        authorize = await start_login(browser, str(url))
+        callback = await idp_sign_in(browser, authorize, "alice")
+        async with browser.get(callback, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "/", rd
+
+
+async def test_missing_claims_are_fetched_from_userinfo(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    stack = await make_stack(userinfo_only_claims=True)
+    resp = await login(browser, stack.gateway, "/echo")
+    echoed = await resp.json()
+    assert header(echoed, "X-Forwarded-Email") == ["alice@example.com"]
+    assert header(echoed, "X-Forwarded-Groups") == ["admins,staff"]
+
+
+async def test_redis_sessions_survive_a_gateway_restart(
+        make_stack: StackFactory, redis_url: str, browser: aiohttp.ClientSession) -> None:
+    stack = await make_stack(store=redis_url)
+    await login(browser, stack.gateway, "/echo")
+    await stack.runners[-1].cleanup()
+    runner, _ = await serve(build_app(stack.config), URL(stack.gateway).port)
+    try:
+        async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
+            assert resp.status == 200
+            assert header(await resp.json(), "X-Forwarded-User") == ["alice"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_idp_down_gives_503_page_on_login(make_stack: StackFactory,
+                                                browser: aiohttp.ClientSession) -> None:
+    stack = await make_stack()
+    await stack.runners[0].cleanup()  # the IdP goes away
+    await stack.runners[-1].cleanup()  # and a fresh gateway starts without its metadata
+    runner, _ = await serve(build_app(stack.config), URL(stack.gateway).port)
+    try:
+        async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
+            assert resp.status == 503
+            assert "identity provider" in (await resp.text()).lower()
+        async with browser.get(stack.gateway + "/oauth2/readyz") as resp:
+            assert resp.status == 503
+        async with browser.get(stack.gateway + "/public/echo") as resp:
+            assert resp.status == 200  # public routes do not need the IdP
+    finally:
+        await runner.cleanup()
+
+
+async def test_store_down_fails_closed_with_503_but_public_routes_work(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    stack = await make_stack(store=dead, session={"store_timeout": "500ms"})
+    async with browser.get(stack.gateway + "/echo", allow_redirects=False,
+                           cookies={"gateway_session": "a" * 43 + "." + "b" * 43}) as resp:
+        assert resp.status == 503
+        assert "Traceback" not in await resp.text()
+    async with browser.get(stack.gateway + "/oauth2/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["idp"] == "ok"
+    async with browser.get(stack.gateway + "/public/echo") as resp:
+        assert resp.status == 200
+
+
+async def test_health_and_ready_endpoints(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/oauth2/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(stack.gateway + "/oauth2/readyz") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"status": "ready", "store": "ok", "idp": "ok"}
+
+
+async def test_tokens_codes_and_cookies_never_reach_the_logs(
+        stack: Stack, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    authorize = URL(await start_login(browser, stack.gateway + "/echo"))
+    callback = URL(await idp_sign_in(browser, str(authorize), "alice"))
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 302
+    async with browser.get(stack.gateway + "/echo") as resp:
+        assert resp.status == 200
+    cookie = session_cookie(browser)
+    assert cookie
+    secrets_seen = [callback.query["code"], callback.query["state"], authorize.query["nonce"],
+                    *cookie.split(".")]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "login_succeeded sub=alice" in logged
+    for value in secrets_seen:
+        assert value not in logged

@@ -1,0 +1,141 @@
+"""End to end: what the proxy forwards and how it fails, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import Stack, StackFactory, free_port, login, serve
+from yarl import URL
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory) -> Stack:
+    return await make_stack()
+
+
+async def test_request_line_headers_and_body_reach_the_upstream(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo")
+    body = os.urandom(300_000)
+    async with browser.post(stack.gateway + "/echo/a/b?q=1&q=2", data=body,
+                            headers={"X-Custom": "v", "Connection": "keep-alive, X-Drop",
+                                     "X-Drop": "secret"}) as resp:
+        echoed = await resp.json()
+    assert echoed["method"] == "POST"
+    assert echoed["path"] == "/echo/a/b"
+    assert echoed["query"] == "q=1&q=2"
+    assert echoed["body_length"] == len(body)
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    names = {name.lower(): value for name, value in echoed["headers"]}
+    assert names["x-custom"] == "v"
+    assert "x-drop" not in names  # named in Connection: hop-by-hop
+    assert names["x-forwarded-for"] == "127.0.0.1"
+    assert names["x-forwarded-proto"] == "http"
+    assert names["x-forwarded-host"] == URL(stack.gateway).raw_authority
+
+
+async def test_upstream_redirects_and_duplicate_set_cookies_pass_through(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with browser.get(stack.gateway + "/public/redirect?to=/public/next",
+                           allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/public/next"
+    async with browser.get(stack.gateway + "/public/set-cookies") as resp:
+        assert len(resp.headers.getall("Set-Cookie")) == 2
+
+
+async def test_no_matching_route_is_404_and_oauth2_is_reserved(make_stack: StackFactory) -> None:
+    stack = await make_stack(routes=[{"name": "only", "path_prefix": "/app",
+                                      "upstream": "http://127.0.0.1:9", "auth": "public"}])
+    async with aiohttp.ClientSession() as http:
+        for path in ("/other", "/oauth2/nothing"):
+            async with http.get(stack.gateway + path,
+                                headers={"Accept": "application/json"}) as resp:
+                assert resp.status == 404
+                assert (await resp.json())["error"] == "route_not_found"
+
+
+async def test_unreachable_upstream_gives_502_page(make_stack: StackFactory) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    stack = await make_stack(routes=[{"name": "dead", "path_prefix": "/",
+                                      "upstream": dead, "auth": "public"}])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/x", headers={"Accept": "text/html"}) as resp:
+            assert resp.status == 502
+            text = await resp.text()
+            assert "Bad gateway" in text and "Traceback" not in text
+
+
+async def test_slow_upstream_gives_504_and_other_routes_are_unaffected(
+        make_stack: StackFactory) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    slow = web.Application()
+    slow.router.add_get("/{tail:.*}", hang)
+    runner, slow_url = await serve(slow)
+    try:
+        probe = await make_stack()
+        stack = await make_stack(routes=[
+            {"name": "slow", "path_prefix": "/slow", "upstream": slow_url, "auth": "public",
+             "read_timeout": "300ms"},
+            {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+        ])
+        async with aiohttp.ClientSession() as http:
+            slow_call = http.get(stack.gateway + "/slow/x", headers={"Accept": "text/html"})
+            fast_call = http.get(stack.gateway + "/echo")
+            slow_resp, fast_resp = await asyncio.gather(slow_call, fast_call)
+            assert slow_resp.status == 504
+            assert fast_resp.status == 200
+            slow_resp.release()
+            fast_resp.release()
+    finally:
+        await runner.cleanup()
+
+
+async def test_chunked_stream_arrives_in_pieces(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/public/stream?chunks=3&delay=0.2") as resp:
+            first = await asyncio.wait_for(resp.content.readline(), timeout=0.15 + 0.2)
+            assert first == b"chunk 0\n"
+            rest = await resp.read()
+    assert rest == b"chunk 1\nchunk 2\n"
+
+
+async def test_large_download_streams_without_growing_memory(stack: Stack) -> None:
+    size = 200 * 1024 * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    received = 0
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + f"/public/download?bytes={size}") as resp:
+            assert resp.headers["Content-Length"] == str(size)
+            async for chunk in resp.content.iter_chunked(1024 * 1024):
+                received += len(chunk)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert received == size
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB for a {size} byte body"
+
+
+async def test_websocket_is_proxied_after_the_session_check(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with aiohttp.ClientSession() as anonymous:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await anonymous.ws_connect(stack.gateway + "/ws")
+        assert refused.value.status == 401
+    await login(browser, stack.gateway, "/echo")
+    async with browser.ws_connect(stack.gateway + "/ws", protocols=("chat",)) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "echo:hello"
+        await ws.send_bytes(b"\x00\x01")
+        assert (await ws.receive()).data == b"\x00\x01"
+        await ws.close()
