@@ -5,8 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.errors import GatewayError, NotAuthenticatedError
-from gateway.login import no_store
 from gateway.runtime import USER_SUB, runtime_from
+
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
@@ -16,17 +17,17 @@ async def userinfo(request: web.Request) -> web.StreamResponse:
         raise NotAuthenticatedError("userinfo without a session")
     identity = session.identity
     request[USER_SUB] = identity.sub
-    return no_store(web.json_response({
+    return web.json_response({
         "user": identity.sub,
         "email": identity.email,
         "email_verified": identity.email_verified,
         "preferred_username": identity.preferred_username,
         "groups": list(identity.groups),
-    }))
+    }, headers=_NO_STORE)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    return no_store(web.json_response({"status": "ok"}))
+    return web.json_response({"status": "ok"}, headers=_NO_STORE)
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
@@ -44,5 +45,5 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         checks["idp"] = exc.public_message
     ready = all(value == "ok" for value in checks.values())
-    return no_store(web.json_response({"status": "ready" if ready else "not ready", **checks},
-                                      status=200 if ready else 503))
+    return web.json_response({"status": "ready" if ready else "not ready", **checks},
+                             status=200 if ready else 503, headers=_NO_STORE)

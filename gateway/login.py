@@ -1,9 +1,9 @@
 """Login: /oauth2/start, the challenge of an unauthenticated browser, and /oauth2/callback.
 
 A login attempt (state, nonce, PKCE verifier, return path) is kept server-side for ten minutes,
-is single use, and is bound to the browser that started it by a random binding cookie
-(Path=/oauth2, so upstreams never see it). The binding cookie is reused while it lives, so
-several logins started in parallel tabs all complete.
+is single use, and is bound to the browser that started it by a random binding cookie. That
+cookie has Path=/ because a login starts on any protected path and must find the cookie of a
+login already under way (several tabs: all complete); it is stripped before the upstream.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.errors import IdPError, LoginError
 from gateway.identity import Identity
 from gateway.oidc import flow, tokens
+from gateway.pages import redirect
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.model import LoginAttempt, TokenSet
@@ -35,11 +36,6 @@ def _binding_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def no_store(response: web.StreamResponse) -> web.StreamResponse:
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
     metadata = await rt.provider.metadata()
@@ -49,10 +45,9 @@ async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> 
         binding = secrets.token_urlsafe(32)
     attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding))
     await rt.sessions.save_attempt(auth.state, attempt)
-    response = web.HTTPFound(auth.url)
-    response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/oauth2",
+    response = redirect(auth.url)
+    response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/",
                         httponly=True, samesite="Lax", secure=rt.config.cookie_secure)
-    no_store(response)
     return response
 
 
@@ -123,8 +118,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     cookie = await rt.sessions.create(identity, token_set)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)
-    response = web.HTTPFound(attempt.return_to)
+    response = redirect(attempt.return_to)
     response.set_cookie(rt.session_cookie, cookie.value,
                         max_age=int(rt.config.session.max_lifetime), path="/", httponly=True,
                         samesite="Lax", secure=rt.config.cookie_secure)
-    return no_store(response)
+    return response

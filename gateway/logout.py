@@ -13,7 +13,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.errors import IdPError, IdPUnavailableError
-from gateway.login import no_store
+from gateway.pages import redirect
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, runtime_from
 
@@ -40,6 +40,6 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
                 client_id=rt.client.client_id,
                 post_logout_redirect_uri=rt.config.server.public_url + return_to,
             ))
-    response = web.HTTPFound(target)
+    response = redirect(target)
     response.del_cookie(rt.session_cookie, path="/")
-    return no_store(response)
+    return response

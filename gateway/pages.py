@@ -26,6 +26,11 @@ color:#222}}h1{{font-size:1.4rem}}p{{line-height:1.5}}a{{color:#0b5cad}}</style>
 """
 
 
+def redirect(location: str) -> web.Response:
+    """A 302 that is never cached (it may carry a fresh cookie or a one-time URL)."""
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+
+
 def wants_html(request: web.Request) -> bool:
     if request.headers.get("X-Requested-With"):
         return False

@@ -36,7 +36,7 @@ class Runtime:
 
     @property
     def binding_cookie(self) -> str:
-        """Binds a login to the browser that started it; Path=/oauth2, never sent upstream."""
+        """Binds a login to the browser that started it; stripped before the upstream."""
         return self.config.session.cookie_name + "_login"
 
     @property

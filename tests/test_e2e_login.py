@@ -174,8 +174,17 @@ async def test_session_cookie_is_opaque_httponly_lax_and_new_on_every_login(
     assert morsel["path"] == "/"
     assert "alice" not in morsel.value and len(morsel.value) == 87
     first = morsel.value
-    await login(browser, stack.gateway, "/echo")  # fixation: a second login gets a new cookie
+    # Fixation: logging in again while holding a session yields a new cookie, and the old one
+    # is dead on the server.
+    authorize = await start_login(browser, stack.gateway + "/oauth2/start?rd=/echo")
+    callback = await idp_sign_in(browser, authorize, "alice")
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 302
     assert session_cookie(browser) not in (None, first)
+    async with aiohttp.ClientSession() as other:
+        async with other.get(stack.gateway + "/echo", cookies={"gateway_session": first},
+                             headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 401
 
 
 async def test_userinfo_returns_the_session_identity_and_401_without_one(
