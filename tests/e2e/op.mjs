@@ -1,0 +1,91 @@
+// Runs the OpenID-certified `oidc-provider` on 127.0.0.1 for the gateway's end-to-end tests.
+// Configured from the environment (see tests/nodeop.py); prints "READY <issuer>" when listening.
+// Test-only choices are marked: dev interactions (any login, any password), consent skipped.
+import { createServer } from 'node:http';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import Provider from 'oidc-provider';
+
+const env = (name, fallback) => process.env[name] ?? fallback;
+const list = (name) => env(name, '').split(',').map((s) => s.trim()).filter(Boolean);
+
+const port = Number(env('OP_PORT'));
+const issuer = env('OP_ISSUER', `http://127.0.0.1:${port}`);
+const jwk = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+const backchannel = env('OP_BACKCHANNEL_LOGOUT_URI', '');
+
+const client = {
+  client_id: env('OP_CLIENT_ID'),
+  client_secret: env('OP_CLIENT_SECRET'),
+  redirect_uris: list('OP_REDIRECT_URIS'),
+  post_logout_redirect_uris: list('OP_POST_LOGOUT_REDIRECT_URIS'),
+  grant_types: ['authorization_code', 'refresh_token'],
+  response_types: ['code'],
+  token_endpoint_auth_method: 'client_secret_basic',
+  id_token_signed_response_alg: 'RS256',
+  ...(backchannel ? { backchannel_logout_uri: backchannel, backchannel_logout_session_required: true } : {}),
+};
+
+const groupsOf = (id) => (id === 'alice' ? ['admins', 'staff'] : ['staff']);
+
+const provider = new Provider(issuer, {
+  clients: [client],
+  jwks: { keys: [{ ...jwk, kid: randomBytes(8).toString('hex'), use: 'sig', alg: 'RS256' }] },
+  cookies: { keys: [randomBytes(32).toString('hex')] },
+  scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
+  claims: {
+    openid: ['sub'],
+    email: ['email', 'email_verified'],
+    profile: ['name', 'preferred_username'],
+    groups: ['groups'],
+  },
+  // Claims of the granted scopes go into the ID token too; without this the relying party
+  // has to fetch them from userinfo (the gateway handles both; tests cover the userinfo path
+  // with the demo IdP).
+  conformIdTokenClaims: false,
+  features: {
+    devInteractions: { enabled: true }, // test only: a login form that accepts anything
+    rpInitiatedLogout: { enabled: true },
+    backchannelLogout: { enabled: true },
+  },
+  ttl: {
+    AccessToken: Number(env('OP_ACCESS_TOKEN_TTL', '3600')),
+    IdToken: Number(env('OP_ID_TOKEN_TTL', '3600')),
+  },
+  issueRefreshToken: async (ctx, c) => c.grantTypeAllowed('refresh_token'),
+  async findAccount(ctx, id) {
+    return {
+      accountId: id,
+      async claims() {
+        return {
+          sub: id,
+          email: `${id}@example.org`,
+          email_verified: true,
+          name: id,
+          preferred_username: id,
+          groups: groupsOf(id),
+        };
+      },
+    };
+  },
+  // Test only: a first-party client, so the consent prompt is granted without a page.
+  async loadExistingGrant(ctx) {
+    const grantId = ctx.oidc.result?.consent?.grantId
+      || ctx.oidc.session.grantIdFor(ctx.oidc.client.clientId);
+    if (grantId) return ctx.oidc.provider.Grant.find(grantId);
+    const grant = new ctx.oidc.provider.Grant({
+      clientId: ctx.oidc.client.clientId,
+      accountId: ctx.oidc.session.accountId,
+    });
+    grant.addOIDCScope('openid email profile groups offline_access');
+    await grant.save();
+    return grant;
+  },
+});
+
+const server = createServer(provider.callback());
+server.listen(port, '127.0.0.1', () => {
+  process.stdout.write(`READY ${issuer}\n`);
+});
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => server.close(() => process.exit(0)));
+}

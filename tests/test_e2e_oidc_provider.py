@@ -1,0 +1,119 @@
+"""End to end against an OpenID Provider this project did not write: npm `oidc-provider`.
+
+Login, identity headers upstream and sign-out through the gateway, with the OP doing its own
+discovery, PKCE, ID token signing and RP-initiated logout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
+from nodeop import follow_op, node_op_available, start_node_op
+from yarl import URL
+
+from gateway import config as config_module
+from gateway.app import build_app
+from gateway.demo.upstream import create_upstream_app
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class NodeStack:
+    gateway: str
+    issuer: str
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def node_stack(request: pytest.FixtureRequest) -> AsyncIterator[NodeStack]:
+    reason = node_op_available()
+    if reason:
+        pytest.skip(reason)
+    store = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                             redirect_uris=[gateway + "/oauth2/callback"],
+                             post_logout_redirect_uris=[gateway + "/"]) as issuer:
+        upstream_runner, upstream = await serve(create_upstream_app())
+        raw = raw_config(gateway, issuer, upstream, store=store)
+        raw["oidc"]["scopes"] = ["openid", "email", "profile", "groups"]
+        config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
+        runner, _ = await serve(build_app(config), port)
+        try:
+            yield NodeStack(gateway, issuer)
+        finally:
+            await runner.cleanup()
+            await upstream_runner.cleanup()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as session:
+        yield session
+
+
+async def sign_in(browser: aiohttp.ClientSession, stack: NodeStack, path: str,
+                  user: str) -> None:
+    async with browser.get(stack.gateway + path, allow_redirects=False) as resp:
+        assert resp.status == 302
+        authorize = resp.headers["Location"]
+    assert authorize.startswith(stack.issuer)
+    callback = await follow_op(browser, authorize, stack.issuer,
+                               {"login": user, "password": "any"})
+    assert callback.startswith(stack.gateway + "/oauth2/callback?")
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 302, await resp.text()
+        assert resp.headers["Location"] == path
+
+
+def headers_of(echoed: dict[str, object]) -> dict[str, str]:
+    pairs = echoed["headers"]
+    assert isinstance(pairs, list)
+    return {name.lower(): value for name, value in pairs}
+
+
+async def test_login_through_oidc_provider_sends_identity_headers_upstream(
+        node_stack: NodeStack, browser: aiohttp.ClientSession) -> None:
+    await sign_in(browser, node_stack, "/echo/x?q=1", "alice")
+    async with browser.get(node_stack.gateway + "/echo/x?q=1",
+                           headers={"X-Forwarded-User": "mallory"}) as resp:
+        assert resp.status == 200
+        echoed = await resp.json()
+    received = headers_of(echoed)
+    assert echoed["query"] == "q=1"
+    assert received["x-forwarded-user"] == "alice"
+    assert received["x-forwarded-email"] == "alice@example.org"
+    assert received["x-forwarded-preferred-username"] == "alice"
+    assert received["x-forwarded-groups"] == "admins,staff"
+
+
+async def test_group_rule_applies_to_oidc_provider_users(
+        node_stack: NodeStack, browser: aiohttp.ClientSession) -> None:
+    await sign_in(browser, node_stack, "/echo", "bob")
+    async with browser.get(node_stack.gateway + "/admin/", allow_redirects=False) as resp:
+        assert resp.status == 403
+
+
+async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(
+        node_stack: NodeStack, browser: aiohttp.ClientSession) -> None:
+    await sign_in(browser, node_stack, "/echo", "alice")
+    async with browser.get(node_stack.gateway + "/oauth2/sign_out",
+                           allow_redirects=False) as resp:
+        assert resp.status == 302
+        end_session = resp.headers["Location"]
+    assert URL(end_session).query["post_logout_redirect_uri"] == node_stack.gateway + "/"
+    # The OP asks for confirmation, then sends the browser to the registered URI.
+    landed = await follow_op(browser, end_session, node_stack.issuer, {"logout": "yes"})
+    assert landed == node_stack.gateway + "/"
+    async with browser.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
+        assert resp.status == 302  # no session: back into a login
+        authorize = resp.headers["Location"]
+    # The OP session is gone too: it shows its login form instead of answering at once.
+    async with browser.get(authorize, allow_redirects=True) as resp:
+        assert 'name="login"' in await resp.text()
