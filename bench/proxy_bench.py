@@ -22,12 +22,12 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, raw_config, serve  # noqa: E402, I001
+from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, raw_config, serve
 
-from gateway import config as config_module  # noqa: E402
-from gateway.app import build_app  # noqa: E402
-from gateway.demo.idp import DemoClient, create_idp_app  # noqa: E402
-from gateway.demo.upstream import create_upstream_app  # noqa: E402
+from gateway import config as config_module
+from gateway.app import build_app
+from gateway.demo.idp import DemoClient, create_idp_app
+from gateway.demo.upstream import create_upstream_app
 
 
 async def _load(http: aiohttp.ClientSession, url: str, total: int,

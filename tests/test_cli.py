@@ -1,0 +1,94 @@
+"""The command line: exit codes, one-line config errors, and `gateway run` under SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from conftest import free_port
+
+from gateway.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, **server: object) -> Path:
+    port = free_port()
+    raw = {
+        "server": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}",
+                   **server},
+        "oidc": {"issuer": f"http://127.0.0.1:{free_port()}", "client_id": "c",
+                 "client_secret": "${GW_TEST_SECRET}"},
+        "routes": [{"name": "app", "upstream": "http://127.0.0.1:9", "auth": "public"}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_check_config_accepts_the_example(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GW_CLIENT_SECRET", "x" * 32)
+    assert main(["check-config", "--config", str(ROOT / "config.example.yaml")]) == 0
+    assert "config OK" in capsys.readouterr().out
+
+
+def test_check_config_names_the_key_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("X", "s" * 32)
+    path = tmp_path / "bad.yaml"
+    path.write_text("server: {public_url: 'http://x', lisen: 'a'}\n"
+                    "oidc: {issuer: 'http://i', client_id: c, client_secret: '${X}'}\n"
+                    "routes: [{name: a, upstream: 'http://u'}]\n")
+    assert main(["check-config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "config error: server.lisen: unknown key"
+
+
+def test_check_config_reads_gateway_config_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_CONFIG", str(write_config(tmp_path)))
+    monkeypatch.setenv("GW_TEST_SECRET", "s" * 32)
+    assert main(["check-config"]) == 0
+    monkeypatch.delenv("GW_TEST_SECRET")
+    assert main(["check-config"]) == 1
+
+
+def test_missing_config_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    assert main(["check-config"]) == 1
+    assert "no config file given" in capsys.readouterr().err
+    assert main(["check-config", "--config", "/nonexistent.yaml"]) == 1
+    assert "cannot read /nonexistent.yaml" in capsys.readouterr().err
+
+
+async def test_run_serves_until_sigterm_and_exits_zero(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    port = yaml.safe_load(path.read_text())["server"]["listen"].rsplit(":", 1)[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz") as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("gateway run did not start serving")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=15)
+        _, err = await proc.communicate()
+    assert code == 0, err.decode()
+    assert b"gateway_starting" in err
