@@ -92,6 +92,8 @@ async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,
         async for chunk in upstream.content.iter_chunked(_CHUNK):
             await response.write(chunk)
         await response.write_eof()
+    except ConnectionResetError:
+        log.info("client_went_away route=%s", route.name)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream_stream_aborted route=%s error=%s", route.name, type(exc).__name__)
         if request.transport is not None:

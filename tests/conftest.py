@@ -9,25 +9,21 @@ import html.parser
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from yarl import URL
-
-sys.path.insert(0, str(Path(__file__).parent))  # helper modules such as nodeop
-
-from gateway.demo.idp import DemoClient, create_idp_app
-from gateway.demo.upstream import create_upstream_app
 
 from gateway import config as config_module
 from gateway.app import build_app
+from gateway.demo.idp import DemoClient, create_idp_app
+from gateway.demo.upstream import create_upstream_app
 
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-secret-" + "s" * 32
@@ -130,12 +126,14 @@ async def make_stack() -> AsyncIterator[StackFactory]:
 
     async def make(*, store: str = "memory://", userinfo_only_claims: bool = False,
                    routes: list[dict[str, Any]] | None = None,
+                   idp_middlewares: Sequence[Middleware] = (),
                    clock: Callable[[], float] = time.time, **sections: Any) -> Stack:
         gw_port, idp_port = free_port(), free_port()
         gateway, idp = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{idp_port}"
         client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",),
                             (gateway + "/", gateway + "/bye"))
         idp_app = create_idp_app(idp, [client], userinfo_only_claims=userinfo_only_claims)
+        idp_app.middlewares.extend(idp_middlewares)  # tests make the IdP misbehave with these
         runner, _ = await serve(idp_app, idp_port)
         runners.append(runner)
         runner, upstream = await serve(create_upstream_app())
