@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import resource
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -111,18 +113,83 @@ async def test_chunked_stream_arrives_in_pieces(stack: Stack) -> None:
     assert rest == b"chunk 1\nchunk 2\n"
 
 
-async def test_large_download_streams_without_growing_memory(stack: Stack) -> None:
-    size = 200 * 1024 * 1024
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+GIB = 1024 * 1024 * 1024
+
+
+def peak_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def test_1gb_download_streams_without_growing_memory(stack: Stack) -> None:
+    """The gateway, upstream and client share this process: a buffered body would show."""
+    before = peak_rss_kib()
     received = 0
     async with aiohttp.ClientSession() as http:
-        async with http.get(stack.gateway + f"/public/download?bytes={size}") as resp:
-            assert resp.headers["Content-Length"] == str(size)
+        async with http.get(stack.gateway + f"/public/download?bytes={GIB}") as resp:
+            assert resp.headers["Content-Length"] == str(GIB)
             async for chunk in resp.content.iter_chunked(1024 * 1024):
                 received += len(chunk)
-    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert received == size
-    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB for a {size} byte body"
+    grown_kib = peak_rss_kib() - before
+    assert received == GIB
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB for a 1 GiB download"
+
+
+async def test_1gb_upload_streams_without_growing_memory(stack: Stack) -> None:
+    block = b"u" * (1024 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(GIB // len(block)):
+            yield block
+
+    before = peak_rss_kib()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.gateway + "/public/echo", data=body()) as resp:
+            echoed = await resp.json()
+    grown_kib = peak_rss_kib() - before
+    assert echoed["body_length"] == GIB
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB for a 1 GiB upload"
+
+
+async def test_strip_prefix_preserve_host_and_host_routing(make_stack: StackFactory) -> None:
+    probe = await make_stack()
+    stack = await make_stack(routes=[
+        {"name": "api", "host": "api.example.com", "path_prefix": "/v1",
+         "upstream": probe.upstream, "auth": "public", "strip_prefix": True,
+         "preserve_host": True},
+        {"name": "wild", "host": "*.example.com", "path_prefix": "/",
+         "upstream": probe.upstream, "auth": "public"},
+        {"name": "default", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+    ])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/v1/echo/x?a=1",
+                            headers={"Host": "api.example.com"}) as resp:
+            echoed = await resp.json()
+        assert echoed["path"] == "/echo/x"
+        assert echoed["query"] == "a=1"
+        hosts = [v for k, v in echoed["headers"] if k.lower() == "host"]
+        assert hosts == ["api.example.com"]
+        async with http.get(stack.gateway + "/echo", headers={"Host": "www.example.com"}) as resp:
+            echoed = await resp.json()
+        hosts = [v for k, v in echoed["headers"] if k.lower() == "host"]
+        assert hosts == [URL(probe.upstream).raw_authority]  # not preserved by default
+
+
+async def test_access_log_has_one_line_per_request_with_route_status_and_user(
+        stack: Stack, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    await login(browser, stack.gateway, "/echo", user="bob")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with browser.get(stack.gateway + "/echo/q?token=secret-value") as resp:
+        assert resp.status == 200
+    async with browser.get(stack.gateway + "/admin/") as resp:
+        assert resp.status == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 2
+    assert lines[0].startswith("GET /echo/q route=app status=200 duration_ms=")
+    assert lines[0].endswith("user=bob")
+    assert "secret-value" not in lines[0]
+    assert "route=admin status=403" in lines[1] and lines[1].endswith("user=bob")
 
 
 async def test_websocket_is_proxied_after_the_session_check(
