@@ -27,7 +27,7 @@ class Identity:
             sub=sub,
             email=_text(claims.get("email")),
             # OIDC Core §5.1: only an explicit true counts; some IdPs send the string "true".
-            email_verified=claims.get("email_verified") in (True, "true"),
+            email_verified=_is_true(claims.get("email_verified")),
             preferred_username=_text(claims.get("preferred_username")),
             groups=_groups(claims.get(groups_claim)),
             sid=_text(claims.get("sid")),
@@ -46,6 +46,10 @@ class Identity:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Identity:
         return cls.from_claims({**data, "groups": data.get("groups")}, "groups")
+
+
+def _is_true(value: object) -> bool:
+    return value is True or value == "true"  # not `in (True, ...)`: 1 == True in Python
 
 
 def _text(value: object) -> str | None:

@@ -1,0 +1,213 @@
+"""Config: parsed once into frozen objects; every mistake is an error naming its key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+
+from gateway.config import Config, load, parse, parse_duration
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"S": "s" * 32}
+
+
+def minimal(**sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server": {"public_url": "http://127.0.0.1:4180"},
+        "oidc": {"issuer": "https://idp.example.com", "client_id": "gw",
+                 "client_secret": "${S}"},
+        "routes": [{"name": "app", "upstream": "http://127.0.0.1:8080"}],
+    }
+    for name, value in sections.items():
+        raw[name] = value
+    return raw
+
+
+def error_of(raw: dict[str, Any], environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, ENV if environ is None else environ)
+    return str(info.value)
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    raw = minimal()
+    node = raw
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+def test_minimal_config_parses_into_frozen_objects_with_defaults() -> None:
+    config = parse(minimal(), ENV)
+    assert isinstance(config, Config)
+    assert config.server.listen == "127.0.0.1:4180"
+    assert config.session.store == "memory://"
+    assert config.session.idle_timeout == 1800
+    assert config.routes[0].auth == "required"
+    assert config.redirect_uri == "http://127.0.0.1:4180/oauth2/callback"
+    assert config.oidc.secret() == "s" * 32
+    with pytest.raises(pydantic.ValidationError):
+        config.server.listen = "0.0.0.0:1"  # type: ignore[misc]
+
+
+def test_env_references_are_expanded_in_nested_values_and_lists() -> None:
+    raw = minimal()
+    raw["oidc"]["scopes"] = ["openid", "${EXTRA}"]
+    raw["routes"][0]["upstream"] = "http://${HOST}:8080"
+    config = parse(raw, {**ENV, "EXTRA": "groups", "HOST": "app.internal"})
+    assert config.oidc.scopes == ("openid", "groups")
+    assert config.routes[0].upstream == "http://app.internal:8080"
+
+
+def test_expansion_happens_after_yaml_so_secrets_cannot_change_structure() -> None:
+    config = parse(minimal(), {"S": "a: b # not a comment\nroutes: []"})
+    assert config.oidc.secret() == "a: b # not a comment\nroutes: []"
+
+
+def test_missing_environment_variable_names_the_key() -> None:
+    assert error_of(minimal(), {}) == "oidc.client_secret: environment variable S is not set"
+
+
+def test_literal_client_secret_is_refused() -> None:
+    message = error_of(with_change("oidc.client_secret", "hunter2"))
+    assert message.startswith("oidc.client_secret: must come from the environment")
+
+
+def test_client_secret_file_is_read_on_demand(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    raw = minimal()
+    raw["oidc"] = {**raw["oidc"], "client_secret_file": str(secret)}
+    del raw["oidc"]["client_secret"]
+    assert parse(raw, {}).oidc.secret() == "from-file"
+
+
+def test_exactly_one_secret_source_is_required(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["oidc"]["client_secret_file"] = str(tmp_path / "s")
+    assert "exactly one" in error_of(raw)
+    del raw["oidc"]["client_secret_file"]
+    del raw["oidc"]["client_secret"]
+    assert "exactly one" in error_of(raw)
+
+
+@pytest.mark.parametrize(("path", "value", "key"), [
+    ("server.bogus", 1, "server.bogus"),
+    ("oidc.clientid", "x", "oidc.clientid"),
+    ("session.cookie", "x", "session.cookie"),
+    ("extra", {}, "extra"),
+])
+def test_unknown_keys_are_errors_naming_the_key(path: str, value: Any, key: str) -> None:
+    assert error_of(with_change(path, value)) == f"{key}: unknown key"
+
+
+def test_unknown_key_inside_a_route_names_the_route() -> None:
+    raw = minimal()
+    raw["routes"][0]["upstrem"] = "x"
+    assert error_of(raw) == "routes[app].upstrem: unknown key"
+
+
+@pytest.mark.parametrize("value", ["10", "5 parsecs", "", "-5s", "0s", "1w", 10])
+def test_bad_durations_are_refused(value: Any) -> None:
+    message = error_of(with_change("session.idle_timeout", value))
+    assert message.startswith("session.idle_timeout: ")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30s", 30), ("15m", 900), ("8h", 28800), ("250ms", 0.25), ("1d", 86400), ("1.5h", 5400),
+])
+def test_durations_take_a_unit(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("path", "value", "needle"), [
+    ("server.public_url", "ftp://x", "server.public_url"),
+    ("server.public_url", "https://x/app", "without a path"),
+    ("server.public_url", "https://x/?a=1", "query"),
+    ("server.listen", "4180", "HOST:PORT"),
+    ("server.listen", "host:99999", "HOST:PORT"),
+    ("server.trusted_proxies", ["10.0.0.0/33"], "CIDR"),
+    ("oidc.issuer", "idp.example.com", "oidc.issuer"),
+    ("oidc.scopes", ["email"], "openid"),
+    ("oidc.token_endpoint_auth_method", "private_key_jwt", "oidc.token_endpoint_auth_method"),
+    ("session.store", "mysql://db", "session.store"),
+    ("session.cookie_name", "bad name;", "session.cookie_name"),
+    ("routes.0.upstream", "not a url", "routes[app].upstream"),
+    ("routes.0.path_prefix", "app", "routes[app].path_prefix"),
+    ("routes.0.path_prefix", "/oauth2", "reserved"),
+    ("routes.0.path_prefix", "/a/../b", "routes[app].path_prefix"),
+    ("routes.0.host", "bad host!", "routes[app].host"),
+    ("routes.0.auth", "maybe", "routes[app].auth"),
+])
+def test_invalid_values_are_errors_naming_the_key(path: str, value: Any, needle: str) -> None:
+    assert needle in error_of(with_change(path, value))
+
+
+def test_missing_required_keys_are_named() -> None:
+    raw = minimal()
+    del raw["oidc"]["issuer"]
+    assert error_of(raw) == "oidc.issuer: is required"
+    raw = minimal()
+    del raw["routes"]
+    assert error_of(raw) == "routes: is required"
+
+
+def test_duplicate_route_names_are_refused() -> None:
+    raw = minimal()
+    raw["routes"].append(copy.deepcopy(raw["routes"][0]))
+    assert "duplicate route name 'app'" in error_of(raw)
+
+
+def test_idle_timeout_longer_than_max_lifetime_is_refused() -> None:
+    raw = minimal(session={"idle_timeout": "2h", "max_lifetime": "1h"})
+    assert "idle_timeout must not be longer than max_lifetime" in error_of(raw)
+
+
+def test_allow_rules_need_auth_required() -> None:
+    raw = minimal()
+    raw["routes"][0].update(auth="public", allow={"groups": ["a"]})
+    assert "allow rules need auth: required" in error_of(raw)
+
+
+def test_values_are_normalised() -> None:
+    raw = minimal()
+    raw["routes"][0].update(host="*.Example.COM", path_prefix="/app/",
+                            allow={"emails": ["Alice@Example.com"], "email_domains": ["@Ex.com"]})
+    route = parse(raw, ENV).routes[0]
+    assert route.host == "*.example.com"
+    assert route.path_prefix == "/app"
+    assert route.allow is not None
+    assert route.allow.emails == ("alice@example.com",)
+    assert route.allow.email_domains == ("ex.com",)
+
+
+def test_cookie_secure_follows_https_unless_set() -> None:
+    assert parse(minimal(), ENV).cookie_secure is False
+    https = with_change("server.public_url", "https://app.example.com")
+    assert parse(https, ENV).cookie_secure is True
+    https["session"] = {"cookie_secure": False}
+    assert parse(https, ENV).cookie_secure is False
+
+
+def test_load_reports_unreadable_files_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.yaml", ENV)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load(bad, ENV)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load(bad, ENV)
+
+
+def test_example_config_documents_a_valid_configuration() -> None:
+    config = load(ROOT / "config.example.yaml", {"GW_CLIENT_SECRET": "x" * 32})
+    assert [route.name for route in config.routes] == ["app", "status-page"]

@@ -1,0 +1,97 @@
+"""Headers across the gateway: hop-by-hop, identity spoofing, cookies, X-Forwarded-*."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.headers import ClientInfo, for_upstream, from_upstream
+from gateway.identity import Identity
+
+CLIENT = ClientInfo(ip="203.0.113.9", scheme="https", host="app.example.com", trusted=False)
+PROXY = ClientInfo(ip="10.0.0.2", scheme="http", host="internal:4180", trusted=True)
+BOB = Identity("bob", "bob@example.com", True, "bobby", ("staff", "ops"))
+GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_session_login"})
+
+
+def upstream(headers: list[tuple[str, str]], identity: Identity | None = None,
+             client: ClientInfo = CLIENT, preserve_host: bool = False) -> CIMultiDict[str]:
+    return for_upstream(CIMultiDict(headers), identity, client, gateway_cookies=GATEWAY_COOKIES,
+                        preserve_host=preserve_host)
+
+
+def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
+    out = upstream([("Connection", "keep-alive, X-Secret"), ("Keep-Alive", "5"),
+                    ("X-Secret", "1"), ("TE", "trailers"), ("Transfer-Encoding", "chunked"),
+                    ("Upgrade", "h2c"), ("Proxy-Authorization", "Basic x"), ("X-Keep", "y")])
+    assert dict(out.items()).keys() >= {"X-Keep"}
+    for name in ("Connection", "Keep-Alive", "X-Secret", "TE", "Transfer-Encoding", "Upgrade",
+                 "Proxy-Authorization"):
+        assert name not in out
+
+
+@pytest.mark.parametrize("name", [
+    "X-Forwarded-User", "x-forwarded-user", "X_Forwarded_User", "X-FORWARDED-EMAIL",
+    "x_forwarded_groups", "X-Forwarded-Preferred-Username", "X-Forwarded-Access-Token",
+    "X-Auth-Request-User", "Remote-User", "X_AUTH_REQUEST_EMAIL",
+])
+@pytest.mark.parametrize("identity", [None, BOB])
+def test_client_identity_headers_are_stripped_in_every_spelling(
+        name: str, identity: Identity | None) -> None:
+    """Spoofing: upstreams trust these headers, so only the gateway may set them."""
+    out = upstream([(name, "admin"), (name, "admin2")], identity)
+    values = [v for k, v in out.items() if k.lower().replace("_", "-") ==
+              name.lower().replace("_", "-")]
+    assert "admin" not in values and "admin2" not in values
+
+
+def test_identity_headers_come_from_the_session() -> None:
+    out = upstream([], BOB)
+    assert out["X-Forwarded-User"] == "bob"
+    assert out["X-Forwarded-Email"] == "bob@example.com"
+    assert out["X-Forwarded-Preferred-Username"] == "bobby"
+    assert out["X-Forwarded-Groups"] == "staff,ops"
+    sparse = upstream([], Identity("u"))
+    assert sparse["X-Forwarded-User"] == "u"
+    assert "X-Forwarded-Email" not in sparse and "X-Forwarded-Groups" not in sparse
+
+
+def test_gateway_cookies_are_removed_and_others_kept() -> None:
+    out = upstream([("Cookie", "a=1; gateway_session=xxx.yyy"),
+                    ("Cookie", "gateway_session_login=z; b=2")])
+    assert out.getall("Cookie") == ["a=1; b=2"]
+    only_ours = upstream([("Cookie", "gateway_session=x")])
+    assert "Cookie" not in only_ours
+
+
+def test_untrusted_client_forwarding_headers_are_replaced() -> None:
+    out = upstream([("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-Proto", "http"),
+                    ("X-Forwarded-Host", "evil.com"), ("Forwarded", "for=1.2.3.4"),
+                    ("X-Real-IP", "1.2.3.4")])
+    assert out.getall("X-Forwarded-For") == ["203.0.113.9"]
+    assert out["X-Forwarded-Proto"] == "https"
+    assert out["X-Forwarded-Host"] == "app.example.com"
+    assert "Forwarded" not in out and "X-Real-IP" not in out
+
+
+def test_trusted_proxy_forwarding_headers_are_appended_and_kept() -> None:
+    out = upstream([("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-Proto", "https"),
+                    ("X-Forwarded-Host", "app.example.com")], client=PROXY)
+    assert out["X-Forwarded-For"] == "198.51.100.7, 10.0.0.2"
+    assert out["X-Forwarded-Proto"] == "https"
+    assert out["X-Forwarded-Host"] == "app.example.com"
+
+
+def test_host_is_dropped_unless_preserved() -> None:
+    assert "Host" not in upstream([("Host", "app.example.com")])
+    assert upstream([("Host", "app.example.com")], preserve_host=True)["Host"] == "app.example.com"
+
+
+def test_response_headers_keep_duplicates_and_drop_hop_by_hop() -> None:
+    out = from_upstream(CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+                                     ("Connection", "close, X-Internal"), ("X-Internal", "1"),
+                                     ("Transfer-Encoding", "chunked"), ("Location", "/x")]))
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert out["Location"] == "/x"
+    for name in ("Connection", "X-Internal", "Transfer-Encoding"):
+        assert name not in out

@@ -1,0 +1,242 @@
+"""Sessions: the cookie format, and one contract suite run against every backend.
+
+Backends: the embedded memory store (fake clock), fakeredis (fast), and a real redis-server.
+Time-dependent checks use the memory backend's injected clock; for Redis they check the TTL
+that was set, since Redis expires keys on its own clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from conftest import FakeClock
+
+from gateway.errors import StoreUnavailableError
+from gateway.identity import Identity
+from gateway.sessions.backends import Backend, MemoryBackend
+from gateway.sessions.cookies import SessionCookie
+from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.redis import RedisBackend
+from gateway.sessions.store import ATTEMPT_TTL, SessionStore
+
+IDLE = 1800.0
+MAX = 43200.0
+ALICE = Identity("alice", "alice@example.com", True, "alice", ("admins",), "sid-1")
+TOKENS = TokenSet("access-token-value-123", "id.token.value-456", "refresh-789", 1e10)
+
+
+class CountingBackend:
+    """Wraps a backend and counts writes, to prove what the per-request path costs."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def get(self, key: str) -> tuple[bytes | None, float | None]:
+        return await self.inner.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.writes += 1
+        await self.inner.set(key, value, ttl)
+
+    async def expire(self, key: str, ttl: float) -> None:
+        self.writes += 1
+        await self.inner.expire(key, ttl)
+
+    async def pop(self, key: str) -> bytes | None:
+        return await self.inner.pop(key)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def backend(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        yield MemoryBackend(clock)
+        return
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis()
+    else:
+        client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisBackend(client)
+    await client.aclose()
+
+
+@pytest.fixture
+def store(backend: Backend, clock: FakeClock) -> SessionStore:
+    return SessionStore(CountingBackend(backend), idle_timeout=IDLE, max_lifetime=MAX,
+                        clock=clock)
+
+
+def counting(store: SessionStore) -> CountingBackend:
+    assert isinstance(store.backend, CountingBackend)
+    return store.backend
+
+
+def test_new_cookie_is_two_256_bit_random_halves() -> None:
+    cookie = SessionCookie.new()
+    assert len(cookie.session_id) == 32 and len(cookie.key) == 32
+    head, _, tail = cookie.value.partition(".")
+    assert len(head) == 43 and len(tail) == 43
+    assert SessionCookie.parse(cookie.value) == cookie
+    assert cookie.storage_id == hashlib.sha256(cookie.session_id).hexdigest()
+    assert SessionCookie.new() != cookie
+
+
+@pytest.mark.parametrize("value", [
+    None, "", "abc", "a" * 87, "a" * 43 + "." + "b" * 42, "a" * 43 + ".." + "b" * 42,
+    "a" * 43 + "." + "b" * 43 + "=", "+" * 43 + "." + "b" * 43, "a" * 43 + "." + "b" * 44,
+    "\x00" * 87,
+])
+def test_malformed_cookies_parse_to_nothing(value: str | None) -> None:
+    assert SessionCookie.parse(value) is None
+
+
+def test_non_canonical_base64_is_refused() -> None:
+    """One id, one spelling: base64 with non-zero padding bits is not the same cookie."""
+    cookie = SessionCookie.new().value
+    last = cookie[-1]
+    sibling = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = sibling.index(last)
+    twin = cookie[:-1] + sibling[index ^ 1]  # same 6-bit group except the unused low bit
+    assert SessionCookie.parse(twin) is None
+
+
+async def test_created_session_loads_with_identity_and_tokens(store: SessionStore) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    session = await store.load(cookie.value)
+    assert session is not None
+    assert session.identity == ALICE
+    assert session.tokens == TOKENS
+
+
+async def test_unknown_and_tampered_cookies_load_nothing(store: SessionStore) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    assert await store.load(SessionCookie.new().value) is None
+    forged = SessionCookie(cookie.session_id, SessionCookie.new().key)
+    assert await store.load(forged.value) is None  # right id, wrong key: never a session
+    assert await store.load(None) is None
+    assert await store.load("garbage") is None
+
+
+async def test_store_holds_neither_tokens_nor_cookie_parts(store: SessionStore,
+                                                           backend: Backend) -> None:
+    """A dump of the store must not yield tokens or usable cookies."""
+    cookie = await store.create(ALICE, TOKENS)
+    name = f"gateway:session:{{{cookie.storage_id}}}"
+    raw, _ = await backend.get(name)
+    assert raw is not None
+    head, _, tail = cookie.value.partition(".")
+    for needle in (TOKENS.access_token, TOKENS.id_token, TOKENS.refresh_token or "", "alice"):
+        assert needle.encode() not in raw
+    for part in (head, tail):
+        assert part not in name and part.encode() not in raw
+
+
+async def test_record_moved_to_another_name_does_not_decrypt(store: SessionStore,
+                                                             backend: Backend) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    raw, _ = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    assert raw is not None
+    other = SessionCookie(SessionCookie.new().session_id, cookie.key)
+    await backend.set(f"gateway:session:{{{other.storage_id}}}", raw, 60)
+    assert await store.load(other.value) is None
+
+
+async def test_delete_ends_the_session(store: SessionStore) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    await store.delete(cookie.value)
+    assert await store.load(cookie.value) is None
+
+
+async def test_ttl_is_the_idle_timeout(store: SessionStore, backend: Backend) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    _, ttl = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    assert ttl is not None and IDLE - 5 < ttl <= IDLE
+
+
+async def test_loading_again_soon_writes_nothing(store: SessionStore) -> None:
+    """No store write per request: the sliding TTL is only pushed after a touch interval."""
+    cookie = await store.create(ALICE, TOKENS)
+    writes = counting(store).writes
+    for _ in range(5):
+        assert await store.load(cookie.value) is not None
+    assert counting(store).writes == writes
+
+
+async def test_idle_session_expires_and_active_one_slides(clock: FakeClock) -> None:
+    store = SessionStore(MemoryBackend(clock), idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    idle = await store.create(ALICE, TOKENS)
+    active = await store.create(ALICE, TOKENS)
+    for _ in range(4):
+        clock.advance(IDLE * 0.6)
+        assert await store.load(active.value) is not None
+    assert await store.load(idle.value) is None
+
+
+async def test_session_never_outlives_max_lifetime(clock: FakeClock) -> None:
+    backend = MemoryBackend(clock)
+    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=3 * IDLE, clock=clock)
+    cookie = await store.create(ALICE, TOKENS)
+    for _ in range(5):
+        clock.advance(IDLE * 0.5)
+        assert await store.load(cookie.value) is not None
+    _, ttl = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    assert ttl is not None and ttl <= IDLE * 0.5 + 1  # capped at what is left of the lifetime
+    clock.advance(IDLE * 0.6)
+    assert await store.load(cookie.value) is None
+
+
+async def test_login_attempt_is_single_use_and_sealed(store: SessionStore,
+                                                      backend: Backend) -> None:
+    attempt = LoginAttempt("nonce-secret-1", "verifier-secret-2", "/app?x=1", "b" * 64)
+    await store.save_attempt("state-1", attempt)
+    name = f"gateway:attempt:{{{hashlib.sha256(b'state-1').hexdigest()}}}"
+    raw, ttl = await backend.get(name)
+    assert raw is not None and ttl is not None and ttl <= ATTEMPT_TTL
+    assert b"nonce-secret-1" not in raw and b"verifier-secret-2" not in raw
+    assert await store.pop_attempt("state-1") == attempt
+    assert await store.pop_attempt("state-1") is None
+    assert await store.pop_attempt("never-issued") is None
+
+
+async def test_login_attempt_expires_after_ten_minutes(clock: FakeClock) -> None:
+    store = SessionStore(MemoryBackend(clock), idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    await store.save_attempt("s", LoginAttempt("n", "v", "/", "b"))
+    clock.advance(ATTEMPT_TTL + 1)
+    assert await store.pop_attempt("s") is None
+
+
+async def test_memory_backend_sweeps_expired_records(clock: FakeClock) -> None:
+    backend = MemoryBackend(clock)
+    for i in range(100):
+        await backend.set(f"k{i}", b"v", 10)
+    clock.advance(120)
+    await backend.set("fresh", b"v", 10)
+    assert len(backend._data) == 1
+
+
+async def test_unreachable_redis_is_store_unavailable() -> None:
+    """Fail closed: a Redis that is down is an explicit 503, never 'no session'."""
+    backend = RedisBackend.from_url("redis://127.0.0.1:1/0", timeout=0.5)
+    try:
+        calls: list[Callable[[], object]] = [
+            lambda: backend.get("k"), lambda: backend.set("k", b"v", 1),
+            lambda: backend.pop("k"), lambda: backend.ping(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailableError):
+                await call()  # type: ignore[misc]
+    finally:
+        await backend.aclose()
