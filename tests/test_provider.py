@@ -1,0 +1,133 @@
+"""Provider metadata and JWKS: exact issuer, backoff on failure, rate-limited key refetch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import FakeClock, free_port
+from joserfc.jwk import KeySet, RSAKey
+
+from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
+from gateway.oidc.provider import JWKS_REFETCH_INTERVAL, Provider
+
+
+@dataclass
+class FakeIdP:
+    issuer: str = ""
+    discovery: dict[str, Any] = field(default_factory=dict)
+    discovery_status: int = 200
+    keys: list[RSAKey] = field(default_factory=lambda: [
+        RSAKey.generate_key(2048, parameters={"kid": "k1"})])
+    delay: float = 0.0
+    hits: dict[str, int] = field(default_factory=lambda: {"discovery": 0, "jwks": 0})
+
+    def app(self) -> web.Application:
+        async def discovery(request: web.Request) -> web.Response:
+            self.hits["discovery"] += 1
+            await asyncio.sleep(self.delay)
+            doc = {"issuer": self.issuer, "authorization_endpoint": self.issuer + "/auth",
+                   "token_endpoint": self.issuer + "/token", "jwks_uri": self.issuer + "/jwks",
+                   "id_token_signing_alg_values_supported": ["RS256", "none"],
+                   **self.discovery}
+            return web.json_response(doc, status=self.discovery_status)
+
+        async def jwks(request: web.Request) -> web.Response:
+            self.hits["jwks"] += 1
+            return web.json_response(KeySet(self.keys).as_dict(private=False))
+
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", discovery)
+        app.router.add_get("/jwks", jwks)
+        return app
+
+
+ProviderFactory = Callable[[FakeIdP], Awaitable[Provider]]
+
+
+@pytest.fixture
+async def make_provider(clock: FakeClock) -> AsyncIterator[ProviderFactory]:
+    servers: list[TestServer] = []
+    http = aiohttp.ClientSession()
+
+    async def make(idp: FakeIdP, idp_timeout: float = 2.0) -> Provider:
+        server = TestServer(idp.app(), host="127.0.0.1", port=free_port())
+        await server.start_server()
+        servers.append(server)
+        idp.issuer = idp.issuer or str(server.make_url("")).rstrip("/")
+        return Provider(http, idp.issuer, timeout=idp_timeout, clock=clock)
+
+    yield make
+    await http.close()
+    for server in servers:
+        await server.close()
+
+
+async def test_metadata_is_loaded_once_and_none_is_dropped(make_provider: ProviderFactory) -> None:
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    metadata = await provider.metadata()
+    await provider.metadata()
+    assert idp.hits["discovery"] == 1
+    assert metadata.token_endpoint == idp.issuer + "/token"
+    assert metadata.id_token_signing_algs == ("RS256",)
+    assert provider.loaded
+
+
+async def test_issuer_mismatch_is_refused(make_provider: ProviderFactory) -> None:
+    """Mix-up: a discovery document claiming another issuer is not this IdP's."""
+    idp = FakeIdP(discovery={"issuer": "https://evil.example.com"})
+    provider = await make_provider(idp)
+    with pytest.raises(IdPError, match="issuer"):
+        await provider.metadata()
+
+
+async def test_failed_discovery_backs_off_then_recovers(make_provider: ProviderFactory,
+                                                        clock: FakeClock) -> None:
+    idp = FakeIdP(discovery_status=500)
+    provider = await make_provider(idp)
+    with pytest.raises(IdPUnavailableError):
+        await provider.metadata()
+    with pytest.raises(IdPUnavailableError, match="waiting to retry"):
+        await provider.metadata()
+    assert idp.hits["discovery"] == 1  # the backoff spared the IdP
+    idp.discovery_status = 200
+    clock.advance(1.1)
+    assert (await provider.metadata()).issuer == idp.issuer
+
+
+async def test_unknown_kid_refetches_the_jwks_at_most_once_per_interval(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    keys = await provider.keys("k1")
+    assert [key.kid for key in keys.keys] == ["k1"]
+    idp.keys.append(RSAKey.generate_key(2048, parameters={"kid": "k2"}))
+    for _ in range(5):  # forged kids do not hammer the IdP
+        await provider.keys("forged")
+    assert idp.hits["jwks"] == 1
+    clock.advance(JWKS_REFETCH_INTERVAL)
+    rotated = await provider.keys("k2")
+    assert {key.kid for key in rotated.keys} == {"k1", "k2"}
+    assert idp.hits["jwks"] == 2
+    await provider.keys("k2")
+    assert idp.hits["jwks"] == 2
+
+
+async def test_hanging_idp_times_out(make_provider: ProviderFactory) -> None:
+    provider = await make_provider(FakeIdP(delay=3), idp_timeout=0.3)
+    with pytest.raises(IdPTimeoutError):
+        await provider.metadata()
+
+
+async def test_unreachable_idp_is_unavailable(clock: FakeClock) -> None:
+    async with aiohttp.ClientSession() as http:
+        provider = Provider(http, f"http://127.0.0.1:{free_port()}", timeout=1, clock=clock)
+        with pytest.raises(IdPUnavailableError):
+            await provider.metadata()
