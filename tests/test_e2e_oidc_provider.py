@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
+from conftest import CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
 from nodeop import follow_op, node_op_available, start_node_op
 from yarl import URL
 
@@ -49,13 +49,6 @@ async def node_stack(request: pytest.FixtureRequest) -> AsyncIterator[NodeStack]
         finally:
             await runner.cleanup()
             await upstream_runner.cleanup()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                     headers=BROWSER_HEADERS) as session:
-        yield session
 
 
 async def sign_in(browser: aiohttp.ClientSession, stack: NodeStack, path: str,
