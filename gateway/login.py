@@ -109,6 +109,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise LoginError("callback came from a browser that did not start this login")
     if not code:
         raise LoginError("callback has no code")
+    # RFC 9207 (mix-up attacks): when the IdP names itself in the response, it must be ours.
+    if "iss" in request.query and request.query["iss"] != rt.config.oidc.issuer:
+        raise LoginError("authorization response came from another issuer")
     claims, token_set = await _complete(rt, attempt, code)
     try:
         identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
@@ -118,7 +121,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     cookie = await rt.sessions.create(identity, token_set)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)
-    response = redirect(attempt.return_to)
+    response = redirect(safe_return_path(attempt.return_to) or "/")
     response.set_cookie(rt.session_cookie, cookie.value,
                         max_age=int(rt.config.session.max_lifetime), path="/", httponly=True,
                         samesite="Lax", secure=rt.config.cookie_secure)

@@ -357,3 +357,14 @@ async def test_tokens_codes_and_cookies_never_reach_the_logs(
     assert "login_succeeded sub=alice" in logged
     for value in secrets_seen:
         assert value not in logged
+
+
+async def test_authorization_response_from_another_issuer_is_refused(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Mix-up (RFC 9207): a code issued by another IdP must not be redeemed at ours."""
+    authorize = await start_login(browser, stack.gateway + "/echo")
+    callback = URL(await idp_sign_in(browser, authorize, "alice"))
+    forged = callback.update_query(iss="https://evil.example.com")
+    async with browser.get(forged, allow_redirects=False) as resp:
+        assert resp.status == 400
+        assert "gateway_session" not in resp.cookies
