@@ -1,4 +1,4 @@
-"""Command line: `gateway run | check-config | demo`. The only reader of GATEWAY_CONFIG.
+"""Command line: `gateway run | check-config | demo | sessions`. The only reader of GATEWAY_CONFIG.
 
 main(argv) returns the exit code, so tests call it directly.
 """
@@ -6,6 +6,7 @@ main(argv) returns the exit code, so tests call it directly.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -13,10 +14,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway import admin, observability
 from gateway import config as config_module
-from gateway import observability
 from gateway.app import build_app
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreUnavailableError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
     demo = commands.add_parser("demo", help="run a self-contained demo (dev IdP, sample app)")
     demo.add_argument("--port", type=int, default=4180, help="gateway port (default 4180)")
+    sessions = commands.add_parser("sessions", help="list or revoke sessions in the store")
+    sessions.add_argument("action", choices=("list", "revoke"))
+    sessions.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    sessions.add_argument("--user", help="a user's sub or email")
+    sessions.add_argument("--all", action="store_true", help="with revoke: every session")
     return parser
 
 
@@ -51,11 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(f"config OK: {len(config.routes)} route(s)")
             return 0
+        if args.command == "sessions":
+            print(asyncio.run(admin.run(config, args.action, args.user, args.all)))
+            return 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"config error: oidc.client_secret_file: {exc.strerror}", file=sys.stderr)
+        return 1
+    except StoreUnavailableError as exc:
+        print(f"store error: {exc.detail}", file=sys.stderr)
         return 1
     observability.setup(config.logging)
     logging.getLogger("gateway").info("gateway_starting listen=%s public_url=%s routes=%d",

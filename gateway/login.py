@@ -23,6 +23,7 @@ from gateway.pages import redirect
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.registry import Client
 from gateway.sessions.store import ATTEMPT_TTL
 
 log = logging.getLogger("gateway.login")
@@ -118,7 +119,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise LoginError(f"claims unusable: {exc}") from exc
     await rt.sessions.delete(request.cookies.get(rt.session_cookie))
-    cookie = await rt.sessions.create(identity, token_set)
+    client = Client(request.remote or "-", request.headers.get("User-Agent", "-")[:200])
+    cookie = await rt.sessions.create(identity, token_set, client)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)
     response = redirect(safe_return_path(attempt.return_to) or "/")

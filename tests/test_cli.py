@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -92,3 +94,60 @@ async def test_run_serves_until_sigterm_and_exits_zero(tmp_path: Path) -> None:
         _, err = await proc.communicate()
     assert code == 0, err.decode()
     assert b"gateway_starting" in err
+
+
+def redis_config(tmp_path: Path, redis_url: str) -> Path:
+    path = write_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["session"] = {"store": redis_url}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import config as config_module
+    from gateway.identity import Identity
+    from gateway.sessions.backends import open_backend
+    from gateway.sessions.model import TokenSet
+    from gateway.sessions.registry import Client
+    from gateway.sessions.store import SessionStore
+
+    monkeypatch.setenv("GW_TEST_SECRET", "s" * 32)
+    path = redis_config(tmp_path, redis_url)
+    config = config_module.load(path, {"GW_TEST_SECRET": "s" * 32})
+    backend = open_backend(redis_url, clock=time.time, timeout=2)
+    store = SessionStore(backend, idle_timeout=600, max_lifetime=3600, clock=time.time)
+    tokens = TokenSet("secret-access-token", "secret-id-token")
+    alice = await store.create(Identity("alice", "alice@example.com", True), tokens,
+                               Client("192.0.2.1", "Firefox/1"))
+    bob = await store.create(Identity("bob", "bob@example.com", True), tokens)
+    try:
+        assert config.session.store == redis_url
+        loop = asyncio.get_running_loop()
+        cli = functools.partial(loop.run_in_executor, None, main)
+        assert await cli(["sessions", "list", "--config", str(path), "--user", "alice"]) == 0
+        out = capsys.readouterr().out
+        assert "alice@example.com" in out and "192.0.2.1" in out and "Firefox/1" in out
+        assert "bob" not in out and "secret" not in out
+        assert out.strip().endswith("1 session(s)")
+        assert await cli(["sessions", "revoke", "--config", str(path)]) == 1
+        assert "--user: name a user" in capsys.readouterr().err
+        assert await cli(["sessions", "revoke", "--config", str(path),
+                          "--user", "alice@example.com"]) == 0
+        assert "revoked 1 session(s)" in capsys.readouterr().out
+        assert await store.load(alice.value) is None
+        assert await store.load(bob.value) is not None
+        assert await cli(["sessions", "revoke", "--all", "--config", str(path)]) == 0
+        assert await store.load(bob.value) is None
+    finally:
+        await backend.aclose()
+
+
+def test_sessions_commands_refuse_the_memory_store(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GW_TEST_SECRET", "s" * 32)
+    assert main(["sessions", "list", "--config", str(write_config(tmp_path))]) == 1
+    assert "need a Redis store" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import fakeredis
 import pytest
@@ -36,28 +37,16 @@ class CountingBackend:
         self.inner = inner
         self.writes = 0
 
-    async def get(self, key: str) -> tuple[bytes | None, float | None]:
-        return await self.inner.get(key)
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name not in ("set", "expire", "index_add", "delete"):
+            return attribute
 
-    async def set(self, key: str, value: bytes, ttl: float) -> None:
-        self.writes += 1
-        await self.inner.set(key, value, ttl)
+        async def counted(*args: Any) -> Any:
+            self.writes += 1
+            return await attribute(*args)
 
-    async def expire(self, key: str, ttl: float) -> None:
-        self.writes += 1
-        await self.inner.expire(key, ttl)
-
-    async def pop(self, key: str) -> bytes | None:
-        return await self.inner.pop(key)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        return counted
 
 
 @pytest.fixture(params=["memory", "fakeredis", "redis"])
@@ -66,17 +55,18 @@ async def backend(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIter
         yield MemoryBackend(clock)
         return
     if request.param == "fakeredis":
-        client = fakeredis.FakeAsyncRedis()
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     else:
         client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+        await client.flushdb()  # our own test server (conftest), never a shared one
     yield RedisBackend(client)
     await client.aclose()
 
 
 @pytest.fixture
 def store(backend: Backend, clock: FakeClock) -> SessionStore:
-    return SessionStore(CountingBackend(backend), idle_timeout=IDLE, max_lifetime=MAX,
-                        clock=clock)
+    counted: Any = CountingBackend(backend)
+    return SessionStore(counted, idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
 
 
 def counting(store: SessionStore) -> CountingBackend:
@@ -240,3 +230,44 @@ async def test_unreachable_redis_is_store_unavailable() -> None:
                 await call()  # type: ignore[misc]
     finally:
         await backend.aclose()
+
+
+BOB = Identity("bob", "Bob@Example.com", True, "bob", (), "sid-2")
+
+
+async def test_registry_finds_sessions_by_sub_email_and_sid(store: SessionStore) -> None:
+    first = await store.create(ALICE, TOKENS)
+    second = await store.create(ALICE, TOKENS)
+    bob = await store.create(BOB, TOKENS)
+    registry = store.registry
+    alice_ids = {first.storage_id, second.storage_id}
+    assert {i.storage_id for i in await registry.by_user("alice")} == alice_ids
+    assert {i.storage_id for i in await registry.by_user("ALICE@example.com")} == alice_ids
+    assert [i.storage_id for i in await registry.by_user("bob@example.com")] == [bob.storage_id]
+    assert [i.storage_id for i in await registry.by_sid("sid-2")] == [bob.storage_id]
+    assert {i.storage_id for i in await registry.all()} == alice_ids | {bob.storage_id}
+
+
+async def test_revoking_by_user_needs_no_session_key(store: SessionStore) -> None:
+    """Admin revocation works from the store alone: no cookie, no decryption."""
+    alice = await store.create(ALICE, TOKENS)
+    bob = await store.create(BOB, TOKENS)
+    registry = store.registry
+    assert await registry.revoke(await registry.by_user("alice")) == 1
+    assert await store.load(alice.value) is None
+    assert await store.load(bob.value) is not None
+    assert await registry.by_user("alice") == []  # dangling index entries are dropped
+
+
+async def test_registry_entries_hold_no_tokens(store: SessionStore, backend: Backend) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    raw, _ = await backend.get(f"gateway:meta:{{{cookie.storage_id}}}")
+    assert raw is not None
+    for needle in (TOKENS.access_token, TOKENS.id_token, *cookie.value.split(".")):
+        assert needle.encode() not in raw
+
+
+async def test_signing_out_removes_the_registry_entry(store: SessionStore) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    await store.delete(cookie.value)
+    assert await store.registry.all() == []

@@ -6,7 +6,8 @@ contract test suite covers every backend. `open_backend(url)` picks one from the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import builtins
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from gateway.errors import ConfigError
@@ -25,7 +26,17 @@ class Backend(Protocol):
     async def pop(self, key: str) -> bytes | None:
         """Get and delete atomically: what makes a login attempt single use."""
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, *keys: str) -> None: ...
+
+    async def index_add(self, key: str, member: str, ttl: float) -> None:
+        """Add to a set that lives at least `ttl` more seconds (indexes: user -> sessions)."""
+
+    async def index_members(self, key: str) -> builtins.set[str]: ...
+
+    async def index_remove(self, key: str, members: Iterable[str]) -> None: ...
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Every live key starting with `prefix` (admin listing; not for the request path)."""
 
     async def ping(self) -> None: ...
 
@@ -38,6 +49,7 @@ class MemoryBackend:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}
+        self._sets: dict[str, tuple[builtins.set[str], float]] = {}
         self._next_sweep = clock() + _SWEEP_INTERVAL
 
     def _live(self, key: str) -> tuple[bytes, float] | None:
@@ -51,6 +63,7 @@ class MemoryBackend:
         now = self._clock()
         if now >= self._next_sweep:
             self._data = {k: v for k, v in self._data.items() if v[1] > now}
+            self._sets = {k: v for k, v in self._sets.items() if v[1] > now}
             self._next_sweep = now + _SWEEP_INTERVAL
 
     async def get(self, key: str) -> tuple[bytes | None, float | None]:
@@ -71,14 +84,39 @@ class MemoryBackend:
         self._data.pop(key, None)
         return entry[0] if entry else None
 
-    async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+    async def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._data.pop(key, None)
+            self._sets.pop(key, None)
+
+    def _live_set(self, key: str) -> builtins.set[str]:
+        entry = self._sets.get(key)
+        if entry is None or entry[1] <= self._clock():
+            self._sets.pop(key, None)
+            return set()
+        return entry[0]
+
+    async def index_add(self, key: str, member: str, ttl: float) -> None:
+        self._sweep()
+        members = self._live_set(key) | {member}
+        expires = max(self._clock() + ttl, self._sets.get(key, (set(), 0.0))[1])
+        self._sets[key] = (members, expires)
+
+    async def index_members(self, key: str) -> builtins.set[str]:
+        return set(self._live_set(key))
+
+    async def index_remove(self, key: str, members: Iterable[str]) -> None:
+        self._live_set(key).difference_update(members)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return [k for k in list(self._data) if k.startswith(prefix) and self._live(k)]
 
     async def ping(self) -> None:
         return None
 
     async def aclose(self) -> None:
         self._data.clear()
+        self._sets.clear()
 
 
 def open_backend(url: str, *, clock: Callable[[], float], timeout: float) -> Backend:

@@ -42,13 +42,16 @@ class Session:
     identity: Identity
     tokens: TokenSet
     created_at: float
+    client_ip: str = "-"
+    user_agent: str = "-"
 
     def expires_at(self, max_lifetime: float) -> float:
         return self.created_at + max_lifetime
 
     def to_bytes(self) -> bytes:
         return json.dumps({"v": _VERSION, "identity": self.identity.to_dict(),
-                           "tokens": self.tokens.to_dict(), "created_at": self.created_at},
+                           "tokens": self.tokens.to_dict(), "created_at": self.created_at,
+                           "client_ip": self.client_ip, "user_agent": self.user_agent},
                           separators=(",", ":")).encode()
 
     @classmethod
@@ -57,7 +60,8 @@ class Session:
         if data.get("v") != _VERSION:
             raise ValueError(f"unsupported session record version {data.get('v')!r}")
         return cls(Identity.from_dict(data["identity"]), TokenSet.from_dict(data["tokens"]),
-                   float(data["created_at"]))
+                   float(data["created_at"]), str(data.get("client_ip", "-")),
+                   str(data.get("user_agent", "-")))
 
 
 @dataclass(frozen=True, slots=True)

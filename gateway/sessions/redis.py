@@ -6,7 +6,9 @@ error middleware turns into a 503: a store that is down never lets a request thr
 
 from __future__ import annotations
 
+import builtins
 import math
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -55,8 +57,37 @@ class RedisBackend:
         value = await self._call("GETDEL", self._client.getdel(key))
         return value if isinstance(value, bytes) else None
 
-    async def delete(self, key: str) -> None:
-        await self._call("DEL", self._client.delete(key))
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            await self._call("DEL", self._client.delete(*keys))
+
+    async def index_add(self, key: str, member: str, ttl: float) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.sadd(key, member)
+                # GT: never shorten the index below the longest session it points to.
+                pipe.pexpire(key, _ms(ttl), gt=True)
+                pipe.pexpire(key, _ms(ttl), nx=True)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"redis SADD failed: {type(exc).__name__}") from exc
+
+    async def index_members(self, key: str) -> builtins.set[str]:
+        members = await self._call("SMEMBERS", self._client.smembers(key))
+        assert isinstance(members, set)
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+    async def index_remove(self, key: str, members: Iterable[str]) -> None:
+        values = list(members)
+        if values:
+            await self._call("SREM", self._client.srem(key, *values))
+
+    async def keys(self, prefix: str) -> list[str]:
+        try:
+            return [key.decode() if isinstance(key, bytes) else str(key)
+                    async for key in self._client.scan_iter(match=prefix + "*", count=500)]
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"redis SCAN failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         await self._call("PING", self._client.ping())

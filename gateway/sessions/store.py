@@ -25,10 +25,17 @@ from gateway.identity import Identity
 from gateway.sessions.backends import Backend
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.model import LoginAttempt, Session, TokenSet
+from gateway.sessions.registry import (
+    UNKNOWN_CLIENT,
+    Client,
+    Registry,
+    SessionInfo,
+    meta_key,
+    session_key,
+)
 
 ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
 _NONCE_BYTES = 12
-_SESSION_PREFIX = "gateway:session:"
 _ATTEMPT_PREFIX = "gateway:attempt:"
 
 
@@ -56,6 +63,7 @@ class SessionStore:
     def __init__(self, backend: Backend, *, idle_timeout: float, max_lifetime: float,
                  clock: Callable[[], float]) -> None:
         self.backend = backend
+        self.registry = Registry(backend, max_lifetime)
         self._idle = idle_timeout
         self._max = max_lifetime
         self._clock = clock
@@ -64,18 +72,26 @@ class SessionStore:
 
     @staticmethod
     def _name(cookie: SessionCookie) -> str:
-        return _SESSION_PREFIX + "{" + cookie.storage_id + "}"
+        return session_key(cookie.storage_id)
+
+    def _info(self, cookie: SessionCookie, session: Session) -> SessionInfo:
+        identity = session.identity
+        return SessionInfo(cookie.storage_id, identity.sub, identity.email, identity.sid,
+                           session.created_at, self._clock(), session.created_at + self._max,
+                           session.client_ip, session.user_agent)
 
     def _ttl(self, created_at: float) -> float:
         return min(self._idle, created_at + self._max - self._clock())
 
-    async def create(self, identity: Identity, tokens: TokenSet) -> SessionCookie:
+    async def create(self, identity: Identity, tokens: TokenSet,
+                     client: Client = UNKNOWN_CLIENT) -> SessionCookie:
         """Always a new id and key: a login never reuses a cookie (no session fixation)."""
         cookie = SessionCookie.new()
-        session = Session(identity, tokens, created_at=self._clock())
+        session = Session(identity, tokens, self._clock(), client.ip, client.user_agent)
         name = self._name(cookie)
-        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()),
-                               self._ttl(session.created_at))
+        ttl = self._ttl(session.created_at)
+        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()), ttl)
+        await self.registry.record(self._info(cookie, session), ttl, identity)
         return cookie
 
     async def load(self, cookie_value: str | None) -> Session | None:
@@ -100,12 +116,13 @@ class SessionStore:
             return None
         if ttl is None or remaining - ttl >= self._touch_interval:
             await self.backend.expire(name, remaining)
+            await self.registry.touch(self._info(cookie, session), remaining)
         return session
 
     async def delete(self, cookie_value: str | None) -> None:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is not None:
-            await self.backend.delete(self._name(cookie))
+            await self.backend.delete(self._name(cookie), meta_key(cookie.storage_id))
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name, key = _attempt_name_and_key(state)
