@@ -75,10 +75,7 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
     metadata = await rt.provider.metadata()
     token_set = await flow.exchange(rt.idp_http, metadata, rt.client, code,
                                     attempt.code_verifier, now=rt.clock())
-    expect = tokens.Expectations(
-        issuer=metadata.issuer, client_id=rt.client.client_id,
-        client_secret=rt.client.client_secret, algorithms=metadata.id_token_signing_algs,
-        leeway=int(rt.config.oidc.clock_skew), now=rt.clock)
+    expect = rt.expectations(metadata)
     try:
         kid = tokens.header_of(token_set.id_token).get("kid")
         keys = await rt.provider.keys(kid if isinstance(kid, str) else None)

@@ -1,21 +1,29 @@
-"""Sign-out: delete the server-side session and the cookie, then leave via the IdP if it can.
+"""Sign-out (the browser's) and back-channel logout (the IdP's).
 
-With an end_session_endpoint in discovery, the browser goes there (RP-Initiated Logout 1.0)
-with id_token_hint, client_id and post_logout_redirect_uri = public_url + rd; the IdP must have
-that URI registered. Otherwise it goes straight to rd. rd is checked like every return path.
+Sign-out deletes the server-side session and the cookie. With an end_session_endpoint in
+discovery, the browser then goes there (RP-Initiated Logout 1.0) with id_token_hint, client_id
+and post_logout_redirect_uri = public_url + rd (the IdP must have it registered); otherwise
+straight to rd. rd is checked like every return path.
+
+Back-channel logout (OIDC Back-Channel Logout 1.0): the IdP POSTs a signed logout token; the
+sessions it names (by sid, else every session of the sub) are deleted from the store, so every
+replica refuses them on their next request (no replica caches sessions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from aiohttp import web
 from yarl import URL
 
-from gateway.errors import IdPError, IdPUnavailableError
+from gateway.errors import BadRequestError, IdPError, IdPUnavailableError
+from gateway.oidc import tokens
 from gateway.pages import redirect
 from gateway.redirects import safe_return_path
-from gateway.runtime import USER_SUB, runtime_from
+from gateway.runtime import USER_SUB, Runtime, runtime_from
+from gateway.sessions.registry import SessionInfo
 
 log = logging.getLogger("gateway.logout")
 
@@ -43,3 +51,43 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     response = redirect(target)
     response.del_cookie(rt.session_cookie, path="/")
     return response
+
+
+class LogoutTokenError(BadRequestError):
+    """§2.8: a logout token we cannot honour gets 400 with an OAuth-style error code."""
+
+    public_message = "The logout token is invalid."
+    event = "invalid_request"
+
+
+async def _sessions_named(rt: Runtime, claims: dict[str, object]) -> list[SessionInfo]:
+    sid, sub = claims.get("sid"), claims.get("sub")
+    if isinstance(sid, str):
+        named = await rt.sessions.registry.by_sid(sid)
+        return [info for info in named if not isinstance(sub, str) or info.sub == sub]
+    assert isinstance(sub, str)
+    return await rt.sessions.registry.by_sub(sub)
+
+
+async def backchannel_logout(request: web.Request) -> web.StreamResponse:
+    rt = runtime_from(request)
+    form = await request.post()
+    token = form.get("logout_token")
+    if not isinstance(token, str) or not token:
+        raise LogoutTokenError("back-channel logout without logout_token")
+    metadata = await rt.provider.metadata()
+    expect = rt.expectations(metadata)
+    try:
+        kid = tokens.header_of(token).get("kid")
+        keys = await rt.provider.keys(kid if isinstance(kid, str) else None)
+        claims = tokens.validate_logout_token(token, keys, expect)
+    except tokens.TokenError as exc:
+        raise LogoutTokenError(f"logout token refused: {exc}") from exc
+    # §2.6 (10): a jti seen before (within the token's useful life) is a replay.
+    jti = hashlib.sha256(str(claims["jti"]).encode()).hexdigest()
+    if not await rt.sessions.backend.add_once(f"gateway:jti:{{{jti}}}",
+                                              tokens.MAX_TOKEN_AGE + expect.leeway):
+        raise LogoutTokenError("logout token replayed (jti seen before)")
+    revoked = await rt.sessions.registry.revoke(await _sessions_named(rt, claims))
+    log.info("backchannel_logout sessions=%d", revoked)
+    return web.Response(status=200, headers={"Cache-Control": "no-store"})

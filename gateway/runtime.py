@@ -14,7 +14,8 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.oidc.flow import Client
-from gateway.oidc.provider import Provider
+from gateway.oidc.provider import Provider, ProviderMetadata
+from gateway.oidc.tokens import Expectations
 from gateway.routing import RouteTable
 from gateway.sessions.store import SessionStore
 
@@ -29,6 +30,13 @@ class Runtime:
     upstream_http: aiohttp.ClientSession  # pooled, no cookies, bodies passed through as-is
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
+
+    def expectations(self, metadata: ProviderMetadata) -> Expectations:
+        """What every token from this IdP to this client must satisfy."""
+        return Expectations(
+            issuer=metadata.issuer, client_id=self.client.client_id,
+            client_secret=self.client.client_secret, algorithms=metadata.id_token_signing_algs,
+            leeway=int(self.config.oidc.clock_skew), now=self.clock)
 
     @property
     def session_cookie(self) -> str:

@@ -6,12 +6,13 @@ discovery, PKCE, ID token signing and RP-initiated logout.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
+from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
 from nodeop import follow_op, node_op_available, start_node_op
 from yarl import URL
 
@@ -38,7 +39,9 @@ async def node_stack(request: pytest.FixtureRequest) -> AsyncIterator[NodeStack]
     gateway = f"http://127.0.0.1:{port}"
     async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                              redirect_uris=[gateway + "/oauth2/callback"],
-                             post_logout_redirect_uris=[gateway + "/"]) as issuer:
+                             post_logout_redirect_uris=[gateway + "/"],
+                             backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
+                             ) as issuer:
         upstream_runner, upstream = await serve(create_upstream_app())
         raw = raw_config(gateway, issuer, upstream, store=store)
         raw["oidc"]["scopes"] = ["openid", "email", "profile", "groups"]
@@ -110,3 +113,26 @@ async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(
     # The OP session is gone too: it shows its login form instead of answering at once.
     async with browser.get(authorize, allow_redirects=True) as resp:
         assert 'name="login"' in await resp.text()
+
+
+async def test_logout_at_oidc_provider_ends_only_that_browsers_session_by_back_channel(
+        node_stack: NodeStack, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as other:
+        await sign_in(browser, node_stack, "/echo", "alice")
+        await sign_in(other, node_stack, "/echo", "alice")
+        async with browser.get(node_stack.issuer + "/.well-known/openid-configuration") as resp:
+            discovery = await resp.json()
+        assert discovery["backchannel_logout_supported"] is True
+        # The user signs out at the OP itself (another app's sign-out button, say): the OP
+        # tells the gateway by a signed logout token, not through the browser.
+        end_session = URL(discovery["end_session_endpoint"]).with_query(
+            client_id=CLIENT_ID, post_logout_redirect_uri=node_stack.gateway + "/")
+        await follow_op(browser, str(end_session), node_stack.issuer, {"logout": "yes"})
+        async with browser.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
+            assert resp.status == 302  # this browser's session is gone
+        async with other.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
+            assert resp.status == 200  # the other browser's OP session (sid) is untouched
+    assert "backchannel_logout sessions=1" in caplog.text

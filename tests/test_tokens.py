@@ -11,7 +11,13 @@ from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet, OctKey, RSAKey
 
-from gateway.oidc.tokens import Expectations, TokenError, header_of, validate_id_token
+from gateway.oidc.tokens import (
+    Expectations,
+    TokenError,
+    header_of,
+    validate_id_token,
+    validate_logout_token,
+)
 
 NOW = 1_800_000_000
 ISSUER = "https://idp.example.com"
@@ -157,3 +163,46 @@ def test_garbage_and_oversized_tokens_are_refused(garbage: str) -> None:
 
 def test_header_of_reads_the_kid_without_verifying() -> None:
     assert header_of(sign(claims()))["kid"] == "k1"
+
+
+EVENT = {"http://schemas.openid.net/event/backchannel-logout": {}}
+
+
+def logout_claims(**changes: Any) -> dict[str, Any]:
+    values = {"iss": ISSUER, "aud": CLIENT_ID, "iat": NOW, "exp": NOW + 120, "jti": "j-1",
+              "sid": "sid-1", "sub": "alice", "events": EVENT}
+    values.update(changes)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def test_valid_logout_token_returns_its_claims() -> None:
+    result = validate_logout_token(sign(logout_claims()), KEYS, expect())
+    assert (result["sid"], result["sub"], result["jti"]) == ("sid-1", "alice", "j-1")
+    only_sub = validate_logout_token(sign(logout_claims(sid=None)), KEYS, expect())
+    assert only_sub["sub"] == "alice"
+
+
+@pytest.mark.parametrize(("token", "check"), [
+    (sign(logout_claims(), key=OTHER_KEY), "signature"),
+    (sign(logout_claims(iss="https://evil.example.com")), "iss"),
+    (sign(logout_claims(aud="other-client")), "aud"),
+    (sign(logout_claims(events=None)), "events"),
+    (sign(logout_claims(events={"urn:other": {}})), "events"),
+    (sign(logout_claims(events=["http://schemas.openid.net/event/backchannel-logout"])), "events"),
+    (sign(logout_claims(nonce="n")), "nonce"),
+    (sign(logout_claims(sid=None, sub=None)), "neither sid nor sub"),
+    (sign(logout_claims(jti=None)), "jti"),
+    (sign(logout_claims(exp=NOW - 120)), "exp"),
+    (sign(logout_claims(iat=NOW - 3600, exp=NOW + 3600)), "too long ago"),
+    (sign(logout_claims(iat=None)), "iat"),
+], ids=["bad-signature", "wrong-iss", "wrong-aud", "no-events", "other-event", "events-list",
+        "nonce", "no-sid-or-sub", "no-jti", "expired", "old-iat", "no-iat"])
+def test_logout_token_failing_a_check_is_refused(token: str, check: str) -> None:
+    with pytest.raises(TokenError, match=check):
+        validate_logout_token(token, KEYS, expect())
+
+
+def test_an_id_token_is_not_a_logout_token() -> None:
+    """Token confusion: a stolen ID token (it carries a nonce, no events) cannot log anyone out."""
+    with pytest.raises(TokenError):
+        validate_logout_token(sign(claims()), KEYS, expect())

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, OctKey
-from joserfc.jwt import JWTClaimsRegistry
+from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 _MAX_TOKEN_LENGTH = 16384
+MAX_TOKEN_AGE = 600  # seconds; tokens are used at once (callback, back-channel POST)
+BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 
 
 class TokenError(Exception):
@@ -51,9 +53,7 @@ def _verification_key(alg: str, keys: KeySet, expect: Expectations) -> KeySet | 
     return KeySet(public)
 
 
-def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
-                      nonce: str | None) -> dict[str, object]:
-    """Verified claims of an ID token, or TokenError naming the failed check."""
+def _verified_claims(token: str, keys: KeySet, expect: Expectations) -> dict[str, object]:
     header = header_of(token)
     alg = header.get("alg")
     # Core §3.1.3.7 (7): alg must be one the IdP advertises; "none" never is (see provider).
@@ -64,8 +64,34 @@ def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
         decoded = jwt.decode(token, _kid_tolerant(key, header), algorithms=[alg])
     except JoseError as exc:
         raise TokenError(f"signature check failed ({exc.error})") from exc
-    claims = dict(decoded.claims)
+    return dict(decoded.claims)
+
+
+def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
+                      nonce: str | None) -> dict[str, object]:
+    """Verified claims of an ID token, or TokenError naming the failed check."""
+    claims = _verified_claims(token, keys, expect)
     _check_claims(claims, expect, nonce)
+    return claims
+
+
+def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dict[str, object]:
+    """Verified claims of a logout token (OIDC Back-Channel Logout 1.0 §2.6).
+
+    The jti replay check needs the store, so the caller does it with the returned jti.
+    """
+    claims = _verified_claims(token, keys, expect)
+    _check_common(claims, expect, sub_required=False)
+    events = claims.get("events")
+    # §2.4: events must hold the back-channel logout event, as a JSON object.
+    if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
+        raise TokenError("events claim lacks the back-channel logout event")
+    if not isinstance(claims.get("sid"), str) and not isinstance(claims.get("sub"), str):
+        raise TokenError("logout token names neither sid nor sub")
+    if "nonce" in claims:  # §2.4: forbidden, so an ID token cannot pass as a logout token
+        raise TokenError("logout token has a nonce")
+    if not isinstance(claims.get("jti"), str):
+        raise TokenError("logout token has no jti")
     return claims
 
 
@@ -78,20 +104,29 @@ def _kid_tolerant(key: KeySet | OctKey, header: Mapping[str, object]) -> KeySet 
     return key
 
 
-def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | None) -> None:
-    registry = JWTClaimsRegistry(
-        now=lambda: int(expect.now()),
-        leeway=expect.leeway,
-        iss={"essential": True, "value": expect.issuer},  # Core §3.1.3.7 (2)
-        aud={"essential": True, "value": expect.client_id},  # (3): aud contains client_id
-        sub={"essential": True},
-        exp={"essential": True},  # (9)
-        iat={"essential": True},  # (10)
-    )
+def _check_common(claims: dict[str, object], expect: Expectations, *,
+                  sub_required: bool) -> None:
+    options: dict[str, ClaimsOption] = {
+        "iss": {"essential": True, "value": expect.issuer},  # Core §3.1.3.7 (2)
+        "aud": {"essential": True, "value": expect.client_id},  # (3): aud contains client_id
+        "iat": {"essential": True},  # (10)
+    }
+    if sub_required:
+        options["sub"] = {"essential": True}
+        options["exp"] = {"essential": True}  # (9); logout tokens may omit exp
+    registry = JWTClaimsRegistry(now=lambda: int(expect.now()), leeway=expect.leeway, **options)
     try:
         registry.validate(claims)
     except JoseError as exc:
         raise TokenError(f"claim check failed ({exc.error}: {exc.description})") from exc
+    issued = claims["iat"]
+    # A logout or ID token is for now: one issued long ago is a replay, whatever exp says.
+    if isinstance(issued, int | float) and issued < expect.now() - MAX_TOKEN_AGE:
+        raise TokenError("token was issued too long ago (iat)")
+
+
+def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | None) -> None:
+    _check_common(claims, expect, sub_required=True)
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     # Core §3.1.3.7 (4)-(5): with several audiences, azp must be present and be us.
     if len(audiences) > 1 and claims.get("azp") != expect.client_id:

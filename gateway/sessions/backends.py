@@ -28,6 +28,9 @@ class Backend(Protocol):
 
     async def delete(self, *keys: str) -> None: ...
 
+    async def add_once(self, key: str, ttl: float) -> bool:
+        """Create `key` unless it exists; False if it did (replay detection, locks)."""
+
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         """Add to a set that lives at least `ttl` more seconds (indexes: user -> sessions)."""
 
@@ -88,6 +91,12 @@ class MemoryBackend:
         for key in keys:
             self._data.pop(key, None)
             self._sets.pop(key, None)
+
+    async def add_once(self, key: str, ttl: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        await self.set(key, b"1", ttl)
+        return True
 
     def _live_set(self, key: str) -> builtins.set[str]:
         entry = self._sets.get(key)

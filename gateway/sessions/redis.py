@@ -61,6 +61,9 @@ class RedisBackend:
         if keys:
             await self._call("DEL", self._client.delete(*keys))
 
+    async def add_once(self, key: str, ttl: float) -> bool:
+        return bool(await self._call("SET NX", self._client.set(key, b"1", px=_ms(ttl), nx=True)))
+
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:

@@ -18,7 +18,8 @@ from gateway.sessions.backends import Backend
 
 SESSION_PREFIX = "gateway:session:"
 META_PREFIX = "gateway:meta:"
-_USER_PREFIX = "gateway:user:"
+_SUB_PREFIX = "gateway:sub:"
+_EMAIL_PREFIX = "gateway:email:"
 _SID_PREFIX = "gateway:sid:"
 
 
@@ -72,10 +73,10 @@ class Registry:
 
     async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         await self._backend.set(meta_key(info.storage_id), info.to_bytes(), ttl)
-        await self._backend.index_add(_USER_PREFIX + _tag(identity.sub), info.storage_id,
+        await self._backend.index_add(_SUB_PREFIX + _tag(identity.sub), info.storage_id,
                                       self._max)
         if identity.email:
-            await self._backend.index_add(_USER_PREFIX + _tag(identity.email.lower()),
+            await self._backend.index_add(_EMAIL_PREFIX + _tag(identity.email.lower()),
                                           info.storage_id, self._max)
         if identity.sid:
             await self._backend.index_add(_SID_PREFIX + _tag(identity.sid), info.storage_id,
@@ -97,10 +98,12 @@ class Registry:
 
     async def by_user(self, sub_or_email: str) -> list[SessionInfo]:
         """Sessions of a user named by sub or (case-insensitively) by email."""
-        by_sub = await self._live(_USER_PREFIX + _tag(sub_or_email))
-        by_email = await self._live(_USER_PREFIX + _tag(sub_or_email.lower()))
-        unique = {info.storage_id: info for info in (*by_sub, *by_email)}
+        by_email = await self._live(_EMAIL_PREFIX + _tag(sub_or_email.lower()))
+        unique = {info.storage_id: info for info in (*await self.by_sub(sub_or_email), *by_email)}
         return sorted(unique.values(), key=lambda i: i.created_at)
+
+    async def by_sub(self, sub: str) -> list[SessionInfo]:
+        return await self._live(_SUB_PREFIX + _tag(sub))
 
     async def by_sid(self, sid: str) -> list[SessionInfo]:
         return await self._live(_SID_PREFIX + _tag(sid))

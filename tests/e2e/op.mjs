@@ -52,6 +52,12 @@ const provider = new Provider(issuer, {
     IdToken: Number(env('OP_ID_TOKEN_TTL', '3600')),
   },
   issueRefreshToken: async (ctx, c) => c.grantTypeAllowed('refresh_token'),
+  // Test only: the relying party under test listens on loopback, which oidc-provider's SSRF
+  // protection refuses; lift it for 127.0.0.1 targets alone.
+  fetch(url, options) {
+    if (new URL(url).hostname === '127.0.0.1') delete options.dispatcher;
+    return globalThis.fetch(url, options);
+  },
   async findAccount(ctx, id) {
     return {
       accountId: id,
