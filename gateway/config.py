@@ -153,6 +153,9 @@ class SessionConfig(_Model):
     idle_timeout: Duration = 1800.0
     max_lifetime: Duration = 43200.0
     store_timeout: Duration = 2.0
+    sign_out_methods: tuple[Literal["GET", "POST"], ...] = Field(
+        default=("GET", "POST"), min_length=1)
+    frontchannel_logout: bool = False
 
     @field_validator("store")
     @classmethod

@@ -11,6 +11,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── NotAuthenticatedError  401  API client without a session
      ├── ForbiddenError         403  authenticated but denied by the route's allow rules
      ├── NotFoundError          404  no route matches
+     ├── MethodNotAllowedError  405  a gateway endpoint called with a disabled method
      ├── IdPError               502  the OpenID Provider answered badly
      │    └── IdPTimeoutError   504
      ├── IdPUnavailableError    503  the OpenID Provider cannot be reached (discovery/JWKS)
@@ -83,6 +84,13 @@ class NotFoundError(GatewayError):
     title = "Not found"
     public_message = "No application is served at this address."
     event = "route_not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    title = "Method not allowed"
+    public_message = "This endpoint does not accept that method."
+    event = "method_not_allowed"
 
 
 class IdPError(GatewayError):

@@ -18,7 +18,14 @@ import logging
 from aiohttp import web
 from yarl import URL
 
-from gateway.errors import BadRequestError, IdPError, IdPUnavailableError
+from gateway.errors import (
+    BadRequestError,
+    ForbiddenError,
+    IdPError,
+    IdPUnavailableError,
+    MethodNotAllowedError,
+    NotFoundError,
+)
 from gateway.oidc import tokens
 from gateway.pages import redirect
 from gateway.redirects import safe_return_path
@@ -28,8 +35,22 @@ from gateway.sessions.registry import SessionInfo
 log = logging.getLogger("gateway.logout")
 
 
+def _same_origin(request: web.Request, public_url: str) -> bool:
+    """CSRF check for POST: the form must come from a page of our own origin."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == public_url
+    referer = request.headers.get("Referer", "")
+    return referer == public_url or referer.startswith(public_url + "/")
+
+
 async def sign_out(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
+    if request.method not in rt.config.session.sign_out_methods:
+        raise MethodNotAllowedError(f"sign-out by {request.method} is not enabled")
+    # SECURITY: logout CSRF. A cross-site form must not end the user's session.
+    if request.method == "POST" and not _same_origin(request, rt.config.server.public_url):
+        raise ForbiddenError("sign-out POST from another origin")
     return_to = safe_return_path(request.query.get("rd")) or "/"
     cookie_value = request.cookies.get(rt.session_cookie)
     session = await rt.sessions.load(cookie_value)
@@ -91,3 +112,21 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     revoked = await rt.sessions.registry.revoke(await _sessions_named(rt, claims))
     log.info("backchannel_logout sessions=%d", revoked)
     return web.Response(status=200, headers={"Cache-Control": "no-store"})
+
+
+async def frontchannel_logout(request: web.Request) -> web.StreamResponse:
+    """OIDC Front-Channel Logout 1.0, for IdPs that only do that (off unless configured).
+
+    The IdP loads this URL in an iframe. Browsers do not send SameSite=Lax cookies there, so
+    the session is found by the iss and sid parameters alone, as the spec allows.
+    """
+    rt = runtime_from(request)
+    if not rt.config.session.frontchannel_logout:
+        raise NotFoundError("front-channel logout is not enabled")
+    sid = request.query.get("sid", "")
+    if request.query.get("iss") != rt.config.oidc.issuer or not sid:
+        raise BadRequestError("front-channel logout needs this IdP's iss and a sid")
+    revoked = await rt.sessions.registry.revoke(await rt.sessions.registry.by_sid(sid))
+    log.info("frontchannel_logout sessions=%d", revoked)
+    return web.Response(text="<!doctype html><title>Signed out</title>", content_type="text/html",
+                        headers={"Cache-Control": "no-store"})

@@ -95,3 +95,53 @@ async def test_replayed_or_forged_logout_tokens_get_400_json(stack: Stack) -> No
                 assert resp.status == 400
                 assert resp.headers["Cache-Control"] == "no-store"
                 assert (await resp.json())["error"] == "invalid_request"
+
+
+async def test_sign_out_by_post_needs_our_origin(stack: Stack) -> None:
+    """Logout CSRF: a form on another site cannot end the user's session."""
+    session, _ = await browser_for(stack, "alice")
+    try:
+        for headers in ({"Origin": "https://evil.example.com"},
+                        {"Referer": "https://evil.example.com/page"}, {}):
+            async with session.post(stack.gateway + "/oauth2/sign_out", headers=headers,
+                                    allow_redirects=False) as resp:
+                assert resp.status == 403
+        assert await signed_in(session, stack)
+        async with session.post(stack.gateway + "/oauth2/sign_out",
+                                headers={"Origin": stack.gateway},
+                                allow_redirects=False) as resp:
+            assert resp.status == 302
+        assert not await signed_in(session, stack)
+    finally:
+        await session.close()
+
+
+async def test_sign_out_methods_are_configurable(make_stack: StackFactory) -> None:
+    stack = await make_stack(session={"sign_out_methods": ["POST"]})
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/oauth2/sign_out",
+                            headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 405
+
+
+async def test_frontchannel_logout_is_off_by_default_and_ends_the_sid_when_on(
+        make_stack: StackFactory, stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = f"{stack.gateway}/oauth2/frontchannel_logout?iss={stack.idp}&sid=x"
+        async with http.get(url) as resp:
+            assert resp.status == 404
+    enabled = await make_stack(session={"frontchannel_logout": True})
+    session, sid = await browser_for(enabled, "alice")
+    try:
+        async with aiohttp.ClientSession() as http:
+            base = f"{enabled.gateway}/oauth2/frontchannel_logout"
+            async with http.get(base, params={"iss": "https://evil.example.com",
+                                              "sid": sid}) as resp:
+                assert resp.status == 400
+            assert await signed_in(session, enabled)
+            async with http.get(base, params={"iss": enabled.idp, "sid": sid}) as resp:
+                assert resp.status == 200
+                assert "X-Frame-Options" not in resp.headers  # the IdP frames this page
+        assert not await signed_in(session, enabled)
+    finally:
+        await session.close()

@@ -31,7 +31,8 @@ th{{text-align:left;padding-right:1rem}}</style></head>
 <table>{rows}</table>
 <p>Request: <code>{html.escape(request.method)} {html.escape(request.raw_path)}</code></p>
 <p><a href="/admin/">Admin area</a> (group admins) · <a href="/public/">Public page</a> ·
-<a href="/oauth2/userinfo">/oauth2/userinfo</a> · <a href="/oauth2/sign_out">Sign out</a></p>
+<a href="/oauth2/userinfo">/oauth2/userinfo</a></p>
+<form method="post" action="/oauth2/sign_out"><button id="sign-out">Sign out</button></form>
 </body></html>
 """
     return web.Response(text=body, content_type="text/html")
