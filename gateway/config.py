@@ -45,6 +45,7 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+NonNegativeDuration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 def _http_url(value: str, *, require_path_free: bool = False) -> str:
@@ -153,6 +154,8 @@ class SessionConfig(_Model):
     idle_timeout: Duration = 1800.0
     max_lifetime: Duration = 43200.0
     store_timeout: Duration = 2.0
+    refresh_margin: NonNegativeDuration = 60.0
+    refresh_grace: NonNegativeDuration = 0.0
     sign_out_methods: tuple[Literal["GET", "POST"], ...] = Field(
         default=("GET", "POST"), min_length=1)
     frontchannel_logout: bool = False

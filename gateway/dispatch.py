@@ -1,8 +1,8 @@
 """The catch-all handler: route -> session -> policy -> proxy, challenge or deny.
 
-The whole per-request path reads top to bottom here. At most one store round trip (the session
-load, on protected routes only); public routes never touch the store, so they keep working when
-it is down, and never carry identity headers.
+The whole per-request path reads top to bottom here. One store round trip (the session load, on
+protected routes only; a token refresh, when due, adds a few); public routes never touch the
+store, so they keep working when it is down, and never carry identity headers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import assert_never
 from aiohttp import web
 from yarl import URL
 
-from gateway import policy, proxy
+from gateway import policy, proxy, refresh
 from gateway.errors import ForbiddenError, NotAuthenticatedError, NotFoundError
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
@@ -32,7 +32,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[ROUTE_NAME] = route.name
     identity = None
     if route.auth == "required":
-        session = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+        cookie = request.cookies.get(rt.session_cookie)
+        session = await rt.sessions.load(cookie)
+        if session is not None and cookie is not None and refresh.is_due(session, rt):
+            session = await refresh.fresh(rt, cookie, session)
         identity = session.identity if session else None
     decision = policy.decide(route, identity)
     match decision:

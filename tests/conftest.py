@@ -127,12 +127,14 @@ async def make_stack() -> AsyncIterator[StackFactory]:
     async def make(*, store: str = "memory://", userinfo_only_claims: bool = False,
                    routes: list[dict[str, Any]] | None = None,
                    idp_middlewares: Sequence[Middleware] = (),
+                   access_token_ttl: int = 3600,
                    clock: Callable[[], float] = time.time, **sections: Any) -> Stack:
         gw_port, idp_port = free_port(), free_port()
         gateway, idp = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{idp_port}"
         client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",),
                             (gateway + "/", gateway + "/bye"))
-        idp_app = create_idp_app(idp, [client], userinfo_only_claims=userinfo_only_claims)
+        idp_app = create_idp_app(idp, [client], userinfo_only_claims=userinfo_only_claims,
+                                 clock=clock, access_token_ttl=access_token_ttl)
         idp_app.middlewares.extend(idp_middlewares)  # tests make the IdP misbehave with these
         runner, _ = await serve(idp_app, idp_port)
         runners.append(runner)

@@ -26,7 +26,6 @@ from joserfc.jwk import KeySet, RSAKey
 from yarl import URL
 
 CODE_TTL = 60  # seconds; an authorization code is exchanged at once
-ACCESS_TOKEN_TTL = 3600
 SESSION_COOKIE = "demo_idp_session"
 
 
@@ -79,10 +78,12 @@ class _State:
     clock: Callable[[], float]
     id_token_ttl: int
     userinfo_only_claims: bool
+    access_token_ttl: int
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(
         2048, parameters={"kid": secrets.token_hex(8), "use": "sig", "alg": "RS256"}))
     codes: dict[str, _Grant] = field(default_factory=dict)
     access_tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
+    refresh_tokens: dict[str, _Grant] = field(default_factory=dict)  # rotated on every use
     sessions: dict[str, str] = field(default_factory=dict)  # IdP session id -> user
     token_requests: int = 0
 
@@ -97,10 +98,11 @@ class _AuthorizeError(Exception):
 def create_idp_app(issuer: str, clients: Sequence[DemoClient],
                    users: Mapping[str, DemoUser] = DEMO_USERS, *,
                    clock: Callable[[], float] = time.time, id_token_ttl: int = 300,
-                   userinfo_only_claims: bool = False) -> web.Application:
+                   userinfo_only_claims: bool = False,
+                   access_token_ttl: int = 3600) -> web.Application:
     app = web.Application()
     app[STATE] = _State(issuer.rstrip("/"), {c.client_id: c for c in clients}, users, clock,
-                        id_token_ttl, userinfo_only_claims)
+                        id_token_ttl, userinfo_only_claims, access_token_ttl)
     app.router.add_get("/.well-known/openid-configuration", _discovery)
     app.router.add_get("/jwks", _jwks)
     app.router.add_get("/authorize", _authorize)
@@ -125,7 +127,7 @@ async def _discovery(request: web.Request) -> web.Response:
         "id_token_signing_alg_values_supported": ["RS256"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "code_challenge_methods_supported": ["S256"],
-        "grant_types_supported": ["authorization_code"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
         "scopes_supported": ["openid", "email", "profile", "groups"],
         "claims_supported": ["sub", "email", "email_verified", "name", "preferred_username",
                              "groups", "sid"],
@@ -277,13 +279,13 @@ def _pkce_ok(verifier: str, challenge: str) -> bool:
     return hmac.compare_digest(computed, challenge)
 
 
-def _id_token(state: _State, grant: _Grant, client_id: str) -> str:
+def _id_token(state: _State, grant: _Grant, client_id: str, *, refreshed: bool = False) -> str:
     now = int(state.clock())
     user = state.users[grant.user]
     claims: dict[str, object] = {"iss": state.issuer, "sub": user.sub, "aud": client_id,
                                  "exp": now + state.id_token_ttl, "iat": now, "auth_time": now,
                                  "sid": grant.sid}
-    if grant.nonce:
+    if grant.nonce and not refreshed:  # Core §12.2: a refreshed ID token carries no nonce
         claims["nonce"] = grant.nonce
     if not state.userinfo_only_claims:
         claims.update(user.claims())
@@ -298,6 +300,11 @@ async def _token(request: web.Request) -> web.Response:
     client = _authenticate_client(state, request, form)
     if client is None:
         return _token_error("invalid_client", 401)
+    if form.get("grant_type") == "refresh_token":
+        grant = state.refresh_tokens.pop(form.get("refresh_token", ""), None)
+        if grant is None or grant.client_id != client.client_id:
+            return _token_error("invalid_grant")
+        return _tokens(state, grant, client.client_id, refreshed=True)
     if form.get("grant_type") != "authorization_code":
         return _token_error("unsupported_grant_type")
     grant = state.codes.pop(form.get("code", ""), None)  # single use, whatever follows
@@ -305,11 +312,20 @@ async def _token(request: web.Request) -> web.Response:
             or grant.redirect_uri != form.get("redirect_uri")
             or not _pkce_ok(form.get("code_verifier", ""), grant.code_challenge)):
         return _token_error("invalid_grant")
+    return _tokens(state, grant, client.client_id)
+
+
+def _tokens(state: _State, grant: _Grant, client_id: str, *,
+            refreshed: bool = False) -> web.Response:
     access_token = secrets.token_urlsafe(32)
-    state.access_tokens[access_token] = (grant.user, state.clock() + ACCESS_TOKEN_TTL)
+    state.access_tokens[access_token] = (grant.user, state.clock() + state.access_token_ttl)
+    refresh_token = secrets.token_urlsafe(32)
+    state.refresh_tokens[refresh_token] = grant
     return web.json_response({
-        "access_token": access_token, "token_type": "Bearer", "expires_in": ACCESS_TOKEN_TTL,
-        "id_token": _id_token(state, grant, client.client_id), "scope": "openid email profile",
+        "access_token": access_token, "token_type": "Bearer",
+        "expires_in": state.access_token_ttl, "refresh_token": refresh_token,
+        "id_token": _id_token(state, grant, client_id, refreshed=refreshed),
+        "scope": "openid email profile",
     }, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 

@@ -71,32 +71,51 @@ def _client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
 
 
-async def exchange(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
-                   code: str, code_verifier: str, *, now: float) -> TokenSet:
-    form = {"grant_type": "authorization_code", "code": code,
-            "redirect_uri": client.redirect_uri, "code_verifier": code_verifier}
+class InvalidGrantError(LoginError):
+    """The IdP no longer honours the code or refresh token: the login or session is over."""
+
+
+async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata,
+                         client: Client, form: dict[str, str], *, now: float,
+                         previous: TokenSet | None = None) -> TokenSet:
     headers = {"Accept": "application/json", **_client_auth(client, form)}
     status, body = await fetch_json(http, "POST", metadata.token_endpoint, data=form,
                                     headers=headers, timeout=client.timeout,
                                     what="token endpoint")
     if status == 400 and isinstance(body, dict) and body.get("error") == "invalid_grant":
-        raise LoginError("token endpoint: invalid_grant (code expired or reused)")
+        raise InvalidGrantError(f"token endpoint: invalid_grant ({form['grant_type']})")
     if status != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else None
         raise IdPError(f"token endpoint answered HTTP {status} {error or ''}".strip())
-    access, id_token = body.get("access_token"), body.get("id_token")
+    access = body.get("access_token")
+    # RFC 6749 §6 / Core §12.2: a refresh may omit the ID and refresh tokens: keep the old ones.
+    id_token = body.get("id_token") or (previous.id_token if previous else None)
+    refresh = body.get("refresh_token") or (previous.refresh_token if previous else None)
     if not isinstance(access, str) or not isinstance(id_token, str):
         raise IdPError("token response lacks access_token or id_token")
     if str(body.get("token_type", "")).lower() != "bearer":
         raise IdPError("token response has a token_type other than Bearer")
     expires_in = body.get("expires_in")
-    refresh = body.get("refresh_token")
     return TokenSet(
         access_token=access,
         id_token=id_token,
         refresh_token=refresh if isinstance(refresh, str) else None,
         expires_at=now + expires_in if isinstance(expires_in, int | float) else None,
     )
+
+
+async def exchange(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
+                   code: str, code_verifier: str, *, now: float) -> TokenSet:
+    form = {"grant_type": "authorization_code", "code": code,
+            "redirect_uri": client.redirect_uri, "code_verifier": code_verifier}
+    return await _token_request(http, metadata, client, form, now=now)
+
+
+async def refresh(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
+                  tokens: TokenSet, *, now: float) -> TokenSet:
+    assert tokens.refresh_token is not None
+    form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
+    return await _token_request(http, metadata, client, form, now=now, previous=tokens)
 
 
 async def userinfo(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,

@@ -28,8 +28,11 @@ class Backend(Protocol):
 
     async def delete(self, *keys: str) -> None: ...
 
-    async def add_once(self, key: str, ttl: float) -> bool:
+    async def add_once(self, key: str, ttl: float, value: bytes = b"1") -> bool:
         """Create `key` unless it exists; False if it did (replay detection, locks)."""
+
+    async def delete_if(self, key: str, value: bytes) -> None:
+        """Delete `key` only while it still holds `value` (releasing a lock we own)."""
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         """Add to a set that lives at least `ttl` more seconds (indexes: user -> sessions)."""
@@ -92,11 +95,16 @@ class MemoryBackend:
             self._data.pop(key, None)
             self._sets.pop(key, None)
 
-    async def add_once(self, key: str, ttl: float) -> bool:
+    async def add_once(self, key: str, ttl: float, value: bytes = b"1") -> bool:
         if self._live(key) is not None:
             return False
-        await self.set(key, b"1", ttl)
+        await self.set(key, value, ttl)
         return True
+
+    async def delete_if(self, key: str, value: bytes) -> None:
+        entry = self._live(key)
+        if entry is not None and entry[0] == value:
+            del self._data[key]
 
     def _live_set(self, key: str) -> builtins.set[str]:
         entry = self._sets.get(key)

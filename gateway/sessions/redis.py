@@ -15,6 +15,13 @@ from redis.exceptions import RedisError
 
 from gateway.errors import StoreUnavailableError
 
+# Compare-and-delete in one step, so a lock that expired and was taken by another replica is
+# never released by the late holder. One key: safe on a Cluster.
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def _ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
@@ -61,8 +68,11 @@ class RedisBackend:
         if keys:
             await self._call("DEL", self._client.delete(*keys))
 
-    async def add_once(self, key: str, ttl: float) -> bool:
-        return bool(await self._call("SET NX", self._client.set(key, b"1", px=_ms(ttl), nx=True)))
+    async def add_once(self, key: str, ttl: float, value: bytes = b"1") -> bool:
+        return bool(await self._call("SET NX", self._client.set(key, value, px=_ms(ttl), nx=True)))
+
+    async def delete_if(self, key: str, value: bytes) -> None:
+        await self._call("EVAL", self._client.eval(_DELETE_IF, 1, key, value))
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         try:

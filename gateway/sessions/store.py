@@ -119,6 +119,14 @@ class SessionStore:
             await self.registry.touch(self._info(cookie, session), remaining)
         return session
 
+    async def replace(self, cookie_value: str, session: Session) -> None:
+        """Store new tokens for a live session, under the same cookie."""
+        cookie = SessionCookie.parse(cookie_value)
+        assert cookie is not None, "replace() follows a successful load()"
+        name = self._name(cookie)
+        ttl = self._ttl(session.created_at)
+        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()), ttl)
+
     async def delete(self, cookie_value: str | None) -> None:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is not None:

@@ -1,0 +1,134 @@
+"""End to end: token refresh, once per session across replicas, and what its failures do."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, login, serve
+
+from gateway.app import build_app
+from gateway.demo.idp import STATE
+
+pytestmark = pytest.mark.e2e
+
+TTL = 120  # the IdP's access token lifetime; the default refresh margin is 60 s
+
+
+class TokenEndpointSwitch:
+    """Makes the IdP's token endpoint fail on demand (the IdP 'is down' for refreshes)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.delay = 0.0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/token":
+            await asyncio.sleep(self.delay)
+            if self.failing:
+                return web.json_response({"error": "temporarily_unavailable"}, status=503)
+        return await handler(request)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> str:
+    return "memory://" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def switch() -> TokenEndpointSwitch:
+    return TokenEndpointSwitch()
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory, store: str, clock: FakeClock,
+                switch: TokenEndpointSwitch) -> Stack:
+    return await make_stack(store=store, clock=clock, access_token_ttl=TTL,
+                            idp_middlewares=[switch.middleware])
+
+
+def token_requests(stack: Stack) -> int:
+    return stack.idp_app[STATE].token_requests
+
+
+async def status_of(browser: aiohttp.ClientSession, url: str) -> int:
+    async with browser.get(url, allow_redirects=False) as resp:
+        return resp.status
+
+
+async def test_due_token_is_refreshed_and_the_session_goes_on(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    await login(browser, stack.gateway, "/echo")
+    before = token_requests(stack)
+    assert await status_of(browser, stack.gateway + "/echo") == 200
+    assert token_requests(stack) == before  # not due yet
+    clock.advance(TTL - 30)  # inside the 60 s margin
+    assert await status_of(browser, stack.gateway + "/echo") == 200
+    assert token_requests(stack) == before + 1
+    assert "session_refreshed sub=alice" in caplog.text
+    clock.advance(TTL - 30)  # the refreshed token is due in turn: rotation keeps working
+    assert await status_of(browser, stack.gateway + "/echo") == 200
+    assert token_requests(stack) == before + 2
+
+
+@pytest.fixture
+async def replicas(stack: Stack, clock: FakeClock) -> AsyncIterator[list[str]]:
+    """Two more gateways on the same store and config, as behind a load balancer."""
+    runners = [(await serve(build_app(stack.config, clock=clock)))[0] for _ in range(2)]
+    urls = [stack.gateway] + [
+        f"http://127.0.0.1:{runner.addresses[0][1]}" for runner in runners]
+    yield urls
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_concurrent_requests_across_replicas_refresh_exactly_once(
+        stack: Stack, store: str, replicas: list[str], browser: aiohttp.ClientSession,
+        clock: FakeClock, switch: TokenEndpointSwitch) -> None:
+    if store == "memory://":
+        pytest.skip("replicas share sessions only through Redis")
+    await login(browser, stack.gateway, "/echo")
+    before = token_requests(stack)
+    switch.delay = 0.5  # a slow IdP: every request arrives while the refresh is under way
+    clock.advance(TTL + 5)  # expired: nobody may use the old token
+    urls = [replicas[i % 3] + f"/echo/{i}" for i in range(20)]
+    statuses = await asyncio.gather(*(status_of(browser, url) for url in urls))
+    assert statuses == [200] * 20
+    assert token_requests(stack) == before + 1
+
+
+async def test_invalid_grant_ends_the_session(stack: Stack, browser: aiohttp.ClientSession,
+                                              clock: FakeClock) -> None:
+    await login(browser, stack.gateway, "/echo")
+    stack.idp_app[STATE].refresh_tokens.clear()  # the IdP revoked the grant
+    clock.advance(TTL - 30)
+    async with browser.get(stack.gateway + "/echo", allow_redirects=False,
+                           headers={"Accept": "application/json"}) as resp:
+        assert resp.status == 401
+    async with browser.get(stack.gateway + "/echo", allow_redirects=False,
+                           headers=BROWSER_HEADERS) as resp:
+        assert resp.status == 302  # back through the login, to the same URL
+        assert resp.headers["Location"].startswith(stack.idp + "/authorize")
+
+
+async def test_idp_down_during_refresh_keeps_the_session(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock,
+        switch: TokenEndpointSwitch) -> None:
+    await login(browser, stack.gateway, "/echo")
+    switch.failing = True
+    clock.advance(TTL - 30)  # due, but the access token is still valid: carry on
+    assert await status_of(browser, stack.gateway + "/echo") == 200
+    clock.advance(60)  # expired, and refresh_grace is 0: never forwarded
+    async with browser.get(stack.gateway + "/echo") as resp:
+        assert resp.status == 503
+        assert "Traceback" not in await resp.text()
+    switch.failing = False  # the IdP is back: the same session refreshes and goes on
+    assert await status_of(browser, stack.gateway + "/echo") == 200
