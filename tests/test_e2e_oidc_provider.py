@@ -6,6 +6,7 @@ discovery, PKCE, ID token signing and RP-initiated logout.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -136,3 +137,34 @@ async def test_logout_at_oidc_provider_ends_only_that_browsers_session_by_back_c
         async with other.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
             assert resp.status == 200  # the other browser's OP session (sid) is untouched
     assert "backchannel_logout sessions=1" in caplog.text
+
+
+async def test_tokens_from_oidc_provider_are_refreshed(
+        browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    """oidc-provider's own refresh grant (with rotation), driven by a short access token."""
+    reason = node_op_available()
+    if reason:
+        pytest.skip(reason)
+    caplog.set_level(logging.INFO, logger="gateway")
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                             redirect_uris=[gateway + "/oauth2/callback"],
+                             access_token_ttl=62) as issuer:
+        upstream_runner, upstream = await serve(create_upstream_app())
+        raw = raw_config(gateway, issuer, upstream, session={"refresh_margin": "60s"})
+        raw["oidc"]["scopes"] = ["openid", "email", "profile", "groups", "offline_access"]
+        runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
+                                port)
+        try:
+            stack = NodeStack(gateway, issuer)
+            await sign_in(browser, stack, "/echo", "alice")
+            assert "session_refreshed" not in caplog.text
+            await asyncio.sleep(2.5)  # now within the margin of the 62 s token
+            for _ in range(2):
+                async with browser.get(gateway + "/echo") as resp:
+                    assert resp.status == 200
+            assert caplog.text.count("session_refreshed sub=alice") == 1
+        finally:
+            await runner.cleanup()
+            await upstream_runner.cleanup()

@@ -132,3 +132,22 @@ async def test_idp_down_during_refresh_keeps_the_session(
         assert "Traceback" not in await resp.text()
     switch.failing = False  # the IdP is back: the same session refreshes and goes on
     assert await status_of(browser, stack.gateway + "/echo") == 200
+
+
+async def test_sign_out_on_one_replica_is_refused_on_the_others_at_once(
+        stack: Stack, store: str, replicas: list[str], browser: aiohttp.ClientSession) -> None:
+    """Revocation: no replica caches sessions, so a deletion anywhere is seen everywhere."""
+    if store == "memory://":
+        pytest.skip("replicas share sessions only through Redis")
+    await login(browser, replicas[0], "/echo")
+    for url in replicas:
+        assert await status_of(browser, url + "/echo") == 200
+    copied = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
+    async with browser.post(replicas[2] + "/oauth2/sign_out", allow_redirects=False,
+                            headers={"Origin": stack.gateway}) as resp:
+        assert resp.status == 302
+    async with aiohttp.ClientSession() as other:  # the cookie, replayed on replicas A and B
+        for url in replicas[:2]:
+            async with other.get(url + "/echo", cookies={"gateway_session": copied},
+                                 headers={"Accept": "application/json"}) as resp:
+                assert resp.status == 401
