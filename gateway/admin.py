@@ -36,8 +36,7 @@ async def run(config: Config, action: str, user: str | None, every: bool) -> str
     if config.session.store == "memory://":
         raise ConfigError("session.store", "memory:// sessions live inside the gateway "
                                            "process; the sessions commands need a Redis store")
-    backend = open_backend(config.session.store, clock=time.time,
-                           timeout=config.session.store_timeout)
+    backend = open_backend(config.session, clock=time.time)
     try:
         registry = Registry(backend, config.session.max_lifetime)
         infos = await (registry.by_user(user) if user else registry.all())

@@ -41,8 +41,7 @@ def _client(config: Config) -> Client:
 def _runtime_context(config: Config, clock: Callable[[], float]
                      ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        backend = open_backend(config.session.store, clock=clock,
-                               timeout=config.session.store_timeout)
+        backend = open_backend(config.session, clock=clock)
         upstream_http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)

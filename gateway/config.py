@@ -28,6 +28,7 @@ from pydantic import (
 from yarl import URL
 
 from gateway.errors import ConfigError
+from gateway.store_url import StoreLocation, parse_store_url
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -147,6 +148,21 @@ class OIDCConfig(_Model):
         return self.client_secret_file.read_text().strip()
 
 
+class RedisTLSConfig(_Model):
+    """TLS to Redis (rediss://, rediss+sentinel://, rediss+cluster://)."""
+
+    ca_file: Path | None = None  # CA bundle to verify the server; default: the system's
+    cert_file: Path | None = None  # client certificate, for servers that require one
+    key_file: Path | None = None
+    verify: bool = True  # false: no certificate check at all (a loud warning at startup)
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisTLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class SessionConfig(_Model):
     store: str = "memory://"
     cookie_name: str = Field(default="gateway_session", pattern=r"^[A-Za-z0-9_\-]+$")
@@ -154,6 +170,7 @@ class SessionConfig(_Model):
     idle_timeout: Duration = 1800.0
     max_lifetime: Duration = 43200.0
     store_timeout: Duration = 2.0
+    redis_tls: RedisTLSConfig = RedisTLSConfig()
     refresh_margin: NonNegativeDuration = 60.0
     refresh_grace: NonNegativeDuration = 0.0
     sign_out_methods: tuple[Literal["GET", "POST"], ...] = Field(
@@ -163,12 +180,12 @@ class SessionConfig(_Model):
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
-        if value == "memory://":
-            return value
-        url = URL(value)
-        if url.scheme not in ("redis", "rediss", "unix") or (url.scheme != "unix" and not url.host):
-            raise ValueError(f"{value!r}: use redis://HOST:PORT/DB, rediss://..., or memory://")
+        parse_store_url(value)
         return value
+
+    @property
+    def store_location(self) -> StoreLocation:
+        return parse_store_url(self.store)
 
     @model_validator(mode="after")
     def _lifetimes(self) -> SessionConfig:

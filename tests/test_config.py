@@ -211,3 +211,34 @@ def test_load_reports_unreadable_files_and_bad_yaml(tmp_path: Path) -> None:
 def test_example_config_documents_a_valid_configuration() -> None:
     config = load(ROOT / "config.example.yaml", {"GW_CLIENT_SECRET": "x" * 32})
     assert [route.name for route in config.routes] == ["app", "status-page"]
+
+
+@pytest.mark.parametrize("url", [
+    "memory://", "redis://127.0.0.1:6379/0", "rediss://:pw@redis.example.com:6380/2",
+    "unix:///run/redis.sock", "redis+sentinel://s1:26379,s2/mymaster/1",
+    "rediss+sentinel://:pw@s1/mymaster", "redis+cluster://n1:7000,n2:7001",
+    "rediss+cluster://[::1]:7000",
+])
+def test_store_url_forms_are_accepted(url: str) -> None:
+    assert parse(minimal(session={"store": url}), ENV).session.store == url
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("mysql://db", "use memory://, redis://"),
+    ("redis://", "needs a host"),
+    ("redis://h/abc", "database number"),
+    ("redis+sentinel://s1:26379", "name the master"),
+    ("redis+sentinel://s1:bad/m", "is not HOST[:PORT]"),
+    ("redis+cluster://n1:7000/3", "only database 0"),
+])
+def test_bad_store_urls_say_what_is_wrong(url: str, problem: str) -> None:
+    message = error_of(minimal(session={"store": url}))
+    assert message.startswith("session.store: ") and problem in message
+
+
+def test_sentinel_location_is_parsed() -> None:
+    location = parse(minimal(session={"store": "redis+sentinel://u:p%40ss@s1,s2:26380/m/3"}),
+                     ENV).session.store_location
+    assert location.hosts == (("s1", 26379), ("s2", 26380))
+    assert (location.username, location.password, location.master, location.db) == (
+        "u", "p@ss", "m", 3)

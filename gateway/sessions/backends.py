@@ -1,7 +1,7 @@
 """Where sealed records live: the Backend protocol and the embedded in-memory backend.
 
 A backend stores opaque bytes with a TTL and knows nothing of sessions or crypto, so one
-contract test suite covers every backend. `open_backend(url)` picks one from the config URL.
+contract test suite covers every backend. `open_backend(config)` picks one from the store URL.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import builtins
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from gateway.errors import ConfigError
+from gateway.config import SessionConfig
 
 _SWEEP_INTERVAL = 60.0  # seconds between purges of expired memory records
 
@@ -136,11 +136,10 @@ class MemoryBackend:
         self._sets.clear()
 
 
-def open_backend(url: str, *, clock: Callable[[], float], timeout: float) -> Backend:
-    if url == "memory://":
+def open_backend(config: SessionConfig, *, clock: Callable[[], float]) -> Backend:
+    if config.store_location.kind == "memory":
         return MemoryBackend(clock)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from gateway.sessions.redis import RedisBackend
+    from gateway.sessions.redis import RedisBackend  # only deployments with Redis import it
 
-        return RedisBackend.from_url(url, timeout=timeout)
-    raise ConfigError("session.store", f"unsupported store URL scheme in {url.split(':')[0]!r}")
+    return RedisBackend.from_url(config.store, timeout=config.store_timeout,
+                                 tls=config.redis_tls)

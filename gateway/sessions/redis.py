@@ -7,13 +7,22 @@ error middleware turns into a 503: a store that is down never lets a request thr
 from __future__ import annotations
 
 import builtins
+import logging
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
+from gateway.config import RedisTLSConfig
 from gateway.errors import StoreUnavailableError
+from gateway.store_url import StoreLocation, parse_store_url
+
+log = logging.getLogger("gateway.store")
+DEFAULT_TLS = RedisTLSConfig()
 
 # Compare-and-delete in one step, so a lock that expired and was taken by another replica is
 # never released by the late holder. One key: safe on a Cluster.
@@ -23,24 +32,56 @@ return 0
 """
 
 
+def _tls_options(tls: RedisTLSConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+                               "ssl_certfile": str(tls.cert_file) if tls.cert_file else None,
+                               "ssl_keyfile": str(tls.key_file) if tls.key_file else None}
+    if not tls.verify:
+        log.warning("redis_tls_verify_off: the store's certificate is NOT checked; anyone "
+                    "on the path can read and change every session")
+        options.update(ssl_cert_reqs="none", ssl_check_hostname=False)
+    return options
+
+
+def _sentinel_clients(location: StoreLocation,
+                      common: dict[str, Any]) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """The master's client, and the clients of the sentinels (to close with it)."""
+    sentinel_options = {"socket_timeout": common["socket_timeout"],
+                        "socket_connect_timeout": common["socket_connect_timeout"]}
+    if location.password:
+        sentinel_options.update(username=location.username, password=location.password)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        list(location.hosts), sentinel_kwargs=sentinel_options, username=location.username,
+        password=location.password, ssl=location.tls, **common)
+    assert location.master is not None
+    client: aioredis.Redis = sentinel.master_for(location.master, db=location.db)
+    return client, list(sentinel.sentinels)
+
+
 def _ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
 
 
 class RedisBackend:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster,
+                 helpers: list[aioredis.Redis] | None = None) -> None:
         self._client = client
+        self._helpers = helpers or []  # e.g. Sentinel connections, closed with the client
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float) -> RedisBackend:
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            retry_on_timeout=False,
-        )
-        return cls(client)
+    def from_url(cls, url: str, *, timeout: float,
+                 tls: RedisTLSConfig = DEFAULT_TLS) -> RedisBackend:
+        location = parse_store_url(url)
+        common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if location.tls:
+            common.update(_tls_options(tls))
+        if location.kind == "sentinel":
+            return cls(*_sentinel_clients(location, common))
+        if location.kind == "cluster":
+            return cls(RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in location.hosts],
+                username=location.username, password=location.password, **common))
+        return cls(aioredis.Redis.from_url(url, health_check_interval=30, **common))
 
     async def get(self, key: str) -> tuple[bytes | None, float | None]:
         try:
@@ -107,6 +148,8 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        for helper in self._helpers:
+            await helper.aclose()
 
     @staticmethod
     async def _call(name: str, awaitable: object) -> object:
