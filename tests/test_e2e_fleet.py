@@ -1,0 +1,91 @@
+"""End to end: three `gateway run` processes share one real Redis, as a fleet behind a load
+balancer. A session made on one works on all, and ending it on one ends it on all at once."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, serve
+
+from gateway.demo.idp import DemoClient, create_idp_app
+from gateway.demo.upstream import create_upstream_app
+
+pytestmark = pytest.mark.e2e
+
+
+async def wait_until_serving(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(150):
+            try:
+                async with http.get(url + "/oauth2/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready")
+
+
+@pytest.fixture
+async def fleet(redis_url: str, tmp_path: Path) -> AsyncIterator[list[str]]:
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    idp_port = free_port()
+    idp = f"http://127.0.0.1:{idp_port}"
+    # Behind a load balancer every replica has the same public URL; here, replica A's.
+    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (urls[0] + "/oauth2/callback",), (urls[0] + "/",))
+    runners = [(await serve(create_idp_app(idp, [client]), idp_port))[0]]
+    upstream_runner, upstream = await serve(create_upstream_app())
+    runners.append(upstream_runner)
+    processes = []
+    for index, port in enumerate(ports):
+        config = {
+            "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
+            "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
+            "session": {"store": redis_url},
+            "routes": [{"name": "app", "upstream": upstream}],
+        }
+        path = tmp_path / f"replica-{index}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        processes.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(path),
+            env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+    try:
+        for url in urls:
+            await wait_until_serving(url)
+        yield urls
+    finally:
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+async def test_a_session_made_on_one_replica_works_on_all_and_ends_on_all(
+        fleet: list[str], browser: aiohttp.ClientSession) -> None:
+    first, second, third = fleet
+    await login(browser, first, "/echo")
+    for url in fleet:
+        async with browser.get(url + "/echo") as resp:
+            assert resp.status == 200
+            headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
+            assert headers["x-forwarded-user"] == "alice"
+    copied = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
+    async with browser.post(third + "/oauth2/sign_out", headers={"Origin": first},
+                            allow_redirects=False) as resp:
+        assert resp.status == 302
+    async with aiohttp.ClientSession(headers={**BROWSER_HEADERS,
+                                              "Accept": "application/json"}) as replay:
+        for url in (first, second):
+            async with replay.get(url + "/echo",
+                                  cookies={"gateway_session": copied}) as resp:
+                assert resp.status == 401
