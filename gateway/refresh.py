@@ -42,20 +42,39 @@ def _usable(session: Session, rt: Runtime) -> bool:
     return expires_at is None or rt.clock() < expires_at + rt.config.session.refresh_grace
 
 
+def lock_name(cookie_value: str) -> str:
+    return "gateway:lock:{" + hashlib.sha256(cookie_value.encode()).hexdigest() + "}"
+
+
 async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
-    """The session with usable tokens; None when the IdP ended it (invalid_grant)."""
-    lock = "gateway:lock:{" + hashlib.sha256(cookie_value.encode()).hexdigest() + "}"
-    owner = secrets.token_bytes(16)
+    """The session with usable tokens; None when the IdP ended it (invalid_grant).
+
+    Whoever holds the lock refreshes; the others watch the store for the new tokens, and take
+    the lock themselves if it is released or expires without a result (a holder that died).
+    """
+    backend = rt.sessions.backend
+    lock, owner = lock_name(cookie_value), secrets.token_bytes(16)
     lock_ttl = rt.config.oidc.timeout + 5
-    if await rt.sessions.backend.add_once(lock, lock_ttl, owner):
-        try:
-            current = await rt.sessions.load(cookie_value)
-            if current is None or not is_due(current, rt):
-                return current  # another replica refreshed (or ended it) meanwhile
-            return await _refresh(rt, cookie_value, current)
-        finally:
-            await rt.sessions.backend.delete_if(lock, owner)
-    return await _wait_for_other(rt, cookie_value, session, lock_ttl)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + lock_ttl  # real time: other requests really are running
+    while True:
+        if await backend.add_once(lock, lock_ttl, owner):
+            try:
+                current = await rt.sessions.load(cookie_value)
+                if current is None or not is_due(current, rt):
+                    return current  # another replica refreshed (or ended it) meanwhile
+                return await _refresh(rt, cookie_value, current)
+            finally:
+                await backend.delete_if(lock, owner)
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(_WAIT_STEP)
+        current = await rt.sessions.load(cookie_value)
+        if current is None or current.tokens != session.tokens:
+            return current
+    if _usable(session, rt):
+        return session
+    raise IdPUnavailableError("a refresh by another request did not finish in time")
 
 
 async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
@@ -93,18 +112,3 @@ async def _check_id_token(rt: Runtime, session: Session, new: TokenSet) -> None:
         raise IdPError(f"refreshed ID token refused: {exc}") from exc
     if claims.get("sub") != session.identity.sub:
         raise IdPError("refreshed ID token names another subject")
-
-
-async def _wait_for_other(rt: Runtime, cookie_value: str, session: Session,
-                          patience: float) -> Session | None:
-    """Another request holds the lock: wait for its result rather than call the IdP too."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience  # real time: the other request really is running
-    while loop.time() < deadline:
-        await asyncio.sleep(_WAIT_STEP)
-        current = await rt.sessions.load(cookie_value)
-        if current is None or current.tokens != session.tokens:
-            return current
-    if _usable(session, rt):
-        return session
-    raise IdPUnavailableError("a refresh by another request did not finish in time")

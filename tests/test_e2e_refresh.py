@@ -14,6 +14,8 @@ from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, login, ser
 
 from gateway.app import build_app
 from gateway.demo.idp import STATE
+from gateway.refresh import lock_name
+from gateway.runtime import RUNTIME
 
 pytestmark = pytest.mark.e2e
 
@@ -151,3 +153,16 @@ async def test_sign_out_on_one_replica_is_refused_on_the_others_at_once(
             async with other.get(url + "/echo", cookies={"gateway_session": copied},
                                  headers={"Accept": "application/json"}) as resp:
                 assert resp.status == 401
+
+
+async def test_a_lock_left_by_a_dead_replica_does_not_wedge_the_session(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock) -> None:
+    """A replica that took the refresh lock and died: the lock expires and others go on."""
+    await login(browser, stack.gateway, "/echo")
+    cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
+    backend = stack.runners[-1].app[RUNTIME].sessions.backend
+    assert await backend.add_once(lock_name(cookie), 0.3, b"a replica that died")
+    before = token_requests(stack)
+    clock.advance(TTL + 5)  # expired: the request must refresh, not use the old token
+    assert await status_of(browser, stack.gateway + "/echo") == 200
+    assert token_requests(stack) == before + 1
