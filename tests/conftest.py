@@ -8,7 +8,6 @@ from __future__ import annotations
 import html.parser
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from redis_servers import start_plain
 from yarl import URL
 
 from gateway import config as config_module
@@ -53,28 +53,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server of our own on a free port; never a server we did not start."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (CI installs it)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    deployment = start_plain(tmp_path_factory.mktemp("redis"))
+    yield deployment.url
+    deployment.stop()
 
 
 async def serve(app: web.Application, port: int | None = None) -> tuple[web.AppRunner, str]:

@@ -101,6 +101,18 @@ def _started(start: Callable[[Path, Deployment], None], directory: Path) -> Depl
 _PLAIN = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
 
+def start_plain(directory: Path) -> Deployment:
+    """Stops what it started if it fails half-way (see _started)."""
+    return _started(_start_plain, directory)
+
+
+def _start_plain(directory: Path, deployment: Deployment) -> None:
+    port = _free_port()
+    deployment.url = f"redis://127.0.0.1:{port}/0"
+    deployment.processes.append(_start(["--port", str(port), *_PLAIN], directory))
+    _wait_for_port(port)
+
+
 def start_cluster(directory: Path) -> Deployment:
     """Stops what it started if it fails half-way (see _started)."""
     return _started(_start_cluster, directory)
