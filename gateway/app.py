@@ -29,6 +29,9 @@ log = logging.getLogger("gateway")
 
 # Large enough for fat cookies, small enough to bound memory per connection.
 MAX_FIELD_SIZE = 16 * 1024
+# A refused request's unread body is drained (so the client sees the answer, not a reset)
+# for at most this long, not aiohttp's default 10 s.
+LINGERING_TIME = 2.0
 
 
 def _client(config: Config) -> Client:
@@ -70,7 +73,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
 
 def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     app = web.Application(middlewares=[access_log_middleware, error_middleware],
-                          handler_args={"max_field_size": MAX_FIELD_SIZE})
+                          handler_args={"max_field_size": MAX_FIELD_SIZE,
+                                        "lingering_time": LINGERING_TIME})
     app.cleanup_ctx.append(_runtime_context(config, clock))
     app.router.add_get("/oauth2/start", login.start)
     app.router.add_get("/oauth2/callback", login.callback)

@@ -221,6 +221,7 @@ class RouteConfig(_Model):
     preserve_host: bool = False
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
+    rewrite_redirects: bool = True
 
     @field_validator("host")
     @classmethod

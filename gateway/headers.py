@@ -104,7 +104,32 @@ def identity_headers(identity: Identity) -> Mapping[str, str]:
     return {name: value for name, value in values.items() if value}
 
 
-def from_upstream(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """Response headers to send back to the client (duplicates such as Set-Cookie kept)."""
+_LOCATIONS = frozenset({"location", "content-location"})
+
+
+def _rewrite_location(value: str, upstream_origin: str, prefix: str) -> str:
+    """An absolute URL on the upstream's own origin becomes a path on ours (nginx's
+    proxy_redirect default), with the stripped route prefix put back."""
+    rest = value[len(upstream_origin):]
+    if not value.lower().startswith(upstream_origin.lower()) or rest[:1] not in ("", "/", "?"):
+        return value
+    path = rest if rest.startswith("/") else "/" + rest
+    return (prefix.rstrip("/") + path) if prefix != "/" else path
+
+
+def from_upstream(headers: MultiMapping[str], *, upstream_origin: str | None = None,
+                  prefix: str = "/") -> CIMultiDict[str]:
+    """Response headers to send back to the client (duplicates such as Set-Cookie kept).
+
+    With `upstream_origin`, Location and Content-Location pointing at the upstream itself are
+    rewritten to the gateway (legacy apps redirect to their internal address).
+    """
     drop = HOP_BY_HOP | _connection_listed(headers)
-    return CIMultiDict((n, v) for n, v in headers.items() if n.lower() not in drop)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() in drop:
+            continue
+        if upstream_origin and name.lower() in _LOCATIONS:
+            value = _rewrite_location(value, upstream_origin, prefix)
+        out.add(name, value)
+    return out

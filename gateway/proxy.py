@@ -75,7 +75,9 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
             timeout=timeout, skip_auto_headers=_SKIP_AUTO,
         ) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(headers.from_upstream(upstream.headers))
+            response.headers.extend(headers.from_upstream(
+                upstream.headers, prefix=route.prefix if route.strip_prefix else "/",
+                upstream_origin=route.upstream if route.rewrite_redirects else None))
             await response.prepare(request)
             await _stream_body(request, upstream, response, route)
             return response

@@ -42,11 +42,13 @@ class Route:
     preserve_host: bool
     connect_timeout: float
     read_timeout: float
+    rewrite_redirects: bool
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
-                   rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout)
+                   rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
+                   rc.rewrite_redirects)
 
     def upstream_path(self, path: str) -> str:
         if self.strip_prefix and self.prefix != "/":

@@ -206,3 +206,36 @@ async def test_websocket_is_proxied_after_the_session_check(
         await ws.send_bytes(b"\x00\x01")
         assert (await ws.receive()).data == b"\x00\x01"
         await ws.close()
+
+
+async def test_upstream_redirect_to_its_own_address_points_back_at_the_gateway(
+        stack: Stack) -> None:
+    target = URL(stack.upstream + "/public/next?x=1")
+    async with aiohttp.ClientSession() as http:
+        url = URL(stack.gateway + "/public/redirect").with_query(to=str(target))
+        async with http.get(url, allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == "/public/next?x=1"
+        url = URL(stack.gateway + "/public/redirect").with_query(to="https://elsewhere.example/")
+        async with http.get(url, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "https://elsewhere.example/"
+
+
+async def test_protected_route_refuses_before_reading_the_body(stack: Stack) -> None:
+    """A request without a session is answered without the upstream ever seeing its body."""
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(64):
+            sent += 1024 * 1024
+            yield b"x" * (1024 * 1024)
+
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.post(stack.gateway + "/echo", data=body(),
+                                 headers={"Accept": "application/json"}) as resp:
+                assert resp.status == 401
+        except aiohttp.ClientError:
+            pass  # the gateway may close the connection on the unread body: also a refusal
+    assert sent < 64 * 1024 * 1024

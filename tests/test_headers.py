@@ -95,3 +95,25 @@ def test_response_headers_keep_duplicates_and_drop_hop_by_hop() -> None:
     assert out["Location"] == "/x"
     for name in ("Connection", "X-Internal", "Transfer-Encoding"):
         assert name not in out
+
+
+@pytest.mark.parametrize(("location", "prefix", "expected"), [
+    ("http://app.internal:8080/login?x=1", "/", "/login?x=1"),
+    ("http://APP.internal:8080", "/", "/"),
+    ("http://app.internal:8080/login", "/app", "/app/login"),
+    ("http://app.internal:8080?q=1", "/app", "/app/?q=1"),
+    ("http://app.internal:80801/x", "/", "http://app.internal:80801/x"),
+    ("https://idp.example.com/auth", "/", "https://idp.example.com/auth"),
+    ("/relative", "/app", "/relative"),
+])
+def test_upstream_self_redirects_are_rewritten_to_the_gateway(
+        location: str, prefix: str, expected: str) -> None:
+    out = from_upstream(CIMultiDict([("Location", location), ("Content-Location", location)]),
+                        upstream_origin="http://app.internal:8080", prefix=prefix)
+    assert out["Location"] == expected
+    assert out["Content-Location"] == expected
+
+
+def test_redirects_are_left_alone_without_rewriting() -> None:
+    out = from_upstream(CIMultiDict([("Location", "http://app.internal:8080/x")]))
+    assert out["Location"] == "http://app.internal:8080/x"
