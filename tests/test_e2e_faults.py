@@ -1,0 +1,72 @@
+"""End to end: the store or the IdP goes away, and comes back; nobody gets in who shouldn't."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import BROWSER_HEADERS, Stack, StackFactory, idp_sign_in, login
+from redis_servers import Deployment, missing_binaries, start_plain
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Deployment]:
+    """A redis-server for this test alone: it gets paused (SIGSTOP) like a hung store."""
+    reason = missing_binaries()
+    if reason:
+        pytest.skip(reason)
+    deployment = start_plain(tmp_path)
+    yield deployment
+    os.kill(deployment.processes[0].pid, signal.SIGCONT)
+    deployment.stop()
+
+
+async def status_of(browser: aiohttp.ClientSession, url: str, **headers: str) -> int:
+    async with browser.get(url, allow_redirects=False, headers=headers or None) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_hung_store_gives_503_fast_then_recovers_with_every_session(
+        make_stack: StackFactory, own_redis: Deployment,
+        browser: aiohttp.ClientSession) -> None:
+    stack = await make_stack(store=own_redis.url, session={"store_timeout": "500ms"})
+    await login(browser, stack.gateway, "/echo")
+    os.kill(own_redis.processes[0].pid, signal.SIGSTOP)  # Redis stops answering
+    try:
+        started = time.monotonic()
+        assert await status_of(browser, stack.gateway + "/echo") == 503
+        assert time.monotonic() - started < 3  # within the store timeout, not a hang
+        assert await status_of(browser, stack.gateway + "/oauth2/readyz") == 503
+        assert await status_of(browser, stack.gateway + "/public/echo") == 200
+        anonymous = await status_of(browser, stack.gateway + "/echo",
+                                    Cookie="gateway_session=" + "a" * 43 + "." + "b" * 43)
+        assert anonymous == 503  # never a pass without a session check
+    finally:
+        os.kill(own_redis.processes[0].pid, signal.SIGCONT)  # and comes back
+    assert await status_of(browser, stack.gateway + "/echo") == 200  # the session survived
+    assert await status_of(browser, stack.gateway + "/oauth2/readyz") == 200
+
+
+async def test_idp_outage_keeps_sessions_and_fails_new_logins_clearly(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    stack: Stack = await make_stack()
+    await login(browser, stack.gateway, "/echo")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as newcomer:
+        async with newcomer.get(stack.gateway + "/echo", allow_redirects=False) as resp:
+            authorize = resp.headers["Location"]
+        callback = await idp_sign_in(newcomer, authorize, "bob")
+        await stack.runners[0].cleanup()  # the IdP goes away mid-login
+        assert await status_of(browser, stack.gateway + "/echo") == 200  # no IdP call needed
+        async with newcomer.get(callback, allow_redirects=False) as resp:
+            assert resp.status == 503
+            assert "identity provider" in (await resp.text()).lower()
+            assert "gateway_session" not in resp.cookies
