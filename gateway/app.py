@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import dispatch, endpoints, login, logout
+from gateway import dispatch, endpoints, login, logout, websocket
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
@@ -71,11 +71,16 @@ def _runtime_context(config: Config, clock: Callable[[], float]
     return context
 
 
+async def _close_websockets(app: web.Application) -> None:
+    await websocket.close_all(app[RUNTIME])
+
+
 def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     app = web.Application(middlewares=[access_log_middleware, error_middleware],
                           handler_args={"max_field_size": MAX_FIELD_SIZE,
                                         "lingering_time": LINGERING_TIME})
     app.cleanup_ctx.append(_runtime_context(config, clock))
+    app.on_shutdown.append(_close_websockets)
     app.router.add_get("/oauth2/start", login.start)
     app.router.add_get("/oauth2/callback", login.callback)
     app.router.add_route("GET", "/oauth2/sign_out", logout.sign_out)

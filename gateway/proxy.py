@@ -1,4 +1,4 @@
-"""Forward one request to its upstream and stream the answer back; WebSockets both ways.
+"""Forward one request to its upstream and stream the answer back (WebSockets: websocket.py).
 
 Bodies are streamed in both directions (memory does not grow with body size) over the one
 pooled upstream ClientSession. Redirects are not followed and bodies are not decompressed: the
@@ -8,16 +8,14 @@ broken connections are UpstreamError (502), timeouts UpstreamTimeoutError (504).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 
 import aiohttp
-from aiohttp import WSMsgType, web
-from multidict import CIMultiDict
+from aiohttp import web
 from yarl import URL
 
-from gateway import headers
+from gateway import headers, websocket
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.identity import Identity
 from gateway.routing import Route
@@ -28,8 +26,6 @@ log = logging.getLogger("gateway.proxy")
 _CHUNK = 64 * 1024
 # Headers aiohttp's client would otherwise invent; the upstream must see the client's own.
 _SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
-_WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                 "sec-websocket-protocol", "sec-websocket-accept")
 
 
 def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
@@ -64,7 +60,9 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
         request.headers, identity, _client_info(request, rt),
         gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host)
     if _is_websocket(request):
-        return await _forward_websocket(request, rt, route, path, upstream_headers)
+        url = _upstream_url(route, path, request.raw_path, websocket=True)
+        return await websocket.forward(request, rt, route, url, upstream_headers,
+                                       watch_session=identity is not None)
     timeout = aiohttp.ClientTimeout(total=None, connect=route.connect_timeout,
                                     sock_read=route.read_timeout)
     body = request.content if request.body_exists else None
@@ -100,58 +98,3 @@ async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,
         log.warning("upstream_stream_aborted route=%s error=%s", route.name, type(exc).__name__)
         if request.transport is not None:
             request.transport.close()
-
-
-async def _forward_websocket(request: web.Request, rt: Runtime, route: Route, path: str,
-                             upstream_headers: CIMultiDict[str]) -> web.StreamResponse:
-    for name in _WS_HANDSHAKE:
-        upstream_headers.popall(name, None)
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-                 if p.strip()]
-    url = _upstream_url(route, path, request.raw_path, websocket=True)
-    try:
-        upstream = await rt.upstream_http.ws_connect(
-            url, headers=upstream_headers, protocols=protocols, autoping=False,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=route.read_timeout),
-        )
-    except TimeoutError as exc:
-        raise UpstreamTimeoutError(f"route {route.name}: websocket handshake timed out") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"route {route.name}: websocket {type(exc).__name__}") from exc
-    async with upstream:
-        client = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False)
-        await client.prepare(request)
-        await _pump_both_ways(client, upstream)
-    return client
-
-
-async def _pump_both_ways(client: web.WebSocketResponse,
-                          upstream: aiohttp.ClientWebSocketResponse) -> None:
-    to_upstream = asyncio.create_task(_pump(client, upstream))
-    to_client = asyncio.create_task(_pump(upstream, client))
-    done, pending = await asyncio.wait({to_upstream, to_client},
-                                       return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    code = next(iter(done)).result()
-    await client.close(code=code)
-    await upstream.close(code=code)
-
-
-async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> int:
-    """Relay frames until one side closes; returns the close code to pass on."""
-    async for message in source:
-        if message.type == WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type == WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type == WSMsgType.PING:
-            await sink.ping(message.data)
-        elif message.type == WSMsgType.PONG:
-            await sink.pong(message.data)
-    code = source.close_code or 1000
-    # 1005/1006/1015 describe a missing close frame and must never be sent (RFC 6455 §7.4.1).
-    return code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000

@@ -7,7 +7,7 @@ through `runtime_from(request)`. Nothing here is module-level mutable state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +30,8 @@ class Runtime:
     upstream_http: aiohttp.ClientSession  # pooled, no cookies, bodies passed through as-is
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
+    # Open client websockets, so shutdown can close them with 1001.
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
 
     def expectations(self, metadata: ProviderMetadata) -> Expectations:
         """What every token from this IdP to this client must satisfy."""

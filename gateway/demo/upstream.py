@@ -95,7 +95,9 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(protocols=("chat",))
     await ws.prepare(request)
     async for message in ws:
-        if message.type == WSMsgType.TEXT:
+        if message.type == WSMsgType.TEXT and message.data.startswith("close:"):
+            await ws.close(code=int(message.data[6:]))  # lets tests check close codes pass
+        elif message.type == WSMsgType.TEXT:
             await ws.send_str("echo:" + message.data)
         elif message.type == WSMsgType.BINARY:
             await ws.send_bytes(message.data)
