@@ -45,6 +45,23 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"{value!r} is not a duration; use a number with a unit, like 30s, 15m or 8h")
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2,
+               "gib": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """'10MB', '512KiB', '1GB', or a whole number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(match.group(1)) * _UNIT_BYTES[(match.group(2) or "b").lower()]
+    raise ValueError(f"{value!r} is not a size; use bytes or a unit, like 10MB or 512KiB")
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 NonNegativeDuration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
@@ -222,6 +239,7 @@ class RouteConfig(_Model):
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
     rewrite_redirects: bool = True
+    max_body_size: Size | None = None
 
     @field_validator("host")
     @classmethod

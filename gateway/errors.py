@@ -11,6 +11,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── NotAuthenticatedError  401  API client without a session
      ├── ForbiddenError         403  authenticated but denied by the route's allow rules
      ├── NotFoundError          404  no route matches
+     ├── PayloadTooLargeError   413  the body is over the route's max_body_size
      ├── MethodNotAllowedError  405  a gateway endpoint called with a disabled method
      ├── IdPError               502  the OpenID Provider answered badly
      │    └── IdPTimeoutError   504
@@ -84,6 +85,13 @@ class NotFoundError(GatewayError):
     title = "Not found"
     public_message = "No application is served at this address."
     event = "route_not_found"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    title = "Request too large"
+    public_message = "The request body is larger than this application accepts."
+    event = "payload_too_large"
 
 
 class MethodNotAllowedError(GatewayError):

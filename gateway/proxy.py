@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from yarl import URL
 
 from gateway import headers, websocket
-from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.errors import PayloadTooLargeError, UpstreamError, UpstreamTimeoutError
 from gateway.identity import Identity
 from gateway.routing import Route
 from gateway.runtime import Runtime
@@ -65,7 +66,7 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                                        watch_session=identity is not None)
     timeout = aiohttp.ClientTimeout(total=None, connect=route.connect_timeout,
                                     sock_read=route.read_timeout)
-    body = request.content if request.body_exists else None
+    body = _limited(request, route) if request.body_exists else None
     url = _upstream_url(route, path, request.raw_path)
     try:
         async with rt.upstream_http.request(
@@ -82,7 +83,28 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"route {route.name}: upstream timed out") from exc
     except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, PayloadTooLargeError):
+            raise exc.__cause__ from exc
         raise UpstreamError(f"route {route.name}: {type(exc).__name__}") from exc
+
+
+def _limited(request: web.Request, route: Route) -> AsyncIterator[bytes] | StreamReader:
+    """The request body as a stream, refused (413) once past the route's max_body_size."""
+    limit = route.max_body_size
+    if limit is None:
+        return request.content
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"route {route.name}: Content-Length over {limit}")
+
+    async def counted() -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            seen += len(chunk)
+            if seen > limit:  # chunked bodies have no Content-Length to check up front
+                raise PayloadTooLargeError(f"route {route.name}: body over {limit}")
+            yield chunk
+
+    return counted()
 
 
 async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,

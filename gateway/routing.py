@@ -43,12 +43,13 @@ class Route:
     connect_timeout: float
     read_timeout: float
     rewrite_redirects: bool
+    max_body_size: int | None
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
-                   rc.rewrite_redirects)
+                   rc.rewrite_redirects, rc.max_body_size)
 
     def upstream_path(self, path: str) -> str:
         if self.strip_prefix and self.prefix != "/":

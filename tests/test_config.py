@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from gateway.config import Config, load, parse, parse_duration
+from gateway.config import Config, load, parse, parse_duration, parse_size
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +242,18 @@ def test_sentinel_location_is_parsed() -> None:
     assert location.hosts == (("s1", 26379), ("s2", 26380))
     assert (location.username, location.password, location.master, location.db) == (
         "u", "p@ss", "m", 3)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("10MB", 10_000_000), ("512KiB", 524_288), ("1GiB", 1024**3), ("2048", 2048), (4096, 4096),
+    ("1 gb", 1_000_000_000),
+])
+def test_sizes_take_bytes_or_a_unit(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("value", ["ten", "10 parsecs", "-1", "1.5MB", True, "0"])
+def test_bad_sizes_are_refused(value: object) -> None:
+    raw = minimal()
+    raw["routes"][0]["max_body_size"] = value
+    assert error_of(raw).startswith("routes[app].max_body_size: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import resource
@@ -239,3 +240,27 @@ async def test_protected_route_refuses_before_reading_the_body(stack: Stack) -> 
         except aiohttp.ClientError:
             pass  # the gateway may close the connection on the unread body: also a refusal
     assert sent < 64 * 1024 * 1024
+
+
+async def test_bodies_over_the_route_limit_get_413(make_stack: StackFactory) -> None:
+    probe = await make_stack()
+    stack = await make_stack(routes=[{"name": "small", "path_prefix": "/",
+                                      "upstream": probe.upstream, "auth": "public",
+                                      "max_body_size": "1MiB"}])
+
+    async def chunked(total: int) -> AsyncIterator[bytes]:
+        for _ in range(total // 65536):
+            yield b"c" * 65536
+
+    async with aiohttp.ClientSession(headers={"Accept": "application/json"}) as http:
+        async with http.post(stack.gateway + "/echo",
+                             data=io.BytesIO(b"x" * (1024 * 1024))) as resp:
+            assert resp.status == 200  # exactly at the limit
+        async with http.post(stack.gateway + "/echo",
+                             data=io.BytesIO(b"x" * (1024 * 1024 + 1))) as resp:
+            assert resp.status == 413  # Content-Length says so: refused up front
+            assert (await resp.json())["error"] == "payload_too_large"
+        async with http.post(stack.gateway + "/echo", data=chunked(4 * 1024 * 1024)) as resp:
+            assert resp.status == 413  # chunked: refused once the count passes the limit
+        async with http.post(stack.gateway + "/echo", data=chunked(512 * 1024)) as resp:
+            assert (await resp.json())["body_length"] == 512 * 1024
