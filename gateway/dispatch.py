@@ -53,6 +53,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             assert_never(decision)
 
 
+async def defer_continue(request: web.Request) -> None:
+    """Expect: 100-continue is answered only once the request may proceed (in proxy.forward),
+    so a client without a session is refused before it sends its body."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="Unknown Expect value")
+
+
 async def _challenge(request: web.Request, rt: Runtime, path: str) -> web.StreamResponse:
     """Browsers go to the IdP and come back to exactly this URL; API clients get a 401."""
     if not wants_html(request):

@@ -74,7 +74,8 @@ def for_upstream(
     preserve_host: bool,
 ) -> CIMultiDict[str]:
     """Request headers to send upstream."""
-    drop = HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie"}
+    # Expect is answered by the gateway itself (after the session check), not by the upstream.
+    drop = HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie", "expect"}
     if not client.trusted:
         drop |= _FORWARDING
     if not preserve_host:

@@ -57,6 +57,10 @@ def _is_websocket(request: web.Request) -> bool:
 
 async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                   identity: Identity | None) -> web.StreamResponse:
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        # Deferred by dispatch.defer_continue: the session and policy checks have passed.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
     upstream_headers = headers.for_upstream(
         request.headers, identity, _client_info(request, rt),
         gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host)

@@ -52,3 +52,27 @@ async def test_ambiguous_requests_are_refused_before_proxying(
     status_line = answer.split(b"\r\n", 1)[0]
     assert status_line.split(b" ")[1] == b"400", answer[:200]
     assert b'"method"' not in answer  # the upstream's echo never ran
+
+
+async def test_expect_100_continue_is_answered_only_after_the_session_check(
+        stack: Stack) -> None:
+    """A client without a session is refused before it sends its body."""
+    head = (b"POST /echo HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n"
+            b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+    answer = await raw_exchange(stack, head)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+    public = (b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+              b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+    url = URL(stack.gateway)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(public)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        final = await asyncio.wait_for(reader.read(65536), timeout=5)
+        assert final.startswith(b"HTTP/1.1 200") and b'"body_length": 5' in final
+        assert b"expect" not in final.lower().split(b"\r\n\r\n", 1)[1]  # not sent upstream
+    finally:
+        writer.close()
+        await writer.wait_closed()
