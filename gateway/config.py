@@ -240,6 +240,7 @@ class RouteConfig(_Model):
     read_timeout: Duration = 60.0
     rewrite_redirects: bool = True
     max_body_size: Size | None = None
+    retries: int = Field(default=1, ge=0, le=5)
 
     @field_validator("host")
     @classmethod

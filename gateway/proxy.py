@@ -8,12 +8,14 @@ broken connections are UpstreamError (502), timeouts UpstreamTimeoutError (504).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import StreamReader, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import headers, websocket
@@ -25,6 +27,8 @@ from gateway.runtime import Runtime
 log = logging.getLogger("gateway.proxy")
 
 _CHUNK = 64 * 1024
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # RFC 9110 §9.2.2
+_RETRY_DELAY = 0.1  # seconds, times the attempt number
 # Headers aiohttp's client would otherwise invent; the upstream must see the client's own.
 _SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
 
@@ -68,15 +72,10 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
         url = _upstream_url(route, path, request.raw_path, websocket=True)
         return await websocket.forward(request, rt, route, url, upstream_headers,
                                        watch_session=identity is not None)
-    timeout = aiohttp.ClientTimeout(total=None, connect=route.connect_timeout,
-                                    sock_read=route.read_timeout)
     body = _limited(request, route) if request.body_exists else None
     url = _upstream_url(route, path, request.raw_path)
     try:
-        async with rt.upstream_http.request(
-            request.method, url, headers=upstream_headers, data=body, allow_redirects=False,
-            timeout=timeout, skip_auto_headers=_SKIP_AUTO,
-        ) as upstream:
+        async with await _send(rt, request, route, url, upstream_headers, body) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(headers.from_upstream(
                 upstream.headers, prefix=route.prefix if route.strip_prefix else "/",
@@ -90,6 +89,27 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
         if isinstance(exc.__cause__, PayloadTooLargeError):
             raise exc.__cause__ from exc
         raise UpstreamError(f"route {route.name}: {type(exc).__name__}") from exc
+
+
+async def _send(rt: Runtime, request: web.Request, route: Route, url: URL,
+                upstream_headers: CIMultiDict[str],
+                body: AsyncIterator[bytes] | StreamReader | None) -> aiohttp.ClientResponse:
+    """Send the request; retry only what is safe to: an idempotent request without a body
+    whose connection attempt failed, so it certainly never reached the upstream."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=route.connect_timeout,
+                                    sock_read=route.read_timeout)
+    retries = route.retries if request.method in _IDEMPOTENT and body is None else 0
+    for attempt in range(retries + 1):
+        try:
+            return await rt.upstream_http.request(
+                request.method, url, headers=upstream_headers, data=body,
+                allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO)
+        except aiohttp.ClientConnectorError:
+            if attempt == retries:
+                raise
+            log.info("upstream_retry route=%s attempt=%d", route.name, attempt + 1)
+            await asyncio.sleep(_RETRY_DELAY * (attempt + 1))
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _limited(request: web.Request, route: Route) -> AsyncIterator[bytes] | StreamReader:

@@ -44,12 +44,13 @@ class Route:
     read_timeout: float
     rewrite_redirects: bool
     max_body_size: int | None
+    retries: int
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
-                   rc.rewrite_redirects, rc.max_body_size)
+                   rc.rewrite_redirects, rc.max_body_size, rc.retries)
 
     def upstream_path(self, path: str) -> str:
         if self.strip_prefix and self.prefix != "/":

@@ -16,6 +16,8 @@ from aiohttp import web
 from conftest import Stack, StackFactory, free_port, login, serve
 from yarl import URL
 
+from gateway.demo.upstream import create_upstream_app
+
 pytestmark = pytest.mark.e2e
 
 
@@ -264,3 +266,43 @@ async def test_bodies_over_the_route_limit_get_413(make_stack: StackFactory) -> 
             assert resp.status == 413  # chunked: refused once the count passes the limit
         async with http.post(stack.gateway + "/echo", data=chunked(512 * 1024)) as resp:
             assert (await resp.json())["body_length"] == 512 * 1024
+
+
+class RetrySeen(logging.Handler):
+    """Sets an event when the proxy logs its first retry."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("upstream_retry"):
+            self.event.set()
+
+
+async def test_idempotent_requests_are_retried_only_when_the_upstream_was_never_reached(
+        make_stack: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    seen = RetrySeen()
+    logging.getLogger("gateway.proxy").addHandler(seen)
+    port = free_port()
+    stack = await make_stack(routes=[{"name": "late", "path_prefix": "/",
+                                      "upstream": f"http://127.0.0.1:{port}", "auth": "public",
+                                      "retries": 2}])
+    async with aiohttp.ClientSession(headers={"Accept": "application/json"}) as http:
+        async with http.post(stack.gateway + "/echo", data=b"body") as resp:
+            assert resp.status == 502  # a POST is never retried
+        assert "upstream_retry" not in caplog.text
+
+        async def upstream_starts_late() -> web.AppRunner:
+            await seen.event.wait()  # after the first refused attempt
+            runner, _ = await serve(create_upstream_app(), port)
+            return runner
+
+        late = asyncio.create_task(upstream_starts_late())
+        try:
+            async with http.get(stack.gateway + "/echo") as resp:
+                assert resp.status == 200
+        finally:
+            logging.getLogger("gateway.proxy").removeHandler(seen)
+            await (await late).cleanup()
