@@ -24,6 +24,7 @@ from gateway.routing import RouteTable
 from gateway.runtime import RUNTIME, Runtime
 from gateway.sessions.backends import open_backend
 from gateway.sessions.store import SessionStore
+from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
 
@@ -45,9 +46,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                      ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         backend = open_backend(config.session, clock=clock)
-        upstream_http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+        upstreams = Upstreams(config.routes)
         idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
@@ -56,7 +55,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 config=config, routes=RouteTable(config.routes),
                 sessions=SessionStore(backend, idle_timeout=config.session.idle_timeout,
                                       max_lifetime=config.session.max_lifetime, clock=clock),
-                provider=provider, client=_client(config), upstream_http=upstream_http,
+                provider=provider, client=_client(config), upstreams=upstreams,
                 idp_http=idp_http, clock=clock)
             try:
                 await provider.metadata()
@@ -64,7 +63,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 log.warning("discovery_failed_at_startup detail=%s (will retry)", exc.detail)
             yield
         finally:
-            await upstream_http.close()
+            await upstreams.aclose()
             await idp_http.close()
             await backend.aclose()
 

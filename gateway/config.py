@@ -227,6 +227,13 @@ class AllowRules(_Model):
         return tuple(v.strip().lower().removeprefix("@") for v in value)
 
 
+class UpstreamTLSConfig(_Model):
+    """TLS to an https:// upstream: a private CA, or (loudly) no verification at all."""
+
+    ca_file: Path | None = None
+    verify: bool = True
+
+
 class RouteConfig(_Model):
     name: str = Field(min_length=1)
     host: str | None = None
@@ -241,6 +248,7 @@ class RouteConfig(_Model):
     rewrite_redirects: bool = True
     max_body_size: Size | None = None
     retries: int = Field(default=1, ge=0, le=5)
+    upstream_tls: UpstreamTLSConfig | None = None
 
     @field_validator("host")
     @classmethod
@@ -265,7 +273,17 @@ class RouteConfig(_Model):
     @field_validator("upstream")
     @classmethod
     def _check_upstream(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").startswith("/"):
+                raise ValueError(f"{value!r}: a Unix socket upstream is unix:/absolute/path")
+            return value
         return _http_url(value, require_path_free=True).rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> RouteConfig:
+        if self.upstream_tls is not None and not self.upstream.startswith("https://"):
+            raise ValueError("upstream_tls needs an https:// upstream")
+        return self
 
     @model_validator(mode="after")
     def _allow_needs_auth(self) -> RouteConfig:

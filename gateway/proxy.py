@@ -23,6 +23,7 @@ from gateway.errors import PayloadTooLargeError, UpstreamError, UpstreamTimeoutE
 from gateway.identity import Identity
 from gateway.routing import Route
 from gateway.runtime import Runtime
+from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.proxy")
 
@@ -46,9 +47,9 @@ def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
     return headers.ClientInfo(ip=peer, scheme=request.scheme, host=request.host, trusted=trusted)
 
 
-def _upstream_url(route: Route, path: str, raw_target: str, *, websocket: bool = False) -> URL:
+def _upstream_url(base: str, route: Route, path: str, raw_target: str, *,
+                  websocket: bool = False) -> URL:
     query = raw_target.partition("?")[2]
-    base = route.upstream
     if websocket:
         base = "ws" + base.removeprefix("http")
     return URL(base + route.upstream_path(path) + (f"?{query}" if query else ""), encoded=True)
@@ -68,18 +69,20 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
     upstream_headers = headers.for_upstream(
         request.headers, identity, _client_info(request, rt),
         gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host)
+    upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
-        url = _upstream_url(route, path, request.raw_path, websocket=True)
-        return await websocket.forward(request, rt, route, url, upstream_headers,
+        url = _upstream_url(upstream_to.base, route, path, request.raw_path, websocket=True)
+        return await websocket.forward(request, rt, route, upstream_to, url, upstream_headers,
                                        watch_session=identity is not None)
     body = _limited(request, route) if request.body_exists else None
-    url = _upstream_url(route, path, request.raw_path)
+    url = _upstream_url(upstream_to.base, route, path, request.raw_path)
     try:
-        async with await _send(rt, request, route, url, upstream_headers, body) as upstream:
+        async with await _send(upstream_to, request, route, url, upstream_headers,
+                               body) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(headers.from_upstream(
                 upstream.headers, prefix=route.prefix if route.strip_prefix else "/",
-                upstream_origin=route.upstream if route.rewrite_redirects else None))
+                upstream_origin=upstream_to.base if route.rewrite_redirects else None))
             await response.prepare(request)
             await _stream_body(request, upstream, response, route)
             return response
@@ -91,7 +94,7 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
         raise UpstreamError(f"route {route.name}: {type(exc).__name__}") from exc
 
 
-async def _send(rt: Runtime, request: web.Request, route: Route, url: URL,
+async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: URL,
                 upstream_headers: CIMultiDict[str],
                 body: AsyncIterator[bytes] | StreamReader | None) -> aiohttp.ClientResponse:
     """Send the request; retry only what is safe to: an idempotent request without a body
@@ -101,8 +104,8 @@ async def _send(rt: Runtime, request: web.Request, route: Route, url: URL,
     retries = route.retries if request.method in _IDEMPOTENT and body is None else 0
     for attempt in range(retries + 1):
         try:
-            return await rt.upstream_http.request(
-                request.method, url, headers=upstream_headers, data=body,
+            return await upstream_to.session.request(
+                request.method, url, headers=upstream_headers, data=body, ssl=upstream_to.ssl,
                 allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO)
         except aiohttp.ClientConnectorError:
             if attempt == retries:

@@ -18,6 +18,7 @@ from gateway.oidc.provider import Provider, ProviderMetadata
 from gateway.oidc.tokens import Expectations
 from gateway.routing import RouteTable
 from gateway.sessions.store import SessionStore
+from gateway.upstreams import Upstreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class Runtime:
     sessions: SessionStore
     provider: Provider
     client: Client
-    upstream_http: aiohttp.ClientSession  # pooled, no cookies, bodies passed through as-is
+    upstreams: Upstreams  # per route: pooled client session, base URL, TLS
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
     # Open client websockets, so shutdown can close them with 1001.

@@ -20,6 +20,7 @@ from yarl import URL
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.routing import Route
 from gateway.runtime import Runtime
+from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.websocket")
 
@@ -28,7 +29,8 @@ _HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-exten
               "sec-websocket-protocol", "sec-websocket-accept")
 
 
-async def forward(request: web.Request, rt: Runtime, route: Route, url: URL,
+async def forward(request: web.Request, rt: Runtime, route: Route, upstream_to: Upstream,
+                  url: URL,
                   upstream_headers: CIMultiDict[str], *,
                   watch_session: bool) -> web.StreamResponse:
     for name in _HANDSHAKE:
@@ -36,8 +38,8 @@ async def forward(request: web.Request, rt: Runtime, route: Route, url: URL,
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
     try:
-        upstream = await rt.upstream_http.ws_connect(
-            url, headers=upstream_headers, protocols=protocols, autoping=False,
+        upstream = await upstream_to.session.ws_connect(
+            url, headers=upstream_headers, protocols=protocols, autoping=False, ssl=upstream_to.ssl,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=route.read_timeout),
         )
     except TimeoutError as exc:

@@ -180,8 +180,9 @@ def start_tls(directory: Path) -> Deployment:
     return _started(_start_tls, directory)
 
 
-def _start_tls(directory: Path, deployment: Deployment) -> None:
-    """A Redis that speaks only TLS, with a certificate from a CA made for this test."""
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA made for this test, and a server certificate for 127.0.0.1 that it signed:
+    (ca_file, cert_file, key_file)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
     ca_cert = _certificate("gateway test CA", ca_key, ca_name, ca_key, ca=True)
@@ -192,6 +193,12 @@ def _start_tls(directory: Path, deployment: Deployment) -> None:
     cert_file = _write(directory / "server.pem", cert.public_bytes(pem))
     key_file = _write(directory / "server.key", key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca_file, cert_file, key_file
+
+
+def _start_tls(directory: Path, deployment: Deployment) -> None:
+    """A Redis that speaks only TLS, with a certificate from a CA made for this test."""
+    ca_file, cert_file, key_file = make_certificates(directory)
     port = _free_port()
     deployment.url, deployment.ca_file = f"rediss://127.0.0.1:{port}/0", ca_file
     deployment.processes.append(_start(

@@ -257,3 +257,13 @@ def test_bad_sizes_are_refused(value: object) -> None:
     raw = minimal()
     raw["routes"][0]["max_body_size"] = value
     assert error_of(raw).startswith("routes[app].max_body_size: ")
+
+
+def test_upstream_forms_and_tls_options() -> None:
+    raw = minimal()
+    raw["routes"][0]["upstream"] = "unix:/run/app.sock"
+    assert parse(raw, ENV).routes[0].upstream == "unix:/run/app.sock"
+    raw["routes"][0]["upstream"] = "unix:relative.sock"
+    assert "unix:/absolute/path" in error_of(raw)
+    raw["routes"][0].update(upstream="http://app", upstream_tls={"verify": False})
+    assert "upstream_tls needs an https:// upstream" in error_of(raw)

@@ -1,0 +1,73 @@
+"""How each route reaches its upstream: which pooled client session, base URL and TLS.
+
+Every http(s) route shares one pooled ClientSession (no cookies, bodies passed through as-is);
+each Unix socket gets its own session over a UnixConnector. Routes with upstream_tls get their
+own SSL context (a private CA, or no verification, logged loudly). Built at startup and closed
+at shutdown by app.py; aiohttp errors while talking to upstreams are translated in proxy.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.config import RouteConfig, UpstreamTLSConfig
+
+log = logging.getLogger("gateway.upstreams")
+
+_UNIX_BASE = "http://localhost"  # the Host a Unix socket upstream sees
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    session: aiohttp.ClientSession
+    base: str  # absolute http(s) URL that request paths are appended to
+    ssl: ssl.SSLContext | bool  # True: default verification against the system CAs
+
+
+def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 auto_decompress=False)
+
+
+def _ssl_context(route: str, tls: UpstreamTLSConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if not tls.verify:
+        log.warning("upstream_tls_verify_off route=%s: the upstream's certificate is NOT "
+                    "checked; anyone on the path can read and change this route's traffic",
+                    route)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Upstreams:
+    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+        self._shared = _client_session(aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, enable_cleanup_closed=True))
+        self._sessions = [self._shared]
+        self._by_route: dict[str, Upstream] = {}
+        for route in routes:
+            self._by_route[route.name] = self._build(route)
+
+    def _build(self, route: RouteConfig) -> Upstream:
+        if route.upstream.startswith("unix:"):
+            session = _client_session(aiohttp.UnixConnector(route.upstream.removeprefix("unix:")))
+            self._sessions.append(session)
+            return Upstream(session, _UNIX_BASE, True)
+        tls: ssl.SSLContext | bool = True
+        if route.upstream_tls is not None:
+            tls = _ssl_context(route.name, route.upstream_tls)
+        return Upstream(self._shared, route.upstream, tls)
+
+    @property
+    def by_route(self) -> Mapping[str, Upstream]:
+        return self._by_route
+
+    async def aclose(self) -> None:
+        for session in self._sessions:
+            await session.close()
