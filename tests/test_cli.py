@@ -12,9 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, serve
 
 from gateway.cli import main
+from gateway.demo.upstream import create_upstream_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +152,37 @@ def test_sessions_commands_refuse_the_memory_store(tmp_path: Path,
     monkeypatch.setenv("GW_TEST_SECRET", "s" * 32)
     assert main(["sessions", "list", "--config", str(write_config(tmp_path))]) == 1
     assert "need a Redis store" in capsys.readouterr().err
+
+
+async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    """Graceful shutdown: a response being streamed when SIGTERM arrives is completed."""
+    upstream_runner, upstream = await serve(create_upstream_app())
+    path = write_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"][0]["upstream"] = upstream
+    path.write_text(yaml.safe_dump(raw))
+    port = raw["server"]["listen"].rsplit(":", 1)[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz"):
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            async with http.get(f"http://127.0.0.1:{port}/stream?chunks=4&delay=0.3") as resp:
+                first = await resp.content.readline()
+                proc.send_signal(signal.SIGTERM)  # mid-response
+                rest = await resp.read()
+        assert first + rest == b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n"
+        code = await asyncio.wait_for(proc.wait(), timeout=15)
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.communicate()
+        await upstream_runner.cleanup()
