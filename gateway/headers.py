@@ -8,10 +8,12 @@ and WSGI stacks fold "_" into "-": both spellings are stripped).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, MultiMapping
+from yarl import URL
 
 from gateway.identity import Identity
 
@@ -118,19 +120,48 @@ def _rewrite_location(value: str, upstream_origin: str, prefix: str) -> str:
     return (prefix.rstrip("/") + path) if prefix != "/" else path
 
 
+_COOKIE_PATH = re.compile(r"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE)
+_COOKIE_DOMAIN = re.compile(r";\s*domain\s*=\s*([^;]*)", re.IGNORECASE)
+
+
+def _prefixed(prefix: str, path: str) -> str:
+    return (prefix + path.strip()).rstrip("/") or "/"
+
+
+def _rewrite_set_cookie(value: str, upstream_host: str | None, prefix: str) -> str:
+    """Scope an upstream's cookie to where the browser sees the app (nginx's proxy_cookie_path
+    and proxy_cookie_domain): under the stripped prefix, and on the gateway's host."""
+    if prefix != "/":
+        if _COOKIE_PATH.search(value):
+            value = _COOKIE_PATH.sub(lambda m: m.group(1) + _prefixed(prefix, m.group(2))
+                                     if m.group(2).strip().startswith("/") else m.group(0),
+                                     value)
+        else:
+            value += f"; Path={prefix}"
+    domain = _COOKIE_DOMAIN.search(value)
+    if upstream_host and domain and domain.group(1).strip().lstrip(".").lower() == upstream_host:
+        value = _COOKIE_DOMAIN.sub("", value)  # the internal host means nothing to browsers
+    return value
+
+
 def from_upstream(headers: MultiMapping[str], *, upstream_origin: str | None = None,
                   prefix: str = "/") -> CIMultiDict[str]:
     """Response headers to send back to the client (duplicates such as Set-Cookie kept).
 
     With `upstream_origin`, Location and Content-Location pointing at the upstream itself are
-    rewritten to the gateway (legacy apps redirect to their internal address).
+    rewritten to the gateway (legacy apps redirect to their internal address), and Set-Cookie
+    is scoped to the stripped prefix and stripped of the upstream's own Domain.
     """
     drop = HOP_BY_HOP | _connection_listed(headers)
+    upstream_host = URL(upstream_origin).host if upstream_origin else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() in drop:
+        lowered = name.lower()
+        if lowered in drop:
             continue
-        if upstream_origin and name.lower() in _LOCATIONS:
+        if upstream_origin and lowered in _LOCATIONS:
             value = _rewrite_location(value, upstream_origin, prefix)
+        elif upstream_origin and lowered == "set-cookie":
+            value = _rewrite_set_cookie(value, upstream_host, prefix)
         out.add(name, value)
     return out

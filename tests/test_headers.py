@@ -117,3 +117,20 @@ def test_upstream_self_redirects_are_rewritten_to_the_gateway(
 def test_redirects_are_left_alone_without_rewriting() -> None:
     out = from_upstream(CIMultiDict([("Location", "http://app.internal:8080/x")]))
     assert out["Location"] == "http://app.internal:8080/x"
+
+
+@pytest.mark.parametrize(("cookie", "prefix", "expected"), [
+    ("sid=1; Path=/; HttpOnly", "/app", "sid=1; Path=/app; HttpOnly"),
+    ("sid=1; path=/admin", "/app", "sid=1; path=/app/admin"),
+    ("sid=1", "/app", "sid=1; Path=/app"),
+    ("sid=1; Path=/", "/", "sid=1; Path=/"),
+    ("sid=1; Domain=app.internal; Path=/", "/", "sid=1; Path=/"),
+    ("sid=1; Domain=.APP.internal", "/", "sid=1"),
+    ("sid=1; Domain=example.com", "/", "sid=1; Domain=example.com"),
+])
+def test_upstream_cookies_are_scoped_to_where_the_browser_sees_the_app(
+        cookie: str, prefix: str, expected: str) -> None:
+    out = from_upstream(CIMultiDict([("Set-Cookie", cookie), ("Set-Cookie", "b=2")]),
+                        upstream_origin="http://app.internal:8080", prefix=prefix)
+    assert out.getall("Set-Cookie")[0] == expected
+    assert len(out.getall("Set-Cookie")) == 2
