@@ -1,9 +1,10 @@
 """Forward one request to its upstream and stream the answer back (WebSockets: websocket.py).
 
-Bodies are streamed in both directions (memory does not grow with body size) over the one
-pooled upstream ClientSession. Redirects are not followed and bodies are not decompressed: the
-client sees what the upstream sent. aiohttp client errors are translated here: refused or
-broken connections are UpstreamError (502), timeouts UpstreamTimeoutError (504).
+Bodies are streamed in both directions (memory does not grow with body size) over the
+route's pooled client session (upstreams.py). Redirects are not followed and bodies are not
+decompressed: the client sees what the upstream sent. aiohttp client errors are translated
+here: refused or broken connections are UpstreamError (502), timeouts UpstreamTimeoutError
+(504).
 """
 
 from __future__ import annotations

@@ -306,3 +306,16 @@ async def test_idempotent_requests_are_retried_only_when_the_upstream_was_never_
         finally:
             logging.getLogger("gateway.proxy").removeHandler(seen)
             await (await late).cleanup()
+
+
+async def test_forwarding_headers_are_kept_only_from_trusted_proxies(
+        make_stack: StackFactory) -> None:
+    spoofed = {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https",
+               "X-Forwarded-Host": "app.example.com"}
+    for trusted, expected in (([], ("127.0.0.1", "http")),
+                              (["127.0.0.0/8"], ("198.51.100.7, 127.0.0.1", "https"))):
+        stack = await make_stack(server={"trusted_proxies": trusted})
+        async with aiohttp.ClientSession() as http:
+            async with http.get(stack.gateway + "/public/echo", headers=spoofed) as resp:
+                names = {k.lower(): v for k, v in (await resp.json())["headers"]}
+        assert (names["x-forwarded-for"], names["x-forwarded-proto"]) == expected
