@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import dispatch, endpoints, login, logout, websocket
+from gateway import dispatch, endpoints, login, logout, observability, websocket
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
@@ -78,6 +78,7 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     app = web.Application(middlewares=[access_log_middleware, error_middleware],
                           handler_args={"max_field_size": MAX_FIELD_SIZE,
                                         "lingering_time": LINGERING_TIME})
+    observability.redact_framework_logs()
     app.cleanup_ctx.append(_runtime_context(config, clock))
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/oauth2/start", login.start)

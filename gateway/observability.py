@@ -12,6 +12,7 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from gateway.config import LoggingConfig
@@ -29,6 +30,27 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RedactParserErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes (a Cookie header, say)
+    and a traceback. Keep the fact, drop the bytes: cookies and tokens never reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            error = record.exc_info[1]
+            record.msg = "bad_http_request status=%d error=%s"
+            record.args = (error.code, type(error).__name__)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def redact_framework_logs() -> None:
+    """Idempotent: attach the redacting filter to aiohttp's server logger once."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactParserErrors) for f in server_logger.filters):
+        server_logger.addFilter(RedactParserErrors())
+
+
 def setup(config: LoggingConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if config.format == "json":
@@ -39,6 +61,8 @@ def setup(config: LoggingConfig) -> None:
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
     root.propagate = False
+    logging.getLogger("aiohttp").handlers[:] = [handler]
+    redact_framework_logs()
 
 
 @web.middleware

@@ -7,6 +7,7 @@ these tests pin that down through a raw socket, and check the upstream never saw
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from conftest import Stack, StackFactory
@@ -76,3 +77,17 @@ async def test_expect_100_continue_is_answered_only_after_the_session_check(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_oversized_headers_are_refused_and_their_bytes_never_logged(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp would log the start of an oversized Cookie header: a session cookie leak."""
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cr3t-cookie-value"
+    head = (b"GET /public/echo HTTP/1.1\r\nHost: x\r\nCookie: gateway_session="
+            + secret.encode() + b"x" * 20000 + b"\r\nConnection: close\r\n\r\n")
+    answer = await raw_exchange(stack, head)
+    assert answer.split(b" ")[1] == b"400"
+    assert "bad_http_request status=400 error=LineTooLong" in caplog.text
+    assert secret not in caplog.text
+    assert "Traceback" not in caplog.text
