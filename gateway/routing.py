@@ -85,7 +85,13 @@ def canonical_path(raw_path: str) -> str:
     # past the matcher to upstreams that decode again.
     if _FORBIDDEN_ESCAPES.search(path) or _BAD_ESCAPE.search(path) or _CONTROL.search(path):
         raise BadRequestError("request path contains an encoded slash, backslash or control byte")
-    return _remove_dot_segments(_UNRESERVED.sub(_decode_unreserved, path))
+    decoded = _UNRESERVED.sub(_decode_unreserved, path)
+    # SECURITY: servlet containers read "/..;x/" as "/../": a dot segment hidden behind
+    # path parameters would climb out of a public prefix on the upstream.
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in decoded.split("/")
+           if ";" in segment):
+        raise BadRequestError("request path has a dot segment with ;parameters")
+    return _remove_dot_segments(decoded)
 
 
 def _match_segments(path: str) -> list[str]:
