@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import resource
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -319,3 +320,53 @@ async def test_forwarding_headers_are_kept_only_from_trusted_proxies(
             async with http.get(stack.gateway + "/public/echo", headers=spoofed) as resp:
                 names = {k.lower(): v for k, v in (await resp.json())["headers"]}
         assert (names["x-forwarded-for"], names["x-forwarded-proto"]) == expected
+
+
+async def test_500_hung_requests_time_out_with_bounded_memory_and_spare_other_routes(
+        make_stack: StackFactory) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response()
+
+    slow = web.Application()
+    slow.router.add_get("/{tail:.*}", hang)
+    runner, slow_url = await serve(slow)
+    try:
+        probe = await make_stack()
+        stack = await make_stack(routes=[
+            {"name": "hung", "path_prefix": "/hung", "upstream": slow_url, "auth": "public",
+             "read_timeout": "1s"},
+            {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+        ])
+        before = peak_rss_kib()
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def status(path: str) -> int:
+                async with http.get(stack.gateway + path) as resp:
+                    await resp.read()
+                    return resp.status
+
+            hung = asyncio.gather(*(status(f"/hung/{i}") for i in range(500)))
+            await asyncio.sleep(0.3)
+            started = asyncio.get_running_loop().time()
+            assert await status("/echo") == 200  # other routes stay served meanwhile
+            assert asyncio.get_running_loop().time() - started < 1.0
+            statuses = await hung
+        assert statuses == [504] * 500
+        assert peak_rss_kib() - before < 100 * 1024
+    finally:
+        await runner.cleanup()
+
+
+async def test_server_sent_events_arrive_as_they_are_written(stack: Stack) -> None:
+    """Streaming: no buffering between the upstream writing an event and the client."""
+    delays = []
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/public/events?count=4&interval=0.2") as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    delays.append(time.monotonic() - float(line[6:]))
+    assert len(delays) == 4
+    assert max(delays) < 0.1, delays

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -77,6 +78,21 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events; each carries the monotonic time it was written (for latency tests)."""
+    count = int(request.query.get("count", "3"))
+    interval = float(request.query.get("interval", "0.2"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for i in range(count):
+        if i:
+            await asyncio.sleep(interval)
+        await response.write(f"id: {i}\ndata: {time.monotonic()}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
 async def _download(request: web.Request) -> web.StreamResponse:
     size = int(request.query.get("bytes", "0"))
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -122,6 +138,8 @@ def create_upstream_app(name: str = "demo upstream") -> web.Application:
     app.router.add_get("/public/set-cookies", _set_cookies)
     app.router.add_get("/stream", _stream)
     app.router.add_get("/public/stream", _stream)
+    app.router.add_get("/events", _events)
+    app.router.add_get("/public/events", _events)
     app.router.add_get("/download", _download)
     app.router.add_get("/public/download", _download)
     app.router.add_get("/ws", _websocket)
