@@ -28,8 +28,6 @@ from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
 
-# Large enough for fat cookies, small enough to bound memory per connection.
-MAX_FIELD_SIZE = 16 * 1024
 # A refused request's unread body is drained (so the client sees the answer, not a reset)
 # for at most this long, not aiohttp's default 10 s.
 LINGERING_TIME = 2.0
@@ -76,7 +74,7 @@ async def _close_websockets(app: web.Application) -> None:
 
 def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     app = web.Application(middlewares=[access_log_middleware, error_middleware],
-                          handler_args={"max_field_size": MAX_FIELD_SIZE,
+                          handler_args={"max_field_size": config.server.max_header_size,
                                         "lingering_time": LINGERING_TIME})
     observability.redact_framework_logs()
     app.cleanup_ctx.append(_runtime_context(config, clock))

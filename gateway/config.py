@@ -85,6 +85,7 @@ class ServerConfig(_Model):
     public_url: str
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: Duration = 10.0
+    max_header_size: Size = 16 * 1024
 
     @field_validator("listen")
     @classmethod
@@ -246,6 +247,7 @@ class RouteConfig(_Model):
     preserve_host: bool = False
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
+    total_timeout: Duration | None = None
     rewrite_redirects: bool = True
     max_body_size: Size | None = None
     retries: int = Field(default=1, ge=0, le=5)

@@ -100,7 +100,7 @@ async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: 
                 body: AsyncIterator[bytes] | StreamReader | None) -> aiohttp.ClientResponse:
     """Send the request; retry only what is safe to: an idempotent request without a body
     whose connection attempt failed, so it certainly never reached the upstream."""
-    timeout = aiohttp.ClientTimeout(total=None, connect=route.connect_timeout,
+    timeout = aiohttp.ClientTimeout(total=route.total_timeout, connect=route.connect_timeout,
                                     sock_read=route.read_timeout)
     retries = route.retries if request.method in _IDEMPOTENT and body is None else 0
     for attempt in range(retries + 1):

@@ -42,6 +42,7 @@ class Route:
     preserve_host: bool
     connect_timeout: float
     read_timeout: float
+    total_timeout: float | None
     rewrite_redirects: bool
     max_body_size: int | None
     retries: int
@@ -50,7 +51,7 @@ class Route:
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
-                   rc.rewrite_redirects, rc.max_body_size, rc.retries)
+                   rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries)
 
     def upstream_path(self, path: str) -> str:
         if self.strip_prefix and self.prefix != "/":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import BROWSER_HEADERS, Stack, StackFactory, idp_sign_in, login
+from aiohttp import web
+from conftest import BROWSER_HEADERS, Stack, StackFactory, idp_sign_in, login, serve
 from redis_servers import Deployment, missing_binaries, start_plain
+from yarl import URL
+
+from gateway.app import build_app
 
 pytestmark = pytest.mark.e2e
 
@@ -70,3 +75,26 @@ async def test_idp_outage_keeps_sessions_and_fails_new_logins_clearly(
             assert resp.status == 503
             assert "identity provider" in (await resp.text()).lower()
             assert "gateway_session" not in resp.cookies
+
+
+async def test_gateway_started_while_the_idp_is_down_recovers_by_itself(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    stack: Stack = await make_stack()
+    idp_app = stack.runners[0].app
+    await stack.runners[0].cleanup()  # the IdP is down...
+    await stack.runners[-1].cleanup()  # ...when a fresh gateway starts
+    runner, _ = await serve(build_app(stack.config), URL(stack.gateway).port)
+    try:
+        assert await status_of(browser, stack.gateway + "/oauth2/readyz") == 503
+        idp_runner = web.AppRunner(idp_app, access_log=None)  # the IdP comes back
+        await idp_runner.setup()
+        await web.TCPSite(idp_runner, "127.0.0.1", URL(stack.idp).port).start()
+        try:
+            await asyncio.sleep(1.1)  # past the first discovery backoff
+            assert await status_of(browser, stack.gateway + "/oauth2/readyz") == 200
+            response = await login(browser, stack.gateway, "/echo")
+            assert response.status == 200
+        finally:
+            await idp_runner.cleanup()
+    finally:
+        await runner.cleanup()

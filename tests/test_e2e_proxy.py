@@ -370,3 +370,27 @@ async def test_server_sent_events_arrive_as_they_are_written(stack: Stack) -> No
                     delays.append(time.monotonic() - float(line[6:]))
     assert len(delays) == 4
     assert max(delays) < 0.1, delays
+
+
+async def test_head_options_204_and_304_pass_through_correctly(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.head(stack.gateway + "/public/download?bytes=1000") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Length"] == "1000"
+            assert await resp.read() == b""
+        async with http.options(stack.gateway + "/public/echo") as resp:
+            assert (await resp.json())["method"] == "OPTIONS"
+        for code in (204, 304):
+            async with http.get(stack.gateway + f"/public/status/{code}") as resp:
+                assert resp.status == code
+                assert await resp.read() == b""
+        async with http.get(stack.gateway + "/public/status/418") as resp:
+            assert resp.status == 418  # upstream errors are the upstream's to show
+
+
+async def test_fat_cookies_pass_up_to_the_header_limit(stack: Stack) -> None:
+    cookie = "legacy=" + "c" * 15000
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/public/echo", headers={"Cookie": cookie}) as resp:
+            echoed = await resp.json()
+    assert [v for k, v in echoed["headers"] if k.lower() == "cookie"] == [cookie]

@@ -99,7 +99,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
     response.content_length = size
     await response.prepare(request)
     block = b"x" * _CHUNK
-    remaining = size
+    remaining = size if request.method != "HEAD" else 0
     while remaining > 0:
         await response.write(block[: min(_CHUNK, remaining)])
         remaining -= _CHUNK
@@ -128,7 +128,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 def create_upstream_app(name: str = "demo upstream") -> web.Application:
-    app = web.Application()
+    app = web.Application(handler_args={"max_field_size": 64 * 1024})  # fat legacy cookies
     app.router.add_route("*", "/echo", _echo)
     app.router.add_route("*", "/echo/{tail:.*}", _echo)
     app.router.add_route("*", "/public/echo", _echo)
@@ -144,5 +144,6 @@ def create_upstream_app(name: str = "demo upstream") -> web.Application:
     app.router.add_get("/public/download", _download)
     app.router.add_get("/ws", _websocket)
     app.router.add_route("*", "/status/{code:[0-9]{3}}", _status)
+    app.router.add_route("*", "/public/status/{code:[0-9]{3}}", _status)
     app.router.add_route("*", "/{tail:.*}", _home)
     return app
