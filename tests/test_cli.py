@@ -34,6 +34,24 @@ def write_config(tmp_path: Path, **server: object) -> Path:
     return path
 
 
+async def start_gateway(path: Path, port: str) -> asyncio.subprocess.Process:
+    """`gateway run` in a child process, once it answers its health check."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz"):
+                    return proc
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+    proc.kill()
+    await proc.communicate()
+    raise AssertionError("gateway run did not start serving")
+
+
 def test_check_config_accepts_the_example(monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("GW_CLIENT_SECRET", "x" * 32)
@@ -74,21 +92,11 @@ def test_missing_config_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
 async def test_run_serves_until_sigterm_and_exits_zero(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     port = yaml.safe_load(path.read_text())["server"]["listen"].rsplit(":", 1)[1]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(path),
-        env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await start_gateway(path, port)
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz") as resp:
-                        assert resp.status == 200
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("gateway run did not start serving")
+            async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz") as resp:
+                assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), timeout=15)
@@ -162,18 +170,9 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     raw["routes"][0]["upstream"] = upstream
     path.write_text(yaml.safe_dump(raw))
     port = raw["server"]["listen"].rsplit(":", 1)[1]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(path),
-        env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await start_gateway(path, port)
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/oauth2/healthz"):
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
             async with http.get(f"http://127.0.0.1:{port}/stream?chunks=4&delay=0.3") as resp:
                 first = await resp.content.readline()
                 proc.send_signal(signal.SIGTERM)  # mid-response

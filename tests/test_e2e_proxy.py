@@ -80,32 +80,37 @@ async def test_unreachable_upstream_gives_502_page(make_stack: StackFactory) -> 
             assert "Bad gateway" in text and "Traceback" not in text
 
 
-async def test_slow_upstream_gives_504_and_other_routes_are_unaffected(
-        make_stack: StackFactory) -> None:
+@pytest.fixture
+async def hanging_upstream() -> AsyncIterator[str]:
+    """An upstream that answers nothing for 3 s, well past the tests' read timeouts."""
+
     async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(2)  # well past the route's read_timeout
+        await asyncio.sleep(3)
         return web.Response()
 
     slow = web.Application()
     slow.router.add_get("/{tail:.*}", hang)
-    runner, slow_url = await serve(slow)
-    try:
-        probe = await make_stack()
-        stack = await make_stack(routes=[
-            {"name": "slow", "path_prefix": "/slow", "upstream": slow_url, "auth": "public",
-             "read_timeout": "300ms"},
-            {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
-        ])
-        async with aiohttp.ClientSession() as http:
-            slow_call = http.get(stack.gateway + "/slow/x", headers={"Accept": "text/html"})
-            fast_call = http.get(stack.gateway + "/echo")
-            slow_resp, fast_resp = await asyncio.gather(slow_call, fast_call)
-            assert slow_resp.status == 504
-            assert fast_resp.status == 200
-            slow_resp.release()
-            fast_resp.release()
-    finally:
-        await runner.cleanup()
+    runner, url = await serve(slow)
+    yield url
+    await runner.cleanup()
+
+
+async def test_slow_upstream_gives_504_and_other_routes_are_unaffected(
+        make_stack: StackFactory, hanging_upstream: str) -> None:
+    probe = await make_stack()
+    stack = await make_stack(routes=[
+        {"name": "slow", "path_prefix": "/slow", "upstream": hanging_upstream, "auth": "public",
+         "read_timeout": "300ms"},
+        {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+    ])
+    async with aiohttp.ClientSession() as http:
+        slow_call = http.get(stack.gateway + "/slow/x", headers={"Accept": "text/html"})
+        fast_call = http.get(stack.gateway + "/echo")
+        slow_resp, fast_resp = await asyncio.gather(slow_call, fast_call)
+        assert slow_resp.status == 504
+        assert fast_resp.status == 200
+        slow_resp.release()
+        fast_resp.release()
 
 
 async def test_chunked_stream_arrives_in_pieces(stack: Stack) -> None:
@@ -323,40 +328,30 @@ async def test_forwarding_headers_are_kept_only_from_trusted_proxies(
 
 
 async def test_500_hung_requests_time_out_with_bounded_memory_and_spare_other_routes(
-        make_stack: StackFactory) -> None:
-    async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(3)
-        return web.Response()
+        make_stack: StackFactory, hanging_upstream: str) -> None:
+    probe = await make_stack()
+    stack = await make_stack(routes=[
+        {"name": "hung", "path_prefix": "/hung", "upstream": hanging_upstream, "auth": "public",
+         "read_timeout": "1s"},
+        {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+    ])
+    before = peak_rss_kib()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
 
-    slow = web.Application()
-    slow.router.add_get("/{tail:.*}", hang)
-    runner, slow_url = await serve(slow)
-    try:
-        probe = await make_stack()
-        stack = await make_stack(routes=[
-            {"name": "hung", "path_prefix": "/hung", "upstream": slow_url, "auth": "public",
-             "read_timeout": "1s"},
-            {"name": "fast", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
-        ])
-        before = peak_rss_kib()
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        async def status(path: str) -> int:
+            async with http.get(stack.gateway + path) as resp:
+                await resp.read()
+                return resp.status
 
-            async def status(path: str) -> int:
-                async with http.get(stack.gateway + path) as resp:
-                    await resp.read()
-                    return resp.status
-
-            hung = asyncio.gather(*(status(f"/hung/{i}") for i in range(500)))
-            await asyncio.sleep(0.3)
-            started = asyncio.get_running_loop().time()
-            assert await status("/echo") == 200  # other routes stay served meanwhile
-            assert asyncio.get_running_loop().time() - started < 1.0
-            statuses = await hung
-        assert statuses == [504] * 500
-        assert peak_rss_kib() - before < 100 * 1024
-    finally:
-        await runner.cleanup()
+        hung = asyncio.gather(*(status(f"/hung/{i}") for i in range(500)))
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        assert await status("/echo") == 200  # other routes stay served meanwhile
+        assert asyncio.get_running_loop().time() - started < 1.0
+        statuses = await hung
+    assert statuses == [504] * 500
+    assert peak_rss_kib() - before < 100 * 1024
 
 
 async def test_server_sent_events_arrive_as_they_are_written(stack: Stack) -> None:
