@@ -41,12 +41,14 @@ def _free_port() -> int:
 async def start_node_op(*, client_id: str, client_secret: str, redirect_uris: Sequence[str],
                         post_logout_redirect_uris: Sequence[str] = (),
                         backchannel_logout_uri: str = "",
+                        backchannel_session_required: bool = True,
                         access_token_ttl: int = 3600) -> AsyncIterator[str]:
     port = _free_port()
     env = {**os.environ, "OP_PORT": str(port), "OP_CLIENT_ID": client_id,
            "OP_CLIENT_SECRET": client_secret, "OP_REDIRECT_URIS": ",".join(redirect_uris),
            "OP_POST_LOGOUT_REDIRECT_URIS": ",".join(post_logout_redirect_uris),
            "OP_BACKCHANNEL_LOGOUT_URI": backchannel_logout_uri,
+           "OP_BACKCHANNEL_SESSION_REQUIRED": str(backchannel_session_required).lower(),
            "OP_ACCESS_TOKEN_TTL": str(access_token_ttl)}
     proc = await asyncio.create_subprocess_exec(
         "node", str(E2E_DIR / "op.mjs"), cwd=E2E_DIR, env=env,

@@ -168,3 +168,44 @@ async def test_tokens_from_oidc_provider_are_refreshed(
         finally:
             await runner.cleanup()
             await upstream_runner.cleanup()
+
+
+async def test_back_channel_logout_by_sub_ends_every_session_of_that_user_only(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """oidc-provider without backchannel_logout_session_required names only the sub."""
+    reason = node_op_available()
+    if reason:
+        pytest.skip(reason)
+    caplog.set_level(logging.INFO, logger="gateway")
+    store = redis_url.rsplit("/", 1)[0] + "/3"  # a database of its own: alice has no others
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                             redirect_uris=[gateway + "/oauth2/callback"],
+                             post_logout_redirect_uris=[gateway + "/"],
+                             backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
+                             backchannel_session_required=False) as issuer:
+        upstream_runner, upstream = await serve(create_upstream_app())
+        raw = raw_config(gateway, issuer, upstream, store=store)
+        runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
+                                port)
+        stack = NodeStack(gateway, issuer)
+        browsers = [aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                          headers=BROWSER_HEADERS) for _ in range(3)]
+        try:
+            for browser, user in zip(browsers, ("alice", "alice", "bob"), strict=True):
+                await sign_in(browser, stack, "/echo", user)
+            end_session = URL(issuer + "/session/end").with_query(
+                client_id=CLIENT_ID, post_logout_redirect_uri=gateway + "/")
+            await follow_op(browsers[0], str(end_session), issuer, {"logout": "yes"})
+            statuses = []
+            for browser in browsers:
+                async with browser.get(gateway + "/echo", allow_redirects=False) as resp:
+                    statuses.append(resp.status)
+            assert statuses == [302, 302, 200]  # both of alice's sessions, not bob's
+            assert "backchannel_logout sessions=2" in caplog.text
+        finally:
+            for browser in browsers:
+                await browser.close()
+            await runner.cleanup()
+            await upstream_runner.cleanup()

@@ -22,7 +22,11 @@ const client = {
   response_types: ['code'],
   token_endpoint_auth_method: 'client_secret_basic',
   id_token_signed_response_alg: 'RS256',
-  ...(backchannel ? { backchannel_logout_uri: backchannel, backchannel_logout_session_required: true } : {}),
+  ...(backchannel ? {
+    backchannel_logout_uri: backchannel,
+    // true: logout tokens name the OP session (sid); false: only the user (sub).
+    backchannel_logout_session_required: env('OP_BACKCHANNEL_SESSION_REQUIRED', 'true') === 'true',
+  } : {}),
 };
 
 const groupsOf = (id) => (id === 'alice' ? ['admins', 'staff'] : ['staff']);
