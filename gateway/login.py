@@ -39,7 +39,7 @@ def _binding_hash(value: str) -> str:
 
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
-    metadata = await rt.provider.metadata()
+    metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")
     if not _BINDING_SHAPE.match(binding):

@@ -20,6 +20,9 @@ from gateway.config import RouteConfig, UpstreamTLSConfig
 log = logging.getLogger("gateway.upstreams")
 
 _UNIX_BASE = "http://localhost"  # the Host a Unix socket upstream sees
+# Idle pooled connections are dropped before common upstream idle timeouts (5 s and more), so
+# a request is rarely sent on a connection the upstream is closing (it would get a 502).
+KEEPALIVE_TIMEOUT = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +33,13 @@ class Upstream:
 
 
 def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                 auto_decompress=False)
+    session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                    auto_decompress=False)
+    # aiohttp resends an idempotent request once when the connection drops after it was sent.
+    # The upstream may have acted on it (legacy apps do things on GET), so the gateway only
+    # retries requests that certainly never arrived (proxy._send); there is no public switch.
+    session._retry_connection = False
+    return session
 
 
 def _ssl_context(route: str, tls: UpstreamTLSConfig) -> ssl.SSLContext:
@@ -48,7 +56,8 @@ def _ssl_context(route: str, tls: UpstreamTLSConfig) -> ssl.SSLContext:
 class Upstreams:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._shared = _client_session(aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, enable_cleanup_closed=True))
+            limit=0, limit_per_host=0, enable_cleanup_closed=True,
+            keepalive_timeout=KEEPALIVE_TIMEOUT))
         self._sessions = [self._shared]
         self._by_route: dict[str, Upstream] = {}
         for route in routes:

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import BROWSER_HEADERS, Stack, StackFactory, idp_sign_in, login, serve
+from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, idp_sign_in, login, serve
 from redis_servers import Deployment, missing_binaries, start_plain
 from yarl import URL
 
@@ -98,3 +98,15 @@ async def test_gateway_started_while_the_idp_is_down_recovers_by_itself(
             await idp_runner.cleanup()
     finally:
         await runner.cleanup()
+
+
+async def test_new_login_while_the_idp_is_down_gets_a_503_page(
+        make_stack: StackFactory, clock: FakeClock) -> None:
+    stack: Stack = await make_stack(clock=clock)
+    await stack.runners[0].cleanup()  # the IdP goes away after the gateway cached discovery
+    clock.advance(31)  # the IdP has not been heard from for a while
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/echo", headers=BROWSER_HEADERS,
+                            allow_redirects=False) as resp:
+            assert resp.status == 503  # not a redirect into a dead IdP
+            assert "identity provider cannot be reached" in (await resp.text()).lower()

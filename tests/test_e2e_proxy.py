@@ -389,3 +389,29 @@ async def test_fat_cookies_pass_up_to_the_header_limit(stack: Stack) -> None:
         async with http.get(stack.gateway + "/public/echo", headers={"Cookie": cookie}) as resp:
             echoed = await resp.json()
     assert [v for k, v in echoed["headers"] if k.lower() == "cookie"] == [cookie]
+
+
+async def test_upstream_that_resets_connections_gives_502_and_is_not_retried(
+        make_stack: StackFactory) -> None:
+    hits = 0
+
+    async def reset(request: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        assert request.transport is not None
+        request.transport.abort()  # a crash: the request reached it, no answer came back
+        return web.Response()
+
+    broken = web.Application()
+    broken.router.add_get("/{tail:.*}", reset)
+    runner, url = await serve(broken)
+    try:
+        stack = await make_stack(routes=[{"name": "broken", "path_prefix": "/",
+                                          "upstream": url, "auth": "public", "retries": 3}])
+        async with aiohttp.ClientSession() as http:
+            async with http.get(stack.gateway + "/x", headers={"Accept": "text/html"}) as resp:
+                assert resp.status == 502
+                assert "Bad gateway" in await resp.text()
+        assert hits == 1  # it may have acted on the request: never sent twice
+    finally:
+        await runner.cleanup()

@@ -15,7 +15,7 @@ from conftest import FakeClock, free_port
 from joserfc.jwk import KeySet, RSAKey
 
 from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
-from gateway.oidc.provider import JWKS_REFETCH_INTERVAL, Provider
+from gateway.oidc.provider import DISCOVERY_RECHECK, JWKS_REFETCH_INTERVAL, Provider
 
 
 @dataclass
@@ -131,3 +131,20 @@ async def test_unreachable_idp_is_unavailable(clock: FakeClock) -> None:
         provider = Provider(http, f"http://127.0.0.1:{free_port()}", timeout=1, clock=clock)
         with pytest.raises(IdPUnavailableError):
             await provider.metadata()
+
+
+async def test_logins_recheck_a_quiet_idp_and_refuse_when_it_is_gone(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    await provider.metadata_for_login()
+    await provider.metadata_for_login()
+    assert idp.hits["discovery"] == 1  # answered recently: no recheck
+    clock.advance(DISCOVERY_RECHECK)
+    await provider.metadata_for_login()
+    assert idp.hits["discovery"] == 2
+    idp.discovery_status = 500  # the IdP breaks
+    clock.advance(DISCOVERY_RECHECK)
+    with pytest.raises(IdPUnavailableError):
+        await provider.metadata_for_login()
+    assert (await provider.metadata()).issuer == idp.issuer  # sessions keep the metadata

@@ -20,6 +20,9 @@ from joserfc.jwk import KeySet
 from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
 
 JWKS_REFETCH_INTERVAL = 30.0  # seconds; rotation is rare, forged kids are cheap
+# A login is only started (the browser sent to the IdP) if the IdP answered within this long;
+# otherwise discovery is fetched again first, so a dead IdP gets a 503 page, not a dead link.
+DISCOVERY_RECHECK = 30.0
 DISCOVERY_BACKOFF_MAX = 60.0
 
 
@@ -89,6 +92,7 @@ class Provider:
         self._keys: KeySet | None = None
         self._keys_fetched_at = float("-inf")
         self._next_discovery = float("-inf")
+        self._discovered_at = float("-inf")
         self._backoff = 1.0
         self._discovery_lock = asyncio.Lock()
         self._keys_lock = asyncio.Lock()
@@ -102,16 +106,32 @@ class Provider:
             return self._metadata
         async with self._discovery_lock:
             if self._metadata is None:
-                if self._clock() < self._next_discovery:
-                    raise IdPUnavailableError("discovery failed recently; waiting to retry")
-                try:
-                    self._metadata = await self._discover()
-                    self._backoff = 1.0
-                except (IdPError, IdPUnavailableError):
-                    self._next_discovery = self._clock() + self._backoff
-                    self._backoff = min(self._backoff * 2, DISCOVERY_BACKOFF_MAX)
-                    raise
+                self._metadata = await self._discover_with_backoff()
             return self._metadata
+
+    async def metadata_for_login(self) -> ProviderMetadata:
+        """Metadata from an IdP known to be up now (re-fetched after DISCOVERY_RECHECK).
+
+        A failure here does not drop the cached metadata: existing sessions go on."""
+        if self._metadata is None or self._clock() - self._discovered_at < DISCOVERY_RECHECK:
+            return await self.metadata()
+        async with self._discovery_lock:
+            if self._clock() - self._discovered_at >= DISCOVERY_RECHECK:
+                self._metadata = await self._discover_with_backoff()
+            return self._metadata
+
+    async def _discover_with_backoff(self) -> ProviderMetadata:
+        if self._clock() < self._next_discovery:
+            raise IdPUnavailableError("discovery failed recently; waiting to retry")
+        try:
+            metadata = await self._discover()
+        except (IdPError, IdPUnavailableError):
+            self._next_discovery = self._clock() + self._backoff
+            self._backoff = min(self._backoff * 2, DISCOVERY_BACKOFF_MAX)
+            raise
+        self._backoff = 1.0
+        self._discovered_at = self._clock()
+        return metadata
 
     async def _discover(self) -> ProviderMetadata:
         url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
