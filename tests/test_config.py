@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from gateway.config import Config, load, parse, parse_duration, parse_size
+from gateway.config import Config, load, parse
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +118,6 @@ def test_unknown_key_inside_a_route_names_the_route() -> None:
 def test_bad_durations_are_refused(value: Any) -> None:
     message = error_of(with_change("session.idle_timeout", value))
     assert message.startswith("session.idle_timeout: ")
-
-
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("30s", 30), ("15m", 900), ("8h", 28800), ("250ms", 0.25), ("1d", 86400), ("1.5h", 5400),
-])
-def test_durations_take_a_unit(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(("path", "value", "needle"), [
@@ -242,14 +235,6 @@ def test_sentinel_location_is_parsed() -> None:
     assert location.hosts == (("s1", 26379), ("s2", 26380))
     assert (location.username, location.password, location.master, location.db) == (
         "u", "p@ss", "m", 3)
-
-
-@pytest.mark.parametrize(("text", "size"), [
-    ("10MB", 10_000_000), ("512KiB", 524_288), ("1GiB", 1024**3), ("2048", 2048), (4096, 4096),
-    ("1 gb", 1_000_000_000),
-])
-def test_sizes_take_bytes_or_a_unit(text: object, size: int) -> None:
-    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("value", ["ten", "10 parsecs", "-1", "1.5MB", True, "0"])
