@@ -92,11 +92,13 @@ async def replicas(stack: Stack, clock: FakeClock) -> AsyncIterator[list[str]]:
         await runner.cleanup()
 
 
+REDIS_ONLY = pytest.mark.parametrize("store", ["redis"], indirect=True)  # replicas share Redis
+
+
+@REDIS_ONLY
 async def test_concurrent_requests_across_replicas_refresh_exactly_once(
-        stack: Stack, store: str, replicas: list[str], browser: aiohttp.ClientSession,
+        stack: Stack, replicas: list[str], browser: aiohttp.ClientSession,
         clock: FakeClock, switch: TokenEndpointSwitch) -> None:
-    if store == "memory://":
-        pytest.skip("replicas share sessions only through Redis")
     await login(browser, stack.gateway, "/echo")
     before = token_requests(stack)
     switch.delay = 0.5  # a slow IdP: every request arrives while the refresh is under way
@@ -136,11 +138,10 @@ async def test_idp_down_during_refresh_keeps_the_session(
     assert await status_of(browser, stack.gateway + "/echo") == 200
 
 
+@REDIS_ONLY
 async def test_sign_out_on_one_replica_is_refused_on_the_others_at_once(
-        stack: Stack, store: str, replicas: list[str], browser: aiohttp.ClientSession) -> None:
+        stack: Stack, replicas: list[str], browser: aiohttp.ClientSession) -> None:
     """Revocation: no replica caches sessions, so a deletion anywhere is seen everywhere."""
-    if store == "memory://":
-        pytest.skip("replicas share sessions only through Redis")
     await login(browser, replicas[0], "/echo")
     for url in replicas:
         assert await status_of(browser, url + "/echo") == 200
