@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ class FakeIdP:
     issuer: str = ""
     discovery: dict[str, Any] = field(default_factory=dict)
     discovery_status: int = 200
+    jwks_status: int = 200
     keys: list[RSAKey] = field(default_factory=lambda: [
         RSAKey.generate_key(2048, parameters={"kid": "k1"})])
     delay: float = 0.0
@@ -40,7 +42,8 @@ class FakeIdP:
 
         async def jwks(request: web.Request) -> web.Response:
             self.hits["jwks"] += 1
-            return web.json_response(KeySet(self.keys).as_dict(private=False))
+            return web.json_response(KeySet(self.keys).as_dict(private=False),
+                                     status=self.jwks_status)
 
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", discovery)
@@ -148,3 +151,18 @@ async def test_logins_recheck_a_quiet_idp_and_refuse_when_it_is_gone(
     with pytest.raises(IdPUnavailableError):
         await provider.metadata_for_login()
     assert (await provider.metadata()).issuer == idp.issuer  # sessions keep the metadata
+
+
+async def test_failed_jwks_refetches_are_rate_limited_too(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    """IdP hammering: with the JWKS endpoint failing, forged kids must not each cause a fetch."""
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    await provider.keys("k1")
+    idp.jwks_status = 500
+    clock.advance(JWKS_REFETCH_INTERVAL)
+    for i in range(5):
+        with contextlib.suppress(IdPUnavailableError):
+            await provider.keys(f"forged-{i}")
+    assert idp.hits["jwks"] == 2  # the first load, then one refetch in this interval
+    assert [key.kid for key in (await provider.keys("k1")).keys] == ["k1"]  # cache still serves

@@ -271,3 +271,16 @@ async def test_signing_out_removes_the_registry_entry(store: SessionStore) -> No
     cookie = await store.create(ALICE, TOKENS)
     await store.delete(cookie.value)
     assert await store.registry.all() == []
+
+
+async def test_session_past_max_lifetime_leaves_no_registry_entry(clock: FakeClock) -> None:
+    """The store's own TTL may run on another clock (Redis): lifetime is checked on load too."""
+    backend = MemoryBackend(clock)
+    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=2 * IDLE, clock=clock)
+    cookie = await store.create(ALICE, TOKENS)
+    for prefix in ("gateway:session:", "gateway:meta:"):
+        key = prefix + "{" + cookie.storage_id + "}"
+        await backend.expire(key, 10 * IDLE)  # as if the store's clock lagged behind ours
+    clock.advance(2 * IDLE + 1)
+    assert await store.load(cookie.value) is None
+    assert await store.registry.all() == []

@@ -206,3 +206,23 @@ def test_an_id_token_is_not_a_logout_token() -> None:
     """Token confusion: a stolen ID token (it carries a nonce, no events) cannot log anyone out."""
     with pytest.raises(TokenError):
         validate_logout_token(sign(claims()), KEYS, expect())
+
+
+@pytest.mark.parametrize("header", ['["alg","RS256"]', '"alg"'], ids=["array", "string"])
+def test_token_whose_header_is_not_a_json_object_is_refused(header: str) -> None:
+    """A garbage logout_token must be a 400, not a 500 with a traceback."""
+    encoded = base64.urlsafe_b64encode(header.encode()).rstrip(b"=").decode()
+    token = f"{encoded}.{b64({'sub': 'x'})}.c2ln"
+    with pytest.raises(TokenError, match="header"):
+        header_of(token)
+    with pytest.raises(TokenError):
+        validate_logout_token(token, KEYS, expect())
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b"42", b'"alice"', b"null"])
+def test_signed_token_whose_payload_is_not_an_object_is_refused(payload: bytes) -> None:
+    from joserfc import jws
+
+    token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, KEY)
+    with pytest.raises(TokenError, match="payload"):
+        validate_id_token(token, KEYS, expect(), nonce="n-1")

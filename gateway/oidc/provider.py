@@ -149,8 +149,9 @@ class Provider:
         async with self._keys_lock:
             stale = self._keys is None or (kid is not None and not _has_kid(self._keys, kid))
             if stale and self._clock() - self._keys_fetched_at >= JWKS_REFETCH_INTERVAL:
-                self._keys = await self._fetch_keys(metadata.jwks_uri)
+                # Counted before the fetch: failed attempts are rate-limited too.
                 self._keys_fetched_at = self._clock()
+                self._keys = await self._fetch_keys(metadata.jwks_uri)
         if self._keys is None:
             raise IdPUnavailableError("JWKS not available")
         return self._keys

@@ -39,9 +39,13 @@ def header_of(token: str) -> Mapping[str, object]:
     if len(token) > _MAX_TOKEN_LENGTH:
         raise TokenError("token is too large")
     try:
-        return jws.extract_compact(token.encode()).protected
+        header = jws.extract_compact(token.encode()).protected
     except (JoseError, ValueError, UnicodeError) as exc:
         raise TokenError("token is not a compact JWS") from exc
+    # joserfc only asks `"alg" in header`, which a JSON array or string also passes.
+    if not isinstance(header, dict):
+        raise TokenError("token header is not a JSON object")
+    return header
 
 
 def _verification_key(alg: str, keys: KeySet, expect: Expectations) -> KeySet | OctKey:
@@ -64,6 +68,8 @@ def _verified_claims(token: str, keys: KeySet, expect: Expectations) -> dict[str
         decoded = jwt.decode(token, _kid_tolerant(key, header), algorithms=[alg])
     except JoseError as exc:
         raise TokenError(f"signature check failed ({exc.error})") from exc
+    if not isinstance(decoded.claims, dict):
+        raise TokenError("token payload is not a JSON object")
     return dict(decoded.claims)
 
 

@@ -112,7 +112,7 @@ class SessionStore:
             return None  # written by an incompatible release: treat as signed out
         remaining = self._ttl(session.created_at)
         if remaining <= 0:
-            await self.backend.delete(name)
+            await self.backend.delete(name, meta_key(cookie.storage_id))
             return None
         if ttl is None or remaining - ttl >= self._touch_interval:
             await self.backend.expire(name, remaining)
