@@ -7,9 +7,11 @@ discovery, PKCE, ID token signing and RP-initiated logout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,35 +26,47 @@ from gateway.demo.upstream import create_upstream_app
 pytestmark = pytest.mark.e2e
 
 
+SCOPES = ("openid", "email", "profile", "groups")
+
+
 @dataclass
 class NodeStack:
     gateway: str
     issuer: str
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def node_stack(request: pytest.FixtureRequest) -> AsyncIterator[NodeStack]:
+@contextlib.asynccontextmanager
+async def node_gateway(*, store: str = "memory://", scopes: Sequence[str] = SCOPES,
+                       session: dict[str, str] | None = None,
+                       **op_options: Any) -> AsyncIterator[NodeStack]:
+    """oidc-provider, the demo upstream and a gateway registered as the OP's client."""
     reason = node_op_available()
     if reason:
         pytest.skip(reason)
-    store = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
     port = free_port()
     gateway = f"http://127.0.0.1:{port}"
     async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                              redirect_uris=[gateway + "/oauth2/callback"],
                              post_logout_redirect_uris=[gateway + "/"],
                              backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
-                             ) as issuer:
+                             **op_options) as issuer:
         upstream_runner, upstream = await serve(create_upstream_app())
-        raw = raw_config(gateway, issuer, upstream, store=store)
-        raw["oidc"]["scopes"] = ["openid", "email", "profile", "groups"]
-        config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
-        runner, _ = await serve(build_app(config), port)
+        raw = raw_config(gateway, issuer, upstream, store=store, session=session or {})
+        raw["oidc"]["scopes"] = list(scopes)
+        runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
+                                port)
         try:
             yield NodeStack(gateway, issuer)
         finally:
             await runner.cleanup()
             await upstream_runner.cleanup()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def node_stack(request: pytest.FixtureRequest) -> AsyncIterator[NodeStack]:
+    store = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    async with node_gateway(store=store) as stack:
+        yield stack
 
 
 async def sign_in(browser: aiohttp.ClientSession, stack: NodeStack, path: str,
@@ -142,70 +156,38 @@ async def test_logout_at_oidc_provider_ends_only_that_browsers_session_by_back_c
 async def test_tokens_from_oidc_provider_are_refreshed(
         browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
     """oidc-provider's own refresh grant (with rotation), driven by a short access token."""
-    reason = node_op_available()
-    if reason:
-        pytest.skip(reason)
     caplog.set_level(logging.INFO, logger="gateway")
-    port = free_port()
-    gateway = f"http://127.0.0.1:{port}"
-    async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                             redirect_uris=[gateway + "/oauth2/callback"],
-                             access_token_ttl=62) as issuer:
-        upstream_runner, upstream = await serve(create_upstream_app())
-        raw = raw_config(gateway, issuer, upstream, session={"refresh_margin": "60s"})
-        raw["oidc"]["scopes"] = ["openid", "email", "profile", "groups", "offline_access"]
-        runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
-                                port)
-        try:
-            stack = NodeStack(gateway, issuer)
-            await sign_in(browser, stack, "/echo", "alice")
-            assert "session_refreshed" not in caplog.text
-            await asyncio.sleep(2.5)  # now within the margin of the 62 s token
-            for _ in range(2):
-                async with browser.get(gateway + "/echo") as resp:
-                    assert resp.status == 200
-            assert caplog.text.count("session_refreshed sub=alice") == 1
-        finally:
-            await runner.cleanup()
-            await upstream_runner.cleanup()
+    async with node_gateway(scopes=(*SCOPES, "offline_access"), access_token_ttl=62,
+                            session={"refresh_margin": "60s"}) as stack:
+        await sign_in(browser, stack, "/echo", "alice")
+        assert "session_refreshed" not in caplog.text
+        await asyncio.sleep(2.5)  # now within the margin of the 62 s token
+        for _ in range(2):
+            async with browser.get(stack.gateway + "/echo") as resp:
+                assert resp.status == 200
+        assert caplog.text.count("session_refreshed sub=alice") == 1
 
 
 async def test_back_channel_logout_by_sub_ends_every_session_of_that_user_only(
         redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """oidc-provider without backchannel_logout_session_required names only the sub."""
-    reason = node_op_available()
-    if reason:
-        pytest.skip(reason)
     caplog.set_level(logging.INFO, logger="gateway")
     store = redis_url.rsplit("/", 1)[0] + "/3"  # a database of its own: alice has no others
-    port = free_port()
-    gateway = f"http://127.0.0.1:{port}"
-    async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                             redirect_uris=[gateway + "/oauth2/callback"],
-                             post_logout_redirect_uris=[gateway + "/"],
-                             backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
-                             backchannel_session_required=False) as issuer:
-        upstream_runner, upstream = await serve(create_upstream_app())
-        raw = raw_config(gateway, issuer, upstream, store=store)
-        runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
-                                port)
-        stack = NodeStack(gateway, issuer)
+    async with node_gateway(store=store, backchannel_session_required=False) as stack:
         browsers = [aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
                                           headers=BROWSER_HEADERS) for _ in range(3)]
         try:
             for browser, user in zip(browsers, ("alice", "alice", "bob"), strict=True):
                 await sign_in(browser, stack, "/echo", user)
-            end_session = URL(issuer + "/session/end").with_query(
-                client_id=CLIENT_ID, post_logout_redirect_uri=gateway + "/")
-            await follow_op(browsers[0], str(end_session), issuer, {"logout": "yes"})
+            end_session = URL(stack.issuer + "/session/end").with_query(
+                client_id=CLIENT_ID, post_logout_redirect_uri=stack.gateway + "/")
+            await follow_op(browsers[0], str(end_session), stack.issuer, {"logout": "yes"})
             statuses = []
             for browser in browsers:
-                async with browser.get(gateway + "/echo", allow_redirects=False) as resp:
+                async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
                     statuses.append(resp.status)
             assert statuses == [302, 302, 200]  # both of alice's sessions, not bob's
             assert "backchannel_logout sessions=2" in caplog.text
         finally:
             for browser in browsers:
                 await browser.close()
-            await runner.cleanup()
-            await upstream_runner.cleanup()
