@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import dispatch, endpoints, login, logout, observability, websocket
+from gateway import dispatch, endpoints, login, logout, observability, server, websocket
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
@@ -74,7 +74,7 @@ async def _close_websockets(app: web.Application) -> None:
 
 def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     app = web.Application(middlewares=[access_log_middleware, error_middleware],
-                          handler_args={"max_field_size": config.server.max_header_size,
+                          handler_args={**server.handler_args(config.server.max_header_size),
                                         "lingering_time": LINGERING_TIME})
     observability.redact_framework_logs()
     app.cleanup_ctx.append(_runtime_context(config, clock))

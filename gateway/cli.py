@@ -12,9 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from gateway import admin, observability
+from gateway import admin, observability, server
 from gateway import config as config_module
 from gateway.app import build_app
 from gateway.errors import ConfigError, StoreUnavailableError
@@ -73,7 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("gateway").info("gateway_starting listen=%s public_url=%s routes=%d",
                                       config.server.listen, config.server.public_url,
                                       len(config.routes))
-    web.run_app(build_app(config), host=config.server.host, port=config.server.port,
-                access_log=None, shutdown_timeout=config.server.shutdown_timeout,
-                print=lambda *_: None)
+    asyncio.run(server.serve(build_app(config), config))
     return 0

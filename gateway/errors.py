@@ -13,6 +13,9 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── NotFoundError          404  no route matches
      ├── PayloadTooLargeError   413  the body is over the route's max_body_size
      ├── MethodNotAllowedError  405  a gateway endpoint called with a disabled method
+     ├── URITooLongError        414  the request line is over the parser's limit
+     ├── TooManyRequestsError   429  too many sign-ins started from one client address
+     ├── HeadersTooLargeError   431  a header line over server.max_header_size, or too many
      ├── IdPError               502  the OpenID Provider answered badly
      │    └── IdPTimeoutError   504
      ├── IdPUnavailableError    503  the OpenID Provider cannot be reached (discovery/JWKS)
@@ -34,6 +37,10 @@ class GatewayError(Exception):
         # `detail` is for the log line only; it may name internals but never secrets.
         super().__init__(detail or self.public_message)
         self.detail = detail or self.public_message
+
+    def response_headers(self) -> dict[str, str]:
+        """Extra headers the error's response carries (e.g. Retry-After)."""
+        return {}
 
 
 class ConfigError(GatewayError):
@@ -92,6 +99,35 @@ class PayloadTooLargeError(GatewayError):
     title = "Request too large"
     public_message = "The request body is larger than this application accepts."
     event = "payload_too_large"
+
+
+class URITooLongError(GatewayError):
+    status = 414
+    title = "Address too long"
+    public_message = "The requested address is longer than this server accepts."
+    event = "uri_too_long"
+
+
+class TooManyRequestsError(GatewayError):
+    status = 429
+    title = "Too many sign-in attempts"
+    public_message = "Too many sign-ins were started from your network. Please wait a minute."
+    event = "login_rate_limited"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 60) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class HeadersTooLargeError(GatewayError):
+    status = 431
+    title = "Request headers too large"
+    public_message = ("The request headers are larger than this server accepts. "
+                      "Clearing this site's cookies usually helps.")
+    event = "headers_too_large"
 
 
 class MethodNotAllowedError(GatewayError):

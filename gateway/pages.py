@@ -31,16 +31,17 @@ def redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
 
 
-def wants_html(request: web.Request) -> bool:
+def wants_html(request: web.BaseRequest) -> bool:
     if request.headers.get("X-Requested-With"):
         return False
     return "text/html" in request.headers.get("Accept", "")
 
 
-def render(request: web.Request, status: int, title: str, message: str, *,
-           code: str, link: tuple[str, str] | None = None) -> web.Response:
+def render(request: web.BaseRequest, status: int, title: str, message: str, *,
+           code: str, link: tuple[str, str] | None = None,
+           as_html: bool | None = None) -> web.Response:
     headers = {"Cache-Control": "no-store"}
-    if wants_html(request):
+    if wants_html(request) if as_html is None else as_html:
         extra = ""
         if link:
             extra = f'<p><a href="{html.escape(link[0])}">{html.escape(link[1])}</a></p>'
@@ -54,7 +55,10 @@ def render(request: web.Request, status: int, title: str, message: str, *,
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     link = ("/oauth2/start", "Sign in again") if exc.status == 400 and \
         exc.event == "login_failed" else None
-    return render(request, exc.status, exc.title, exc.public_message, code=exc.event, link=link)
+    response = render(request, exc.status, exc.title, exc.public_message, code=exc.event,
+                      link=link)
+    response.headers.update(exc.response_headers())
+    return response
 
 
 @web.middleware

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.config import AllowRules, RouteConfig
-from gateway.errors import BadRequestError
+from gateway.errors import BadRequestError, URITooLongError
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
 _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
@@ -81,7 +81,7 @@ def canonical_path(raw_path: str) -> str:
     if not path.startswith("/"):
         raise BadRequestError("request target is not an absolute path")
     if len(path) > MAX_PATH_LENGTH:
-        raise BadRequestError("request path is too long")
+        raise URITooLongError(f"request path over {MAX_PATH_LENGTH} bytes")
     # SECURITY: encoded slashes/backslashes/NUL and double encoding smuggle path structure
     # past the matcher to upstreams that decode again.
     if _FORBIDDEN_ESCAPES.search(path) or _BAD_ESCAPE.search(path) or _CONTROL.search(path):

@@ -24,6 +24,7 @@ from gateway import config as config_module
 from gateway.app import build_app
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
+from gateway.server import GatewayRunner
 
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-secret-" + "s" * 32
@@ -62,8 +63,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     deployment.stop()
 
 
-async def serve(app: web.Application, port: int | None = None) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
+async def serve(app: web.Application, port: int | None = None, *,
+                runner_class: type[web.AppRunner] = web.AppRunner) -> tuple[web.AppRunner, str]:
+    runner = runner_class(app, access_log=None)
     await runner.setup()
     port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -127,7 +129,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
         runners.append(runner)
         raw = raw_config(gateway, idp, upstream, store=store, routes=routes, **sections)
         config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
-        runner, _ = await serve(build_app(config, clock=clock), gw_port)
+        runner, _ = await serve(build_app(config, clock=clock), gw_port, runner_class=GatewayRunner)
         runners.append(runner)
         return Stack(gateway, idp, upstream, idp_app, config, list(runners))
 

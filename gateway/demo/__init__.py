@@ -19,6 +19,7 @@ from gateway import observability
 from gateway.app import build_app
 from gateway.demo.idp import DEMO_USERS, DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
+from gateway.server import GatewayRunner
 
 _HOST = "127.0.0.1"
 
@@ -50,8 +51,9 @@ def demo_config(gateway_port: int, idp_url: str, upstream_url: str,
     return config_module.parse(raw, {"DEMO_CLIENT_SECRET": secret})
 
 
-async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def _start(app: web.Application, sock: socket.socket,
+                 runner_class: type[web.AppRunner] = web.AppRunner) -> web.AppRunner:
+    runner = runner_class(app, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner
@@ -68,7 +70,7 @@ async def _serve(port: int) -> None:
                         (config.server.public_url + "/",))
     runners = [await _start(create_idp_app(idp_url, [client]), idp_sock),
                await _start(create_upstream_app(), upstream_sock)]
-    runners.append(await _start(build_app(config), gateway_sock))
+    runners.append(await _start(build_app(config), gateway_sock, GatewayRunner))
     users = ", ".join(f"{name}/{user.password}" for name, user in DEMO_USERS.items())
     print(f"gateway demo running: open {config.server.public_url}/ in a browser\n"
           f"  demo users (login/password): {users}; /admin is for group 'admins' only\n"

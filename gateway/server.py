@@ -1,0 +1,108 @@
+"""The HTTP server around the app: aiohttp's runner, plus the answers to requests that aiohttp
+refuses before any handler or middleware runs, and the `gateway run` serve loop.
+
+aiohttp answers every parse error with a 400. A header line over `server.max_header_size`, or
+too many header lines, should be a 431 and an overlong request line a 414 (RFC 6585, RFC 9110),
+so clients and operators can tell "too big" from "malformed". aiohttp builds those answers in
+RequestHandler.handle_error, and only web.Server chooses the RequestHandler class, so this
+module swaps both in (the runner's `_make_server` hook is the one private method relied on;
+tests/test_server.py fails if aiohttp changes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway import pages
+from gateway.config import Config
+from gateway.errors import GatewayError, HeadersTooLargeError, URITooLongError
+
+log = logging.getLogger("gateway")
+
+MAX_REQUEST_LINE = 16 * 1024
+MAX_HEADER_LINES = 128
+_TOO_MANY_HEADERS = "Too many headers received"
+
+
+def handler_args(max_header_size: int) -> dict[str, int]:
+    """Parser limits. The two line limits must differ: the limit a LineTooLong names is how
+    handle_error tells an overlong request line (414) from an overlong header (431)."""
+    line_limit = MAX_REQUEST_LINE + (1 if max_header_size == MAX_REQUEST_LINE else 0)
+    return {"max_field_size": max_header_size, "max_line_size": line_limit,
+            "max_headers": MAX_HEADER_LINES}
+
+
+def _size_error(exc: BaseException | None, line_limit: int) -> GatewayError | None:
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if limit == line_limit:
+            return URITooLongError(f"request line over {line_limit} bytes")
+        return HeadersTooLargeError(f"a header line is over {limit} bytes")
+    if isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS:
+        return HeadersTooLargeError(f"more than {MAX_HEADER_LINES} header lines")
+    return None
+
+
+class _RequestHandler(RequestHandler):
+    __slots__ = ("_line_limit",)
+
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
+                 max_line_size: int = MAX_REQUEST_LINE, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, max_line_size=max_line_size, **kwargs)
+        self._line_limit = max_line_size
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        error = _size_error(exc, self._line_limit) if status == 400 else None
+        if error is None or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # The offending bytes are the client's (often a cookie): never logged, never echoed.
+        log.warning("%s status=%d detail=%s", error.event, error.status, error.detail)
+        # The parser stopped before Accept was read. Oversized requests are nearly always a
+        # browser with cookie bloat, so they get the page a person can act on.
+        response = pages.render(request, error.status, error.title, error.public_message,
+                                code=error.event, as_html=True)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections answer oversized requests with 414/431."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        kwargs: dict[str, Any] = dict(server._kwargs)
+        return _Server(server.request_handler, request_factory=server.request_factory,
+                       handler_cancellation=server.handler_cancellation,
+                       loop=asyncio.get_running_loop(), **kwargs)
+
+
+async def serve(app: web.Application, config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, close idle connections and
+    WebSockets (1001), let in-flight requests finish for up to server.shutdown_timeout."""
+    runner = GatewayRunner(app, access_log=None,
+                           shutdown_timeout=config.server.shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)
+    finally:
+        await runner.cleanup()
