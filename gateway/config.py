@@ -32,6 +32,7 @@ from gateway.store_url import StoreLocation, parse_store_url
 from gateway.units import Duration, NonNegativeDuration, Size
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -220,6 +221,9 @@ class RouteConfig(_Model):
     max_body_size: Size | None = None
     retries: int = Field(default=1, ge=0, le=5)
     upstream_tls: UpstreamTLSConfig | None = None
+    pass_access_token: bool = False
+    pass_authorization_header: bool = False
+    case_insensitive: bool = False
 
     @field_validator("host")
     @classmethod
@@ -235,8 +239,11 @@ class RouteConfig(_Model):
     @field_validator("path_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in "?#%\\") or "/../" in value + "/":
-            raise ValueError(f"{value!r} must be a plain path starting with '/'")
+        # Requests are matched in canonical form (routing.py), so a prefix must be in it too.
+        segments = value.rstrip("/").split("/")[1:]
+        if not _PREFIX.match(value) or any(seg in ("", ".", "..") for seg in segments):
+            raise ValueError(f"{value!r} must be a plain ASCII path like /app: no '//', dot "
+                             "segments, ';', '%', '?', '#', '\\' or spaces")
         if value.startswith("/oauth2") and value[7:8] in ("", "/"):
             raise ValueError("/oauth2 is reserved for the gateway's own endpoints")
         return value.rstrip("/") or "/"
@@ -260,6 +267,8 @@ class RouteConfig(_Model):
     def _allow_needs_auth(self) -> RouteConfig:
         if self.auth == "public" and self.allow is not None:
             raise ValueError("allow rules need auth: required")
+        if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header):
+            raise ValueError("passing the access token needs auth: required")
         return self
 
 

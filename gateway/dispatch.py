@@ -30,19 +30,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route is None:
         raise NotFoundError(f"no route for host={request.host!r} path={path}")
     request[ROUTE_NAME] = route.name
-    identity = None
+    session = None
     if route.auth == "required":
         cookie = request.cookies.get(rt.session_cookie)
         session = await rt.sessions.load(cookie)
         if session is not None and cookie is not None and refresh.is_due(session, rt):
             session = await refresh.fresh(rt, cookie, session)
-        identity = session.identity if session else None
+    identity = session.identity if session else None
     decision = policy.decide(route, identity)
     match decision:
         case policy.Allow(identity=allowed):
             if allowed is not None:
                 request[USER_SUB] = allowed.sub
-            return await proxy.forward(request, rt, route, path, allowed)
+            access_token = session.tokens.access_token if session else None
+            return await proxy.forward(request, rt, route, path, allowed, access_token)
         case policy.Challenge():
             return await _challenge(request, rt, path)
         case policy.Deny(reason=reason):

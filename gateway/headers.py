@@ -26,6 +26,7 @@ USER = "X-Forwarded-User"
 EMAIL = "X-Forwarded-Email"
 PREFERRED_USERNAME = "X-Forwarded-Preferred-Username"
 GROUPS = "X-Forwarded-Groups"
+ACCESS_TOKEN = "X-Forwarded-Access-Token"  # noqa: S105  (a header name)
 _IDENTITY = frozenset({
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
     "x-forwarded-groups", "x-forwarded-access-token", "x-auth-request-user",
@@ -74,10 +75,14 @@ def for_upstream(
     *,
     gateway_cookies: frozenset[str],
     preserve_host: bool,
+    injected: Mapping[str, str | None] | None = None,
 ) -> CIMultiDict[str]:
-    """Request headers to send upstream."""
+    """Request headers to send upstream; `injected` (token headers) replace any the client
+    sent under those names (a None value: removed, nothing sent)."""
+    injected = injected or {}
     # Expect is answered by the gateway itself (after the session check), not by the upstream.
-    drop = HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie", "expect"}
+    drop = (HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie", "expect"}
+            | {_normalise(name) for name in injected})
     if not client.trusted:
         drop |= _FORWARDING
     if not preserve_host:
@@ -94,6 +99,20 @@ def for_upstream(
     out.setdefault("X-Forwarded-Host", client.host)
     if identity is not None:
         out.update(identity_headers(identity))
+    out.update({name: value for name, value in injected.items() if value is not None})
+    return out
+
+
+def token_headers(access_token: str | None, *, as_access_token_header: bool,
+                  as_authorization: bool) -> dict[str, str | None]:
+    """The access token, for upstreams that call APIs as the user. A route that passes it
+    claims the header names even when there is no token, so a client's own Authorization or
+    X-Forwarded-Access-Token never gets through."""
+    out: dict[str, str | None] = {}
+    if as_authorization:
+        out["Authorization"] = f"Bearer {access_token}" if access_token else None
+    if as_access_token_header:
+        out[ACCESS_TOKEN] = access_token
     return out
 
 

@@ -62,14 +62,18 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
-                  identity: Identity | None) -> web.StreamResponse:
+                  identity: Identity | None,
+                  access_token: str | None = None) -> web.StreamResponse:
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
     upstream_headers = headers.for_upstream(
         request.headers, identity, _client_info(request, rt),
-        gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host)
+        gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host,
+        injected=headers.token_headers(access_token,
+                                       as_access_token_header=route.pass_access_token,
+                                       as_authorization=route.pass_authorization_header))
     upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
         url = _upstream_url(upstream_to.base, route, path, request.raw_path, websocket=True)

@@ -11,7 +11,8 @@ Canonical form (raw request path, before any decoding by the framework):
 - encoded `/`, `\\` and NUL, double-encoded dots/slashes, raw backslashes and control characters
   are refused: upstreams disagree on what they mean, so no meaning is safe.
 Matching compares path segments without `;params`, because servlet containers route
-`/admin;x=1` to `/admin`.
+`/admin;x=1` to `/admin`; routes marked case_insensitive compare them ignoring case, because
+IIS-style upstreams serve `/ADMIN` as `/admin`.
 """
 
 from __future__ import annotations
@@ -46,17 +47,28 @@ class Route:
     rewrite_redirects: bool
     max_body_size: int | None
     retries: int
+    pass_access_token: bool
+    pass_authorization_header: bool
+    case_insensitive: bool
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
-                   rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries)
+                   rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries,
+                   rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive)
+
+    @property
+    def prefix_segments(self) -> list[str]:
+        return self.prefix.split("/")[1:] if self.prefix != "/" else []
 
     def upstream_path(self, path: str) -> str:
-        if self.strip_prefix and self.prefix != "/":
-            return path[len(self.prefix):] or "/"
-        return path
+        """The path sent upstream: with strip_prefix, minus the segments the prefix matched
+        (their `;params` included, since matching ignored them)."""
+        if not self.strip_prefix or self.prefix == "/":
+            return path
+        rest = path.split("/")[1 + len(self.prefix_segments):]
+        return "/" + "/".join(rest)
 
 
 def _decode_unreserved(match: re.Match[str]) -> str:
@@ -99,11 +111,14 @@ def _match_segments(path: str) -> list[str]:
     return [segment.split(";", 1)[0] for segment in path.split("/")[1:]]
 
 
-def _prefix_matches(prefix: str, segments: list[str]) -> bool:
-    if prefix == "/":
-        return True
-    wanted = prefix.split("/")[1:]
-    return segments[: len(wanted)] == wanted
+def _prefix_matches(route: Route, segments: list[str]) -> bool:
+    wanted = route.prefix_segments
+    got = segments[: len(wanted)]
+    if route.case_insensitive:
+        # SECURITY: IIS-style upstreams serve /ADMIN as /admin, so the route must claim it too,
+        # or /ADMIN would fall through to a more permissive route.
+        return [s.lower() for s in got] == [w.lower() for w in wanted]
+    return got == wanted
 
 
 def _host_rank(route_host: str | None, host: str) -> int:
@@ -129,7 +144,7 @@ class RouteTable:
         chosen: Route | None = None
         for route in self._routes:
             rank = _host_rank(route.host, host)
-            if rank < 0 or not _prefix_matches(route.prefix, segments):
+            if rank < 0 or not _prefix_matches(route, segments):
                 continue
             host_len = len(route.host or "")
             key = (rank, -host_len, -len(route.prefix))

@@ -136,6 +136,10 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("routes.0.path_prefix", "app", "routes[app].path_prefix"),
     ("routes.0.path_prefix", "/oauth2", "reserved"),
     ("routes.0.path_prefix", "/a/../b", "routes[app].path_prefix"),
+    ("routes.0.path_prefix", "/a//b", "no '//'"),
+    ("routes.0.path_prefix", "/a;v=1", "plain ASCII path"),
+    ("routes.0.path_prefix", "/caf\u00e9", "plain ASCII path"),
+    ("routes.0.pass_access_token", "sometimes", "routes[app].pass_access_token"),
     ("routes.0.host", "bad host!", "routes[app].host"),
     ("routes.0.auth", "maybe", "routes[app].auth"),
 ])
@@ -150,6 +154,12 @@ def test_missing_required_keys_are_named() -> None:
     raw = minimal()
     del raw["routes"]
     assert error_of(raw) == "routes: is required"
+
+
+def test_token_passing_on_a_public_route_is_refused() -> None:
+    raw = minimal()
+    raw["routes"][0].update(auth="public", pass_authorization_header=True)
+    assert "passing the access token needs auth: required" in error_of(raw)
 
 
 def test_duplicate_route_names_are_refused() -> None:

@@ -76,3 +76,22 @@ async def test_no_path_trick_reaches_admin_under_the_public_policy(
                 assert "..;" not in path and "/../" not in path, path
             else:
                 assert resp.status in (400, 401, 404, 414), (raw_path, resp.status)
+
+
+async def test_case_insensitive_route_keeps_its_policy_for_every_spelling(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    """IIS-style upstream: /ADMIN is /admin there, so it must be /admin's policy here too."""
+    probe = await make_stack()
+    stack = await make_stack(routes=[
+        {"name": "admin", "path_prefix": "/admin", "upstream": probe.upstream,
+         "case_insensitive": True, "allow": {"groups": ["admins"]}},
+        {"name": "public", "path_prefix": "/", "upstream": probe.upstream, "auth": "public"},
+    ])
+    async with aiohttp.ClientSession() as anonymous:
+        for path in ("/admin/echo", "/ADMIN/echo", "/Admin;x=1/echo", "/%41dmin/echo"):
+            async with anonymous.get(URL(stack.gateway + path, encoded=True),
+                                     headers={"Accept": "application/json"}) as resp:
+                assert resp.status == 401, path
+    await login(browser, stack.gateway, "/ADMIN/echo", user="alice")  # alice is an admin
+    async with browser.get(stack.gateway + "/AdMiN/x", allow_redirects=False) as resp:
+        assert resp.status == 200  # proxied, as the user asked for it

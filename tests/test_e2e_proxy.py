@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Stack, StackFactory, free_port, login, serve
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.demo.upstream import create_upstream_app
@@ -181,6 +182,35 @@ async def test_strip_prefix_preserve_host_and_host_routing(make_stack: StackFact
             echoed = await resp.json()
         hosts = [v for k, v in echoed["headers"] if k.lower() == "host"]
         assert hosts == [URL(probe.upstream).raw_authority]  # not preserved by default
+
+
+async def test_routes_can_pass_the_access_token_and_clients_cannot_forge_it(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    probe = await make_stack()
+    stack = await make_stack(routes=[
+        {"name": "api", "path_prefix": "/api", "upstream": probe.upstream, "strip_prefix": True,
+         "pass_access_token": True, "pass_authorization_header": True},
+        {"name": "app", "path_prefix": "/", "upstream": probe.upstream},
+    ])
+    await login(browser, stack.gateway, "/echo")
+    forged = [("Authorization", "Basic YWRtaW46YWRtaW4="), ("authorization", "Bearer forged"),
+              ("X-Forwarded-Access-Token", "forged"), ("X_Forwarded_Access_Token", "forged")]
+    async with browser.get(stack.gateway + "/api/echo", headers=CIMultiDict(forged)) as resp:
+        sent = [(k.lower(), v) for k, v in (await resp.json())["headers"]]
+    authorizations = [v for k, v in sent if k == "authorization"]
+    tokens = [v for k, v in sent if k.replace("_", "-") == "x-forwarded-access-token"]
+    assert len(authorizations) == 1 and len(tokens) == 1, sent
+    assert authorizations[0] == f"Bearer {tokens[0]}" and "forged" not in tokens[0]
+    async with aiohttp.ClientSession() as http:  # it is the user's real token
+        async with http.get(stack.idp + "/userinfo",
+                            headers={"Authorization": authorizations[0]}) as resp:
+            assert resp.status == 200 and (await resp.json())["sub"] == "alice"
+    # Routes that do not pass tokens leave the client's own Authorization alone (Basic auth apps)
+    async with browser.get(stack.gateway + "/echo",
+                           headers={"Authorization": "Basic dXNlcjpwdw=="}) as resp:
+        sent = [(k.lower(), v) for k, v in (await resp.json())["headers"]]
+    assert ("authorization", "Basic dXNlcjpwdw==") in sent
+    assert not any(k == "x-forwarded-access-token" for k, _ in sent)
 
 
 async def test_access_log_has_one_line_per_request_with_route_status_and_user(

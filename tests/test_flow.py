@@ -110,6 +110,9 @@ async def test_client_secret_post_sends_credentials_in_the_form(
     (200, {"access_token": "at", "token_type": "Bearer"}, IdPError),
     (200, {"access_token": "at", "id_token": "it", "token_type": "mac"}, IdPError),
     (200, ["not", "an", "object"], IdPError),
+    (200, {"access_token": "at\r\nX-Evil: 1", "id_token": "it", "token_type": "Bearer"},
+     IdPError),
+    (200, {"access_token": "", "id_token": "it", "token_type": "Bearer"}, IdPError),
 ])
 async def test_bad_token_responses_are_errors(
         endpoint: tuple[TokenEndpoint, ProviderMetadata], status: int, body: Any,

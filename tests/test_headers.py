@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from gateway.headers import ClientInfo, for_upstream, from_upstream
+from gateway.headers import ClientInfo, for_upstream, from_upstream, token_headers
 from gateway.identity import Identity
 
 CLIENT = ClientInfo(ip="203.0.113.9", scheme="https", host="app.example.com", trusted=False)
@@ -43,6 +43,25 @@ def test_client_identity_headers_are_stripped_in_every_spelling(
     values = [v for k, v in out.items() if k.lower().replace("_", "-") ==
               name.lower().replace("_", "-")]
     assert "admin" not in values and "admin2" not in values
+
+
+@pytest.mark.parametrize("name", ["Authorization", "authorization", "AUTHORIZATION",
+                                  "X-Forwarded-Access-Token", "x_forwarded_access_token"])
+@pytest.mark.parametrize("token", ["real-token", None])
+def test_passed_tokens_replace_every_client_spelling(name: str, token: str | None) -> None:
+    injected = token_headers(token, as_access_token_header=True, as_authorization=True)
+    out = for_upstream(CIMultiDict([(name, "forged"), (name, "forged2")]), BOB, CLIENT,
+                       gateway_cookies=GATEWAY_COOKIES, preserve_host=False, injected=injected)
+    assert "forged" not in " ".join(out.values())
+    assert out.getall("Authorization", []) == ([f"Bearer {token}"] if token else [])
+    assert out.getall("X-Forwarded-Access-Token", []) == ([token] if token else [])
+
+
+def test_client_authorization_is_kept_when_the_route_passes_no_token() -> None:
+    injected = token_headers("t", as_access_token_header=True, as_authorization=False)
+    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), BOB, CLIENT,
+                       gateway_cookies=GATEWAY_COOKIES, preserve_host=False, injected=injected)
+    assert out["Authorization"] == "Basic eDp5" and out["X-Forwarded-Access-Token"] == "t"
 
 
 def test_identity_headers_come_from_the_session() -> None:

@@ -95,3 +95,25 @@ def test_strip_prefix_forwards_the_rest_of_the_path() -> None:
     assert stripped.upstream_path("/api") == "/"
     kept = Route.from_config(route("k", "/api"))
     assert kept.upstream_path("/api/v1") == "/api/v1"
+
+
+def test_strip_prefix_drops_the_params_of_the_stripped_segments() -> None:
+    """Matching ignored `;params`, so stripping must remove the whole matched segments."""
+    stripped = Route.from_config(route("s", "/api/v1", strip_prefix=True))
+    assert stripped.upstream_path("/api;jsessionid=1/v1/x") == "/x"
+    assert stripped.upstream_path("/api/v1/") == "/"
+
+
+def test_case_insensitive_route_claims_every_spelling_of_its_prefix() -> None:
+    table = RouteTable((route("public", auth="public"),
+                        route("admin", "/admin", case_insensitive=True),
+                        route("api", "/api", strip_prefix=True, case_insensitive=True)))
+    for path in ("/admin/x", "/ADMIN/x", "/Admin", "/aDmIn;x=1/y"):
+        assert table.match("gw", path).name == "admin", path  # type: ignore[union-attr]
+    api = table.match("gw", "/API/v1")
+    assert api is not None and api.upstream_path("/API/v1") == "/v1"
+
+
+def test_case_sensitive_route_leaves_other_spellings_to_other_routes() -> None:
+    table = RouteTable((route("public", auth="public"), route("admin", "/admin")))
+    assert table.match("gw", "/ADMIN/x").name == "public"  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -19,6 +20,8 @@ from yarl import URL
 from gateway.errors import IdPError, LoginError
 from gateway.oidc.provider import ProviderMetadata, fetch_json
 from gateway.sessions.model import TokenSet
+
+_TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,16384}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,9 @@ async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata
     refresh = body.get("refresh_token") or (previous.refresh_token if previous else None)
     if not isinstance(access, str) or not isinstance(id_token, str):
         raise IdPError("token response lacks access_token or id_token")
+    # The access token goes into header values (userinfo, upstreams): visible ASCII only.
+    if not _TOKEN_CHARS.match(access):
+        raise IdPError("token response has an access_token that cannot be sent in a header")
     if str(body.get("token_type", "")).lower() != "bearer":
         raise IdPError("token response has a token_type other than Bearer")
     expires_in = body.get("expires_in")
