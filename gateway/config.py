@@ -55,6 +55,7 @@ class ServerConfig(_Model):
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: Duration = 10.0
     max_header_size: Size = 16 * 1024
+    login_starts_per_minute: int = Field(default=120, ge=0)
 
     @field_validator("listen")
     @classmethod

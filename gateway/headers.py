@@ -8,8 +8,9 @@ and WSGI stacks fold "_" into "-": both spellings are stripped).
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, MultiMapping
@@ -45,6 +46,29 @@ class ClientInfo:
     scheme: str
     host: str
     trusted: bool  # the peer is a trusted proxy whose X-Forwarded-* may be kept
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a Unix socket peer, or garbage in X-Forwarded-For
+        return False
+    return any(ip in network for network in trusted)
+
+
+def client_address(peer: str, forwarded_for: Iterable[str], trusted: Sequence[Network]) -> str:
+    """Who the client is: the peer, or, behind trusted proxies, the right-most
+    X-Forwarded-For hop that is not one of them (hops further left are client-supplied)."""
+    if not is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
 
 
 def _normalise(name: str) -> str:

@@ -16,7 +16,9 @@ import secrets
 
 from aiohttp import web
 
+from gateway import ratelimit
 from gateway.errors import IdPError, LoginError
+from gateway.headers import client_address
 from gateway.identity import Identity
 from gateway.oidc import flow, tokens
 from gateway.pages import redirect
@@ -33,12 +35,18 @@ _IDP_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 _USERINFO_CLAIMS = ("email", "preferred_username")
 
 
+def _address_of(request: web.Request, rt: Runtime) -> str:
+    return client_address(request.remote or "", request.headers.getall("X-Forwarded-For", ()),
+                          rt.config.server.trusted_networks)
+
+
 def _binding_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
+    await ratelimit.check_login_start(rt, _address_of(request, rt))
     metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")
@@ -116,7 +124,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise LoginError(f"claims unusable: {exc}") from exc
     await rt.sessions.delete(request.cookies.get(rt.session_cookie))
-    client = Client(request.remote or "-", request.headers.get("User-Agent", "-")[:200])
+    client = Client(_address_of(request, rt) or "-",
+                    request.headers.get("User-Agent", "-")[:200])
     cookie = await rt.sessions.create(identity, token_set, client)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)

@@ -10,7 +10,6 @@ here: refused or broken connections are UpstreamError (502), timeouts UpstreamTi
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
@@ -37,14 +36,7 @@ _SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
 
 def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
     peer = request.remote or ""
-    trusted = False
-    if peer and rt.config.server.trusted_proxies:
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:  # a Unix socket peer has no address
-            address = None
-        trusted = address is not None and any(
-            address in net for net in rt.config.server.trusted_networks)
+    trusted = headers.is_trusted(peer, rt.config.server.trusted_networks)
     return headers.ClientInfo(ip=peer, scheme=request.scheme, host=request.host, trusted=trusted)
 
 

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from conftest import (
     BROWSER_HEADERS,
+    FakeClock,
     Stack,
     StackFactory,
     free_port,
@@ -368,3 +369,29 @@ async def test_authorization_response_from_another_issuer_is_refused(
     async with browser.get(forged, allow_redirects=False) as resp:
         assert resp.status == 400
         assert "gateway_session" not in resp.cookies
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_sign_in_starts_are_limited_per_client_address(
+        make_stack: StackFactory, clock: FakeClock, store: str,
+        request: pytest.FixtureRequest) -> None:
+    """Each start stores a login attempt: an anonymous flood must not fill the store."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else "memory://"
+    stack = await make_stack(store=url, clock=clock, server={
+        "login_starts_per_minute": 3, "trusted_proxies": ["127.0.0.1/32"]})
+
+    async def start(path: str, forwarded_for: str = "198.51.100.7") -> aiohttp.ClientResponse:
+        async with aiohttp.ClientSession() as http:
+            resp = await http.get(stack.gateway + path, allow_redirects=False,
+                                  headers={**BROWSER_HEADERS, "X-Forwarded-For": forwarded_for})
+            await resp.read()
+            return resp
+
+    assert [(await start(p)).status for p in ("/", "/a", "/oauth2/start")] == [302] * 3
+    refused = await start("/b", forwarded_for="9.9.9.9, 198.51.100.7")  # forged left part
+    assert refused.status == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "Too many sign-in attempts" in await refused.text()
+    assert (await start("/", forwarded_for="198.51.100.8")).status == 302  # someone else
+    assert (await start("/", forwarded_for="2001:db8::1")).status == 302
+    clock.advance(60)
+    assert (await start("/")).status == 302  # the next minute

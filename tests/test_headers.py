@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from multidict import CIMultiDict
 
-from gateway.headers import ClientInfo, for_upstream, from_upstream, token_headers
+from gateway.headers import (
+    ClientInfo,
+    client_address,
+    for_upstream,
+    from_upstream,
+    token_headers,
+)
 from gateway.identity import Identity
 
 CLIENT = ClientInfo(ip="203.0.113.9", scheme="https", host="app.example.com", trusted=False)
@@ -153,3 +161,20 @@ def test_upstream_cookies_are_scoped_to_where_the_browser_sees_the_app(
                         upstream_origin="http://app.internal:8080", prefix=prefix)
     assert out.getall("Set-Cookie")[0] == expected
     assert len(out.getall("Set-Cookie")) == 2
+
+
+LB = (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize(("peer", "forwarded_for", "expected"), [
+    ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),          # untrusted peer: XFF ignored
+    ("10.0.0.2", ["198.51.100.1"], "198.51.100.1"),            # behind our load balancer
+    ("10.0.0.2", ["1.1.1.1, 198.51.100.1, 10.0.0.7"], "198.51.100.1"),  # left part is forged
+    ("10.0.0.2", ["1.1.1.1", "198.51.100.1"], "198.51.100.1"),  # repeated header
+    ("10.0.0.2", ["10.0.0.5, 10.0.0.6"], "10.0.0.5"),          # all trusted: the first
+    ("10.0.0.2", [], "10.0.0.2"),
+    ("", ["198.51.100.1"], ""),                                 # Unix socket peer
+])
+def test_client_address_trusts_only_the_hops_our_proxies_added(
+        peer: str, forwarded_for: list[str], expected: str) -> None:
+    assert client_address(peer, forwarded_for, LB) == expected

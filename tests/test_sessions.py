@@ -7,6 +7,7 @@ that was set, since Redis expires keys on its own clock.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -208,6 +209,17 @@ async def test_login_attempt_expires_after_ten_minutes(clock: FakeClock) -> None
     assert await store.pop_attempt("s") is None
 
 
+async def test_counter_counts_within_its_window_only(backend: Backend,
+                                                     clock: FakeClock) -> None:
+    assert [await backend.count("c", 0.3) for _ in range(3)] == [1, 2, 3]
+    assert await backend.count("other", 0.3) == 1
+    _, ttl = await backend.get("c")
+    assert ttl is not None and ttl <= 0.3  # counting again never extends the window
+    await asyncio.sleep(0.35)  # Redis's clock
+    clock.advance(0.35)  # the memory backend's
+    assert await backend.count("c", 0.3) == 1
+
+
 async def test_memory_backend_sweeps_expired_records(clock: FakeClock) -> None:
     backend = MemoryBackend(clock)
     for i in range(100):
@@ -223,7 +235,7 @@ async def test_unreachable_redis_is_store_unavailable() -> None:
     try:
         calls: list[Callable[[], object]] = [
             lambda: backend.get("k"), lambda: backend.set("k", b"v", 1),
-            lambda: backend.pop("k"), lambda: backend.ping(),
+            lambda: backend.pop("k"), lambda: backend.ping(), lambda: backend.count("k", 1),
         ]
         for call in calls:
             with pytest.raises(StoreUnavailableError):

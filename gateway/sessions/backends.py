@@ -34,6 +34,10 @@ class Backend(Protocol):
     async def delete_if(self, key: str, value: bytes) -> None:
         """Delete `key` only while it still holds `value` (releasing a lock we own)."""
 
+    async def count(self, key: str, ttl: float) -> int:
+        """Add one to a counter and return it; the counter expires `ttl` after it was
+        created, however often it is counted (fixed-window rate limits)."""
+
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         """Add to a set that lives at least `ttl` more seconds (indexes: user -> sessions)."""
 
@@ -105,6 +109,13 @@ class MemoryBackend:
         entry = self._live(key)
         if entry is not None and entry[0] == value:
             del self._data[key]
+
+    async def count(self, key: str, ttl: float) -> int:
+        self._sweep()
+        entry = self._live(key)
+        value = int(entry[0]) + 1 if entry else 1
+        self._data[key] = (str(value).encode(), entry[1] if entry else self._clock() + ttl)
+        return value
 
     def _live_set(self, key: str) -> builtins.set[str]:
         entry = self._sets.get(key)

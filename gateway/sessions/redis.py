@@ -115,6 +115,16 @@ class RedisBackend:
     async def delete_if(self, key: str, value: bytes) -> None:
         await self._call("EVAL", self._client.eval(_DELETE_IF, 1, key, value))
 
+    async def count(self, key: str, ttl: float) -> int:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.incr(key)
+                pipe.pexpire(key, _ms(ttl), nx=True)  # only the first count sets the window
+                value, _ = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"redis INCR failed: {type(exc).__name__}") from exc
+        return int(value)
+
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
