@@ -10,12 +10,14 @@ here: refused or broken connections are UpstreamError (502), timeouts UpstreamTi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import StreamReader, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import headers, websocket
@@ -23,7 +25,7 @@ from gateway.errors import PayloadTooLargeError, UpstreamError, UpstreamTimeoutE
 from gateway.identity import Identity
 from gateway.routing import Route
 from gateway.runtime import Runtime
-from gateway.upstreams import Upstream
+from gateway.upstreams import Upstream, relaying_interim
 
 log = logging.getLogger("gateway.proxy")
 
@@ -73,13 +75,13 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                                        watch_session=identity is not None)
     body = _limited(request, route) if request.body_exists else None
     url = _upstream_url(upstream_to.base, route, path, request.raw_path)
+    relay = functools.partial(_relay_interim, request, route, upstream_to)
     try:
-        async with await _send(upstream_to, request, route, url, upstream_headers,
-                               body) as upstream:
+        with relaying_interim(relay):
+            upstream = await _send(upstream_to, request, route, url, upstream_headers, body)
+        async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(headers.from_upstream(
-                upstream.headers, prefix=route.prefix if route.strip_prefix else "/",
-                upstream_origin=upstream_to.base if route.rewrite_redirects else None))
+            response.headers.extend(_response_headers(route, upstream_to, upstream.headers))
             await response.prepare(request)
             await _stream_body(request, upstream, response, route)
             return response
@@ -89,6 +91,29 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
         if isinstance(exc.__cause__, PayloadTooLargeError):
             raise exc.__cause__ from exc
         raise UpstreamError(f"route {route.name}: {type(exc).__name__}") from exc
+
+
+def _response_headers(route: Route, upstream_to: Upstream,
+                      upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return headers.from_upstream(
+        upstream_headers, prefix=route.prefix if route.strip_prefix else "/",
+        upstream_origin=upstream_to.base if route.rewrite_redirects else None)
+
+
+async def _relay_interim(request: web.Request, route: Route, upstream_to: Upstream,
+                         status: int, reason: str,
+                         upstream_headers: CIMultiDictProxy[str]) -> None:
+    """Pass a 1xx (e.g. 103 Early Hints) on before the final response; never to an HTTP/1.0
+    client, which would not understand it (RFC 9110 §15.2)."""
+    if request.version < (1, 1):
+        return
+    lines = [f"HTTP/1.1 {status} {reason or 'Informational'}"]
+    lines += [f"{name}: {value}"
+              for name, value in _response_headers(route, upstream_to, upstream_headers).items()]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    with contextlib.suppress(ConnectionResetError):  # the final write will notice it too
+        await request.writer.write(head)
+    request.writer.output_size = 0  # the final response (or an error page) is still to come
 
 
 async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: URL,

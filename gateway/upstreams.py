@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from gateway.config import RouteConfig, UpstreamTLSConfig
 
@@ -32,9 +36,51 @@ class Upstream:
     ssl: ssl.SSLContext | bool  # True: default verification against the system CAs
 
 
+InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
+# Per request (each request is its own task), so concurrent requests never see each other's.
+_ON_INTERIM: ContextVar[InterimHandler | None] = ContextVar("gateway_on_interim", default=None)
+
+
+@contextmanager
+def relaying_interim(handler: InterimHandler) -> Iterator[None]:
+    """While active, 1xx responses (other than 100 and 101) to this task's upstream request
+    are handed to `handler` before the final response arrives."""
+    token = _ON_INTERIM.set(handler)
+    try:
+        yield
+    finally:
+        _ON_INTERIM.reset(token)
+
+
+class _InterimRelayingResponse(aiohttp.ClientResponse):
+    """aiohttp's client reads and drops interim responses inside `start`; this one first
+    passes them on (RFC 9110 §15.2: a proxy forwards 1xx it did not ask for, e.g. 103 Early
+    Hints). The connection's `read` is wrapped for the duration of `start` only."""
+
+    async def start(self, connection: Any) -> aiohttp.ClientResponse:
+        handler = _ON_INTERIM.get()
+        protocol = connection.protocol
+        if handler is None or protocol is None:
+            return await super().start(connection)
+        read = protocol.read
+
+        async def read_relaying() -> Any:
+            message, payload = await read()
+            if 101 < message.code < 200:
+                await handler(message.code, message.reason, message.headers)
+            return message, payload
+
+        protocol.read = read_relaying
+        try:
+            return await super().start(connection)
+        finally:
+            del protocol.read
+
+
 def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
     session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                    auto_decompress=False)
+                                    auto_decompress=False,
+                                    response_class=_InterimRelayingResponse)
     # aiohttp resends an idempotent request once when the connection drops after it was sent.
     # The upstream may have acted on it (legacy apps do things on GET), so the gateway only
     # retries requests that certainly never arrived (proxy._send); there is no public switch.

@@ -413,6 +413,37 @@ async def test_head_options_204_and_304_pass_through_correctly(stack: Stack) -> 
             assert resp.status == 418  # upstream errors are the upstream's to show
 
 
+async def raw_get(stack: Stack, target: str, version: str = "1.1") -> tuple[bytes, float]:
+    """The whole raw answer, and when its first bytes arrived (seconds after sending)."""
+    url = URL(stack.gateway)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(f"GET {target} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     .encode())
+        sent = time.monotonic()
+        first = await asyncio.wait_for(reader.read(1), timeout=5)
+        arrived = time.monotonic() - sent
+        return first + await asyncio.wait_for(reader.read(), timeout=5), arrived
+    finally:
+        writer.close()
+
+
+async def test_103_early_hints_are_relayed_before_the_final_response(stack: Stack) -> None:
+    answer, arrived = await raw_get(stack, "/public/early-hints")
+    interim, final = answer.split(b"\r\n\r\n", 1)
+    assert interim.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert b"Link: </style.css>; rel=preload" in interim
+    assert b"X-Hop" not in interim  # hop-by-hop (named in Connection) as in final responses
+    assert final.startswith(b"HTTP/1.1 200") and final.endswith(b"page after hints")
+    assert arrived < 0.15  # the hint came as soon as the upstream sent it, not with the page
+
+
+async def test_http_1_0_clients_get_no_interim_responses(stack: Stack) -> None:
+    answer, _ = await raw_get(stack, "/public/early-hints", version="1.0")
+    assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:40]
+    assert b" 103 " not in answer
+
+
 async def test_fat_cookies_pass_up_to_the_header_limit(stack: Stack) -> None:
     cookie = "legacy=" + "c" * 15000
     async with aiohttp.ClientSession() as http:

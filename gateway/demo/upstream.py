@@ -64,6 +64,15 @@ async def _set_cookies(request: web.Request) -> web.Response:
     return response
 
 
+async def _early_hints(request: web.Request) -> web.Response:
+    """103 Early Hints (RFC 8297), then the page a moment later, as CDNs and frameworks do."""
+    await request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
+                               b"\r\nConnection: x-hop\r\nX-Hop: dropped\r\n\r\n")
+    request.writer.output_size = 0
+    await asyncio.sleep(0.2)
+    return web.Response(text="page after hints", headers={"Link": "</style.css>; rel=preload"})
+
+
 async def _stream(request: web.Request) -> web.StreamResponse:
     chunks = int(request.query.get("chunks", "3"))
     delay = float(request.query.get("delay", "0.1"))
@@ -137,6 +146,7 @@ def create_upstream_app(name: str = "demo upstream") -> web.Application:
     app.router.add_get("/set-cookies", _set_cookies)
     app.router.add_get("/public/set-cookies", _set_cookies)
     app.router.add_get("/stream", _stream)
+    app.router.add_get("/public/early-hints", _early_hints)
     app.router.add_get("/public/stream", _stream)
     app.router.add_get("/events", _events)
     app.router.add_get("/public/events", _events)
