@@ -20,9 +20,9 @@ class Identity:
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, object], groups_claim: str) -> Identity:
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub:
-            raise ValueError("claims have no 'sub'")
+        sub = _text(claims.get("sub"))
+        if sub is None:
+            raise ValueError("claims have no usable 'sub'")
         return cls(
             sub=sub,
             email=_text(claims.get("email")),
@@ -53,12 +53,15 @@ def _is_true(value: object) -> bool:
 
 
 def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A claim fit for a header value: control characters would split or break the header."""
+    return value if isinstance(value, str) and value and value.isprintable() else None
 
 
 def _groups(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if isinstance(value, list | tuple):
-        return tuple(str(v) for v in value if isinstance(v, str | int) and str(v))
-    return ()
+    """Groups are sent upstream comma-separated, so a name with a comma would read as two
+    groups there (`staff,admins`): such names are dropped, as are unprintable ones."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple):
+        return ()
+    names = (_text(str(v)) for v in values if isinstance(v, str | int))
+    return tuple(name for name in names if name is not None and "," not in name)

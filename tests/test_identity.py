@@ -25,12 +25,20 @@ def test_email_verified_counts_only_when_explicitly_true(value: object, verified
 @pytest.mark.parametrize(("value", "groups"), [
     (["a", "b"], ("a", "b")), ("solo", ("solo",)), ("", ()), (None, ()), ({"a": 1}, ()),
     (["a", 7, None, ""], ("a", "7")),
+    (["staff,admins", "ops"], ("ops",)),  # would read as two groups upstream
+    (["ok", "bad\r\nX-Forwarded-User: root"], ("ok",)),
 ])
 def test_groups_claim_shapes(value: object, groups: tuple[str, ...]) -> None:
     assert Identity.from_claims({"sub": "u", "groups": value}, "groups").groups == groups
 
 
-@pytest.mark.parametrize("claims", [{}, {"sub": ""}, {"sub": 5}])
+def test_claims_that_would_break_a_header_value_are_left_out() -> None:
+    identity = Identity.from_claims({"sub": "u", "email": "a@x\r\nX-Evil: 1",
+                                     "preferred_username": "tab\there"}, "groups")
+    assert identity.email is None and identity.preferred_username is None
+
+
+@pytest.mark.parametrize("claims", [{}, {"sub": ""}, {"sub": 5}, {"sub": "u\n"}])
 def test_sub_is_required(claims: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="sub"):
         Identity.from_claims(claims, "groups")

@@ -66,6 +66,10 @@ def test_valid_id_token_returns_its_claims() -> None:
     ({"exp": None}, "exp"),
     ({"iat": None}, "iat"),
     ({"sub": None}, "sub"),
+    ({"sub": 42}, "sub is not a string"),
+    ({"sub": ""}, "sub"),
+    ({"sub": "alice\r\nX-Forwarded-Groups: admins"}, "printable"),
+    ({"sub": "a" * 256}, "255"),
 ])
 def test_id_token_failing_a_claim_check_is_refused(changes: dict[str, Any], check: str) -> None:
     with pytest.raises(TokenError, match=check):

@@ -133,6 +133,11 @@ def _check_common(claims: dict[str, object], expect: Expectations, *,
 
 def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | None) -> None:
     _check_common(claims, expect, sub_required=True)
+    # Core §2: sub is a string of at most 255 characters; it becomes a header value, so no
+    # control characters either.
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not 0 < len(sub) <= 255 or not sub.isprintable():
+        raise TokenError("sub is not a string of 1 to 255 printable characters")
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     # Core §3.1.3.7 (4)-(5): with several audiences, azp must be present and be us.
     if len(audiences) > 1 and claims.get("azp") != expect.client_id:
