@@ -113,6 +113,21 @@ def _start_plain(directory: Path, deployment: Deployment) -> None:
     _wait_for_port(port)
 
 
+def start_persistent(directory: Path, port: int | None = None) -> Deployment:
+    """A redis-server that writes every command to its append-only file in `directory`, so a
+    kill and a start on the same directory and port is a restart that keeps the data."""
+    port = port or _free_port()
+
+    def start(directory: Path, deployment: Deployment) -> None:
+        deployment.url = f"redis://127.0.0.1:{port}/0"
+        deployment.processes.append(_start(
+            ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always"], directory))
+        _wait_for_port(port)
+
+    return _started(start, directory)
+
+
 def start_cluster(directory: Path) -> Deployment:
     """Stops what it started if it fails half-way (see _started)."""
     return _started(_start_cluster, directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, idp_sign_in, login, serve
-from redis_servers import Deployment, missing_binaries, start_plain
+from redis_servers import Deployment, missing_binaries, start_persistent, start_plain
 from yarl import URL
 
 from gateway.app import build_app
@@ -58,6 +59,52 @@ async def test_hung_store_gives_503_fast_then_recovers_with_every_session(
         os.kill(own_redis.processes[0].pid, signal.SIGCONT)  # and comes back
     assert await status_of(browser, stack.gateway + "/echo") == 200  # the session survived
     assert await status_of(browser, stack.gateway + "/oauth2/readyz") == 200
+
+
+async def test_store_killed_and_restarted_under_load_serves_every_session_again(
+        make_stack: StackFactory, tmp_path: Path) -> None:
+    """Redis dies with requests in flight: each gets its user's 200 or a 503, never a pass,
+    a 401 or a 500; once Redis is back every session made before works again."""
+    reason = missing_binaries()
+    if reason:
+        pytest.skip(reason)
+    redis = start_persistent(tmp_path)
+    port = URL(redis.url).port
+    async with contextlib.AsyncExitStack() as closing:
+        stack = await make_stack(store=redis.url, session={"store_timeout": "500ms"})
+        users = ["alice", "bob", "alice", "bob", "alice"]
+        browsers = [await closing.enter_async_context(aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=BROWSER_HEADERS))
+            for _ in users]
+        closing.callback(lambda: redis.stop())
+        for browser, user in zip(browsers, users, strict=True):
+            await login(browser, stack.gateway, "/echo", user=user)
+        stop = asyncio.Event()
+        seen: list[int] = []
+
+        async def keep_asking(browser: aiohttp.ClientSession, user: str) -> None:
+            while not stop.is_set():
+                async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
+                    assert resp.status in (200, 503), resp.status
+                    if resp.status == 200:
+                        echoed = dict((await resp.json())["headers"])
+                        assert echoed["X-Forwarded-User"] == user
+                    seen.append(resp.status)
+
+        workers = [asyncio.create_task(keep_asking(b, u))
+                   for b, u in zip(browsers, users, strict=True)]
+        await asyncio.sleep(0.3)
+        redis.processes[0].kill()  # SIGKILL: no goodbye, connections just break
+        redis.processes[0].wait()
+        await asyncio.sleep(1.0)
+        redis = start_persistent(tmp_path, port)  # same port, same append-only file
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+        assert 503 in seen and seen[-1] == 200  # the outage was seen, and it ended
+        for browser in browsers:
+            assert await status_of(browser, stack.gateway + "/echo") == 200
+        assert await status_of(browsers[0], stack.gateway + "/oauth2/readyz") == 200
 
 
 async def test_idp_outage_keeps_sessions_and_fails_new_logins_clearly(
