@@ -1,9 +1,11 @@
 """Measure the per-request cost of the gateway: direct upstream vs. through the gateway.
 
-Starts the demo IdP, the sample upstream and a gateway on loopback (memory store, or Redis
-with --store redis://...), signs in once, then sends a bounded number of requests with a fixed
-concurrency to each target and prints requests/s and latency percentiles, one row per target.
-Compare rows of one run only; the load generator shares the machine's cores.
+Three processes, as in production: the gateway (`gateway run`, memory store or Redis with
+--store redis://...), the demo IdP and sample upstream in a second one, and this load generator.
+It signs in once, then sends a bounded number of requests with a fixed concurrency to each
+target and prints requests/s and latency percentiles, one row per target; with Redis, also the
+Redis commands each signed-in request cost (from INFO commandstats). The processes share the
+machine's cores, so compare rows of one run only.
 
     python bench/proxy_bench.py --requests 5000 --concurrency 20
     python bench/proxy_bench.py --store redis://127.0.0.1:6379/15
@@ -13,21 +15,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+import redis
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, raw_config, serve
 
-from gateway import config as config_module
-from gateway.app import build_app
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
+
+
+def _serve_backends(idp_port: int, upstream_port: int, gateway: str) -> None:
+    """The IdP and the upstream, in a process of their own (the target of a child process)."""
+    async def run() -> None:
+        idp = f"http://127.0.0.1:{idp_port}"
+        client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",))
+        await serve(create_idp_app(idp, [client]), idp_port)
+        await serve(create_upstream_app(), upstream_port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+async def _wait_ready(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"{url} did not become ready")
 
 
 async def _load(http: aiohttp.ClientSession, url: str, total: int,
@@ -56,32 +86,57 @@ def _row(name: str, latencies: list[float], elapsed: float) -> str:
             f"p90 {p[89]:6.2f} ms   p99 {p[98]:6.2f} ms")
 
 
-async def main(args: argparse.Namespace) -> None:
-    gw_port, idp_port = free_port(), free_port()
-    gateway, idp = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{idp_port}"
-    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",))
-    runners = [(await serve(create_idp_app(idp, [client]), idp_port))[0]]
-    runner, upstream = await serve(create_upstream_app())
-    runners.append(runner)
-    raw = raw_config(gateway, idp, upstream, store=args.store)
-    config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
-    runners.append((await serve(build_app(config), gw_port))[0])
+def _redis_calls(url: str) -> int:
+    client = redis.Redis.from_url(url)
     try:
-        jar = aiohttp.CookieJar(unsafe=True)
-        async with aiohttp.ClientSession(cookie_jar=jar, headers=BROWSER_HEADERS) as http:
-            await login(http, gateway, "/echo")
-            print(f"{args.requests} requests, concurrency {args.concurrency}, "
-                  f"store {args.store}")
-            for name, url in (("upstream direct", upstream + "/echo"),
-                              ("gateway public route", gateway + "/public/echo"),
-                              ("gateway with session", gateway + "/echo")):
-                await _load(http, url, min(200, args.requests), args.concurrency)  # warm up
-                started = time.perf_counter()
-                latencies = await _load(http, url, args.requests, args.concurrency)
-                print(_row(name, latencies, time.perf_counter() - started))
+        stats = client.info("commandstats")
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        client.close()
+    return sum(int(entry["calls"]) for entry in stats.values())
+
+
+async def _measure(args: argparse.Namespace, gateway: str, upstream: str) -> None:
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar, headers=BROWSER_HEADERS) as http:
+        await login(http, gateway, "/echo")
+        print(f"{args.requests} requests, concurrency {args.concurrency}, store {args.store}")
+        for name, url in (("upstream direct", upstream + "/echo"),
+                          ("gateway public route", gateway + "/public/echo"),
+                          ("gateway with session", gateway + "/echo")):
+            await _load(http, url, min(200, args.requests), args.concurrency)  # warm up
+            calls = _redis_calls(args.store) if args.store.startswith("redis") else 0
+            started = time.perf_counter()
+            latencies = await _load(http, url, args.requests, args.concurrency)
+            print(_row(name, latencies, time.perf_counter() - started))
+            if args.store.startswith("redis"):
+                per_request = (_redis_calls(args.store) - calls - 1) / args.requests
+                print(f"{'':<28} Redis commands per request: {per_request:.2f}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    gw_port, idp_port, upstream_port = free_port(), free_port(), free_port()
+    gateway = f"http://127.0.0.1:{gw_port}"
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    backends = multiprocessing.get_context("spawn").Process(
+        target=_serve_backends, args=(idp_port, upstream_port, gateway), daemon=True)
+    backends.start()
+    with tempfile.TemporaryDirectory() as workdir:
+        raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store)
+        config = Path(workdir) / "gateway.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        await _wait_ready(upstream + "/echo")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(config),
+            env={**os.environ, "SECRET": CLIENT_SECRET},
+            stderr=asyncio.subprocess.DEVNULL)  # the access log is written, as in production
+        try:
+            await _wait_ready(gateway + "/oauth2/readyz")
+            await _measure(args, gateway, upstream)
+        finally:
+            proc.terminate()
+            await proc.wait()
+            backends.terminate()
+            backends.join()
 
 
 if __name__ == "__main__":
