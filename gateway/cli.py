@@ -68,8 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"store error: {exc.detail}", file=sys.stderr)
         return 1
     observability.setup(config.logging)
-    logging.getLogger("gateway").info("gateway_starting listen=%s public_url=%s routes=%d",
-                                      config.server.listen, config.server.public_url,
-                                      len(config.routes))
+    log = logging.getLogger("gateway")
+    log.info("gateway_starting listen=%s public_url=%s routes=%d", config.server.listen,
+             config.server.public_url, len(config.routes))
+    if config.session.store_location.kind == "memory":
+        # Nothing can tell from here whether other replicas run; say what this choice means.
+        log.warning("session_store_in_memory: sessions live in this process only; they end "
+                    "on restart and other replicas cannot see them (use redis:// for more "
+                    "than one replica)")
     asyncio.run(server.serve(build_app(config), config))
     return 0

@@ -103,6 +103,7 @@ async def test_run_serves_until_sigterm_and_exits_zero(tmp_path: Path) -> None:
         _, err = await proc.communicate()
     assert code == 0, err.decode()
     assert b"gateway_starting" in err
+    assert b"session_store_in_memory" in err  # the default store is per process: say so
 
 
 def redis_config(tmp_path: Path, redis_url: str) -> Path:

@@ -111,6 +111,8 @@ async def test_sigterm_drains_in_flight_work_closes_websockets_and_exits_zero(
     with pytest.raises(aiohttp.ClientPayloadError):
         await too_long  # cut at the drain timeout
     await ws.close()
+    log = gateway.log.read_text()
+    assert "gateway_stopping" in log and "session_store_in_memory" not in log
 
 
 async def test_restart_under_load_loses_no_session_and_lets_no_one_in(
