@@ -76,5 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("session_store_in_memory: sessions live in this process only; they end "
                     "on restart and other replicas cannot see them (use redis:// for more "
                     "than one replica)")
-    asyncio.run(server.serve(build_app(config), config))
+    try:
+        asyncio.run(server.serve(build_app(config), config))
+    except ConfigError as exc:  # found only once serving starts: the address is taken
+        print(f"config error: {exc}", file=sys.stderr)
+        return 1
     return 0

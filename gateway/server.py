@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
@@ -22,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway import pages
 from gateway.config import Config
-from gateway.errors import GatewayError, HeadersTooLargeError, URITooLongError
+from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URITooLongError
 
 log = logging.getLogger("gateway")
 
@@ -97,7 +98,12 @@ async def serve(app: web.Application, config: Config) -> None:
                            shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        try:
+            await web.TCPSite(runner, config.server.host, config.server.port).start()
+        except OSError as exc:
+            reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+            raise ConfigError("server.listen", f"cannot listen on {config.server.listen} "
+                                               f"({reason})") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

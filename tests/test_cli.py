@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,24 @@ def test_missing_config_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert "no config file given" in capsys.readouterr().err
     assert main(["check-config", "--config", "/nonexistent.yaml"]) == 1
     assert "cannot read /nonexistent.yaml" in capsys.readouterr().err
+
+
+async def test_run_on_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, listen=f"127.0.0.1:{port}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(path),
+            env={"GW_TEST_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 1
+    assert err.decode().splitlines()[-1] == (
+        f"config error: server.listen: cannot listen on 127.0.0.1:{port} "
+        "(address already in use)")
+    assert b"Traceback" not in err
 
 
 async def test_run_serves_until_sigterm_and_exits_zero(tmp_path: Path) -> None:
