@@ -5,8 +5,8 @@ aiohttp answers every parse error with a 400. A header line over `server.max_hea
 too many header lines, should be a 431 and an overlong request line a 414 (RFC 6585, RFC 9110),
 so clients and operators can tell "too big" from "malformed". aiohttp builds those answers in
 RequestHandler.handle_error, and only web.Server chooses the RequestHandler class, so this
-module swaps both in (the runner's `_make_server` hook is the one private method relied on;
-tests/test_server.py fails if aiohttp changes it).
+module swaps both in. That relies on aiohttp internals: the runner's `_make_server` hook and
+web.Server's `_loop` and `_kwargs`; tests/test_server.py fails if aiohttp changes them.
 """
 
 from __future__ import annotations
