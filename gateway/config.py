@@ -295,6 +295,24 @@ class Config(_Model):
             seen.add(route.name)
         return value
 
+    @field_validator("routes")
+    @classmethod
+    def _no_shadowed_routes(cls, value: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        """Two routes that claim the same requests: only the first would ever match, and
+        with case_insensitive the one that wins could be the wrong policy for an IIS app."""
+        for index, route in enumerate(value):
+            for earlier in value[:index]:
+                if earlier.host != route.host:
+                    continue
+                same = earlier.path_prefix == route.path_prefix or (
+                    (earlier.case_insensitive or route.case_insensitive)
+                    and earlier.path_prefix.lower() == route.path_prefix.lower())
+                if same:
+                    raise ValueError(f"routes {earlier.name!r} and {route.name!r} have the same "
+                                     f"host and path_prefix (ignoring case on a "
+                                     f"case_insensitive route): only one could ever match")
+        return value
+
     @property
     def redirect_uri(self) -> str:
         return self.server.public_url + "/oauth2/callback"

@@ -64,11 +64,21 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: Sequence[Ne
     X-Forwarded-For hop that is not one of them (hops further left are client-supplied)."""
     if not is_trusted(peer, trusted):
         return peer
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    hops = [_without_port(hop.strip())
+            for value in forwarded_for for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not is_trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def _without_port(hop: str) -> str:
+    """Some proxies (Azure Application Gateway) write `1.2.3.4:5678` or `[2001:db8::1]:443`;
+    the port changes per connection, the address is the client."""
+    if hop.startswith("[") and "]" in hop:
+        return hop[1:hop.index("]")]
+    host, sep, port = hop.rpartition(":")
+    return host if sep and "." in host and ":" not in host and port.isdigit() else hop
 
 
 def _normalise(name: str) -> str:

@@ -162,6 +162,30 @@ def test_token_passing_on_a_public_route_is_refused() -> None:
     assert "passing the access token needs auth: required" in error_of(raw)
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ({"path_prefix": "/app"}, {"path_prefix": "/app/"}),
+    ({"path_prefix": "/Admin", "auth": "public"},
+     {"path_prefix": "/admin", "case_insensitive": True}),
+])
+def test_routes_claiming_the_same_requests_are_refused(first: dict[str, Any],
+                                                       second: dict[str, Any]) -> None:
+    raw = minimal()
+    upstream = raw["routes"][0]["upstream"]
+    raw["routes"] = [{"name": "one", "upstream": upstream, **first},
+                     {"name": "two", "upstream": upstream, **second}]
+    assert "routes 'one' and 'two' have the same host and path_prefix" in error_of(raw)
+
+
+def test_same_prefix_on_other_hosts_or_other_case_is_fine() -> None:
+    raw = minimal()
+    upstream = raw["routes"][0]["upstream"]
+    raw["routes"] = [{"name": "one", "upstream": upstream, "path_prefix": "/app"},
+                     {"name": "two", "upstream": upstream, "path_prefix": "/app",
+                      "host": "b.example.com"},
+                     {"name": "three", "upstream": upstream, "path_prefix": "/APP"}]
+    parse(raw, ENV)
+
+
 def test_duplicate_route_names_are_refused() -> None:
     raw = minimal()
     raw["routes"].append(copy.deepcopy(raw["routes"][0]))

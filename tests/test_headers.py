@@ -174,6 +174,9 @@ LB = (ipaddress.ip_network("10.0.0.0/8"),)
     ("10.0.0.2", ["10.0.0.5, 10.0.0.6"], "10.0.0.5"),          # all trusted: the first
     ("10.0.0.2", [], "10.0.0.2"),
     ("", ["198.51.100.1"], ""),                                 # Unix socket peer
+    ("10.0.0.2", ["198.51.100.1:51234"], "198.51.100.1"),      # Azure adds the port
+    ("10.0.0.2", ["[2001:db8::1]:443"], "2001:db8::1"),
+    ("10.0.0.2", ["2001:db8::1"], "2001:db8::1"),
 ])
 def test_client_address_trusts_only_the_hops_our_proxies_added(
         peer: str, forwarded_for: list[str], expected: str) -> None:
