@@ -438,6 +438,24 @@ async def test_103_early_hints_are_relayed_before_the_final_response(stack: Stac
     assert arrived < 0.15  # the hint came as soon as the upstream sent it, not with the page
 
 
+async def test_interim_responses_reach_only_the_request_they_belong_to(stack: Stack) -> None:
+    targets = ["/public/early-hints", "/public/stream?chunks=3&delay=0.1"] * 10
+    answers = await asyncio.gather(*(raw_get(stack, target) for target in targets))
+    for target, (answer, _) in zip(targets, answers, strict=True):
+        assert (b" 103 " in answer.split(b"\r\n", 1)[0]) == ("early" in target), target
+
+
+async def test_client_leaving_after_the_hints_is_no_error(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    url = URL(stack.gateway)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(b"GET /public/early-hints HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b" 103 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    writer.close()
+    await asyncio.sleep(0.5)  # the upstream's page arrives for a client that is gone
+    assert "unhandled_error" not in caplog.text and "Traceback" not in caplog.text
+
+
 async def test_http_1_0_clients_get_no_interim_responses(stack: Stack) -> None:
     answer, _ = await raw_get(stack, "/public/early-hints", version="1.0")
     assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:40]
