@@ -225,6 +225,7 @@ class RouteConfig(_Model):
     pass_access_token: bool = False
     pass_authorization_header: bool = False
     case_insensitive: bool = False
+    early_hints: bool = False
 
     @field_validator("host")
     @classmethod
@@ -233,7 +234,7 @@ class RouteConfig(_Model):
             return None
         host = value.strip().lower().rstrip(".")
         labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
-        if not all(_HOST_LABEL.match(label) for label in labels):
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
             raise ValueError(f"{value!r} is not a host name or *.domain wildcard")
         return host
 
@@ -242,7 +243,7 @@ class RouteConfig(_Model):
     def _check_prefix(cls, value: str) -> str:
         # Requests are matched in canonical form (routing.py), so a prefix must be in it too.
         segments = value.rstrip("/").split("/")[1:]
-        if not _PREFIX.match(value) or any(seg in ("", ".", "..") for seg in segments):
+        if not _PREFIX.fullmatch(value) or any(seg in ("", ".", "..") for seg in segments):
             raise ValueError(f"{value!r} must be a plain ASCII path like /app: no '//', dot "
                              "segments, ';', '%', '?', '#', '\\' or spaces")
         if value.startswith("/oauth2") and value[7:8] in ("", "/"):

@@ -17,7 +17,7 @@ import secrets
 from aiohttp import web
 
 from gateway import ratelimit
-from gateway.errors import IdPError, LoginError
+from gateway.errors import BadRequestError, IdPError, LoginError
 from gateway.headers import client_address
 from gateway.identity import Identity
 from gateway.oidc import flow, tokens
@@ -50,7 +50,7 @@ async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> 
     metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")
-    if not _BINDING_SHAPE.match(binding):
+    if not _BINDING_SHAPE.fullmatch(binding):
         binding = secrets.token_urlsafe(32)
     attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding))
     await rt.sessions.save_attempt(auth.state, attempt)
@@ -62,6 +62,10 @@ async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> 
 
 async def start(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
+    # Another site's <img>/fetch of this URL would spend its visitors' shared sign-in budget
+    # (same NAT); browsers say what a request is for, and only a page load may start one.
+    if request.headers.get("Sec-Fetch-Dest", "document") not in ("document", "iframe"):
+        raise BadRequestError("sign-in started by a subresource request")
     requested = request.query.get("rd")
     return_to = safe_return_path(requested)
     if requested and return_to is None:
@@ -71,7 +75,7 @@ async def start(request: web.Request) -> web.StreamResponse:
 
 def _idp_error(request: web.Request) -> LoginError:
     code = request.query.get("error", "")
-    code = code if _IDP_ERROR_CODE.match(code) else "invalid_error_code"
+    code = code if _IDP_ERROR_CODE.fullmatch(code) else "invalid_error_code"
     return LoginError(f"identity provider returned error={code}",
                       public_message=f"The identity provider did not complete the sign-in "
                                      f"({code}). You can try again.")

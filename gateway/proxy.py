@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -34,6 +35,8 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  #
 _RETRY_DELAY = 0.1  # seconds, times the attempt number
 # Headers aiohttp's client would otherwise invent; the upstream must see the client's own.
 _SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
@@ -75,14 +78,18 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                                        watch_session=identity is not None)
     body = _limited(request, route) if request.body_exists else None
     url = _upstream_url(upstream_to.base, route, path, request.raw_path)
-    relay = functools.partial(_relay_interim, request, route, upstream_to)
+    relay = functools.partial(_relay_early_hints, request, route, upstream_to)
     try:
-        with relaying_interim(relay):
+        with relaying_interim(relay) if route.early_hints else contextlib.nullcontext():
             upstream = await _send(upstream_to, request, route, url, upstream_headers, body)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(route, upstream_to, upstream.headers))
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ConnectionResetError:  # the client left; not the upstream's failure
+                log.info("client_went_away route=%s", route.name)
+                return response
             await _stream_body(request, upstream, response, route)
             return response
     except TimeoutError as exc:
@@ -100,16 +107,19 @@ def _response_headers(route: Route, upstream_to: Upstream,
         upstream_origin=upstream_to.base if route.rewrite_redirects else None)
 
 
-async def _relay_interim(request: web.Request, route: Route, upstream_to: Upstream,
-                         status: int, reason: str,
-                         upstream_headers: CIMultiDictProxy[str]) -> None:
-    """Pass a 1xx (e.g. 103 Early Hints) on before the final response; never to an HTTP/1.0
-    client, which would not understand it (RFC 9110 §15.2)."""
+async def _relay_early_hints(request: web.Request, route: Route, upstream_to: Upstream,
+                             status: int, reason: str,
+                             upstream_headers: CIMultiDictProxy[str]) -> None:
+    """Pass a 103 Early Hints on before the final response; never to an HTTP/1.0 client,
+    which would not understand it (RFC 9110 §15.2). Framing headers are dropped (a 1xx has
+    no body, and a front that believed one would mis-frame) and so is any value a lenient
+    parser let through with a control character; the reason phrase is our own."""
     if request.version < (1, 1):
         return
-    lines = [f"HTTP/1.1 {status} {reason or 'Informational'}"]
-    lines += [f"{name}: {value}"
-              for name, value in _response_headers(route, upstream_to, upstream_headers).items()]
+    hints = _response_headers(route, upstream_to, upstream_headers)
+    lines = ["HTTP/1.1 103 Early Hints"] + [
+        f"{name}: {value}" for name, value in hints.items()
+        if name.lower() not in _FRAMING and not _CONTROL_CHARS.search(name + value)]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
     with contextlib.suppress(ConnectionResetError):  # the final write will notice it too
         await request.writer.write(head)

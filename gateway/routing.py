@@ -17,7 +17,9 @@ IIS-style upstreams serve `/ADMIN` as `/admin`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import string
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,7 @@ _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[
 _FORBIDDEN_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00|25(2[eEfF]|5[cC]))")
 _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
 _CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +53,15 @@ class Route:
     pass_access_token: bool
     pass_authorization_header: bool
     case_insensitive: bool
+    early_hints: bool
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
                    rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries,
-                   rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive)
+                   rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive,
+                   rc.early_hints)
 
     @property
     def prefix_segments(self) -> list[str]:
@@ -111,13 +116,30 @@ def _match_segments(path: str) -> list[str]:
     return [segment.split(";", 1)[0] for segment in path.split("/")[1:]]
 
 
+def _nested_in_case_insensitive(route: Route, table: tuple[Route, ...]) -> bool:
+    """SECURITY: under a case_insensitive prefix the upstream ignores case, so a route nested
+    in it must too, or /api/ADMIN would match the outer route and skip /api/admin's policy."""
+    wanted = [_ascii_lower(s) for s in route.prefix_segments]
+    return any(
+        outer.case_insensitive and outer.host in (None, route.host)
+        and wanted[: len(outer.prefix_segments)]
+        == [_ascii_lower(s) for s in outer.prefix_segments]
+        for outer in table)
+
+
+def _ascii_lower(segment: str) -> str:
+    # SECURITY: only A-Z fold: str.lower() maps the Kelvin sign to "k", so a non-ASCII path
+    # could match an ASCII prefix the upstream never equates with it.
+    return segment.translate(_ASCII_LOWER)
+
+
 def _prefix_matches(route: Route, segments: list[str]) -> bool:
     wanted = route.prefix_segments
     got = segments[: len(wanted)]
     if route.case_insensitive:
         # SECURITY: IIS-style upstreams serve /ADMIN as /admin, so the route must claim it too,
         # or /ADMIN would fall through to a more permissive route.
-        return [s.lower() for s in got] == [w.lower() for w in wanted]
+        return [_ascii_lower(s) for s in got] == [_ascii_lower(w) for w in wanted]
     return got == wanted
 
 
@@ -134,7 +156,12 @@ class RouteTable:
     """Routes grouped by host specificity; within the best group, the longest prefix wins."""
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        self._routes = tuple(Route.from_config(rc) for rc in routes)
+        table = tuple(Route.from_config(rc) for rc in routes)
+        self._routes = tuple(
+            dataclasses.replace(route, case_insensitive=True)
+            if not route.case_insensitive and _nested_in_case_insensitive(route, table)
+            else route
+            for route in table)
 
     def match(self, host: str, path: str) -> Route | None:
         host = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host.lower()

@@ -17,7 +17,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_duration(value: object) -> float:
     """'30s', '15m', '8h', '1d', '250ms' -> seconds. Bare numbers are refused: no unit guessing."""
     if isinstance(value, str):
-        match = _DURATION.match(value)
+        match = _DURATION.fullmatch(value)
         if match:
             return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     raise ValueError(f"{value!r} is not a duration; use a number with a unit, like 30s, 15m or 8h")
@@ -33,7 +33,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        match = _SIZE.match(value)
+        match = _SIZE.fullmatch(value)
         if match:
             return int(match.group(1)) * _UNIT_BYTES[(match.group(2) or "b").lower()]
     raise ValueError(f"{value!r} is not a size; use bytes or a unit, like 10MB or 512KiB")

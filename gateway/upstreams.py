@@ -43,8 +43,8 @@ _ON_INTERIM: ContextVar[InterimHandler | None] = ContextVar("gateway_on_interim"
 
 @contextmanager
 def relaying_interim(handler: InterimHandler) -> Iterator[None]:
-    """While active, 1xx responses (other than 100 and 101) to this task's upstream request
-    are handed to `handler` before the final response arrives."""
+    """While active, 103 Early Hints answers to this task's upstream request are handed to
+    `handler` before the final response arrives."""
     token = _ON_INTERIM.set(handler)
     try:
         yield
@@ -54,8 +54,9 @@ def relaying_interim(handler: InterimHandler) -> Iterator[None]:
 
 class _InterimRelayingResponse(aiohttp.ClientResponse):
     """aiohttp's client reads and drops interim responses inside `start`; this one first
-    passes them on (RFC 9110 §15.2: a proxy forwards 1xx it did not ask for, e.g. 103 Early
-    Hints). The connection's `read` is wrapped for the duration of `start` only."""
+    passes 103 Early Hints on. Other 1xx stay dropped: fronts such as nginx before 1.29
+    mis-frame them (a desync that can hand responses to the wrong user). The connection's
+    `read` is wrapped for the duration of `start` only."""
 
     async def start(self, connection: Any) -> aiohttp.ClientResponse:
         handler = _ON_INTERIM.get()
@@ -66,7 +67,7 @@ class _InterimRelayingResponse(aiohttp.ClientResponse):
 
         async def read_relaying() -> Any:
             message, payload = await read()
-            if 101 < message.code < 200:
+            if message.code == 103:
                 await handler(message.code, message.reason, message.headers)
             return message, payload
 

@@ -395,3 +395,17 @@ async def test_sign_in_starts_are_limited_per_client_address(
     assert (await start("/", forwarded_for="2001:db8::1")).status == 302
     clock.advance(60)
     assert (await start("/")).status == 302  # the next minute
+
+
+async def test_subresource_requests_cannot_start_a_sign_in(
+        make_stack: StackFactory) -> None:
+    """Another site's <img src=/oauth2/start> would spend a whole NAT's sign-in budget."""
+    stack = await make_stack(server={"login_starts_per_minute": 1})
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.get(stack.gateway + "/oauth2/start", allow_redirects=False,
+                                headers={"Sec-Fetch-Dest": "image"}) as resp:
+                assert resp.status == 400
+        async with http.get(stack.gateway + "/oauth2/start", allow_redirects=False,
+                            headers={"Sec-Fetch-Dest": "document"}) as resp:
+            assert resp.status == 302  # the budget was not spent

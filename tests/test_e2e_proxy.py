@@ -428,17 +428,37 @@ async def raw_get(stack: Stack, target: str, version: str = "1.1") -> tuple[byte
         writer.close()
 
 
-async def test_103_early_hints_are_relayed_before_the_final_response(stack: Stack) -> None:
+@pytest.fixture
+async def hints_stack(make_stack: StackFactory) -> Stack:
+    probe = await make_stack()
+    return await make_stack(routes=[
+        {"name": "public", "path_prefix": "/public", "upstream": probe.upstream,
+         "auth": "public", "early_hints": True},
+        {"name": "app", "path_prefix": "/", "upstream": probe.upstream}])
+
+
+async def test_early_hints_are_dropped_unless_the_route_asks(stack: Stack) -> None:
+    """Fronts like nginx before 1.29 mis-frame any 1xx: relaying is opt-in."""
+    answer, _ = await raw_get(stack, "/public/early-hints")
+    assert answer.startswith(b"HTTP/1.1 200") and b" 103 " not in answer
+
+
+async def test_103_early_hints_are_relayed_before_the_final_response(
+        hints_stack: Stack) -> None:
+    stack = hints_stack
     answer, arrived = await raw_get(stack, "/public/early-hints")
     interim, final = answer.split(b"\r\n\r\n", 1)
     assert interim.startswith(b"HTTP/1.1 103 Early Hints\r\n")
     assert b"Link: </style.css>; rel=preload" in interim
     assert b"X-Hop" not in interim  # hop-by-hop (named in Connection) as in final responses
+    assert b"Content-Length" not in interim  # a 1xx has no body: no framing headers
     assert final.startswith(b"HTTP/1.1 200") and final.endswith(b"page after hints")
     assert arrived < 0.15  # the hint came as soon as the upstream sent it, not with the page
 
 
-async def test_interim_responses_reach_only_the_request_they_belong_to(stack: Stack) -> None:
+async def test_interim_responses_reach_only_the_request_they_belong_to(
+        hints_stack: Stack) -> None:
+    stack = hints_stack
     targets = ["/public/early-hints", "/public/stream?chunks=3&delay=0.1"] * 10
     answers = await asyncio.gather(*(raw_get(stack, target) for target in targets))
     for target, (answer, _) in zip(targets, answers, strict=True):
@@ -446,18 +466,19 @@ async def test_interim_responses_reach_only_the_request_they_belong_to(stack: St
 
 
 async def test_client_leaving_after_the_hints_is_no_error(
-        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
-    url = URL(stack.gateway)
+        hints_stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    url = URL(hints_stack.gateway)
     reader, writer = await asyncio.open_connection(url.host, url.port)
     writer.write(b"GET /public/early-hints HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b" 103 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
     writer.close()
     await asyncio.sleep(0.5)  # the upstream's page arrives for a client that is gone
     assert "unhandled_error" not in caplog.text and "Traceback" not in caplog.text
+    assert "upstream_unreachable" not in caplog.text  # the client left, not the upstream
 
 
-async def test_http_1_0_clients_get_no_interim_responses(stack: Stack) -> None:
-    answer, _ = await raw_get(stack, "/public/early-hints", version="1.0")
+async def test_http_1_0_clients_get_no_interim_responses(hints_stack: Stack) -> None:
+    answer, _ = await raw_get(hints_stack, "/public/early-hints", version="1.0")
     assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:40]
     assert b" 103 " not in answer
 

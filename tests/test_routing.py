@@ -114,6 +114,21 @@ def test_case_insensitive_route_claims_every_spelling_of_its_prefix() -> None:
     assert api is not None and api.upstream_path("/API/v1") == "/v1"
 
 
+def test_routes_nested_in_a_case_insensitive_route_ignore_case_too() -> None:
+    """/api on an IIS app is case-insensitive, so /api/ADMIN is /api/admin there."""
+    table = RouteTable((route("api", "/api", auth="public", case_insensitive=True),
+                        route("admin", "/api/admin")))
+    for path in ("/api/ADMIN/x", "/API/Admin", "/api/admin"):
+        assert table.match("gw", path).name == "admin", path  # type: ignore[union-attr]
+
+
+def test_case_folding_is_ascii_only() -> None:
+    table = RouteTable((route("root"), route("k", "/kpublic", auth="public",
+                                             case_insensitive=True)))
+    assert table.match("gw", "/\u212apublic").name == "root"  # type: ignore[union-attr]
+    assert table.match("gw", "/KPUBLIC").name == "k"  # type: ignore[union-attr]
+
+
 def test_case_sensitive_route_leaves_other_spellings_to_other_routes() -> None:
     table = RouteTable((route("public", auth="public"), route("admin", "/admin")))
     assert table.match("gw", "/ADMIN/x").name == "public"  # type: ignore[union-attr]

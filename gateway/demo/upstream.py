@@ -67,7 +67,8 @@ async def _set_cookies(request: web.Request) -> web.Response:
 async def _early_hints(request: web.Request) -> web.Response:
     """103 Early Hints (RFC 8297), then the page a moment later, as CDNs and frameworks do."""
     await request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
-                               b"\r\nConnection: x-hop\r\nX-Hop: dropped\r\n\r\n")
+                               b"\r\nConnection: x-hop\r\nX-Hop: dropped"
+                               b"\r\nContent-Length: 5\r\n\r\n")
     request.writer.output_size = 0
     await asyncio.sleep(0.2)
     return web.Response(text="page after hints", headers={"Link": "</style.css>; rel=preload"})

@@ -97,7 +97,7 @@ async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata
     if not isinstance(access, str) or not isinstance(id_token, str):
         raise IdPError("token response lacks access_token or id_token")
     # The access token goes into header values (userinfo, upstreams): visible ASCII only.
-    if not _TOKEN_CHARS.match(access):
+    if not _TOKEN_CHARS.fullmatch(access):
         raise IdPError("token response has an access_token that cannot be sent in a header")
     if str(body.get("token_type", "")).lower() != "bearer":
         raise IdPError("token response has a token_type other than Bearer")

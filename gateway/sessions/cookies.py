@@ -30,7 +30,7 @@ class SessionCookie:
     @classmethod
     def parse(cls, value: str | None) -> SessionCookie | None:
         """None for anything that is not exactly a cookie we could have written."""
-        if not value or not _SHAPE.match(value):
+        if not value or not _SHAPE.fullmatch(value):
             return None
         head, _, tail = value.partition(".")
         try:
