@@ -7,6 +7,8 @@ so clients and operators can tell "too big" from "malformed". aiohttp builds tho
 RequestHandler.handle_error, and only web.Server chooses the RequestHandler class, so this
 module swaps both in. That relies on aiohttp internals: the runner's `_make_server` hook and
 web.Server's `_loop` and `_kwargs`; tests/test_server.py fails if aiohttp changes them.
+With aiohttp's pure-Python parser (no C extension) the split can be wrong for a header that
+arrives in pieces or a pipelined request line; the status is still 414 or 431, never 200.
 """
 
 from __future__ import annotations
