@@ -29,7 +29,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, raw_config, serve
+from conftest import (
+    BROWSER_HEADERS,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    login,
+    raw_config,
+    serve,
+    wait_until_ready,
+)
 
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
@@ -45,19 +54,6 @@ def _serve_backends(idp_port: int, upstream_port: int, gateway: str) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(run())
-
-
-async def _wait_ready(url: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise SystemExit(f"{url} did not become ready")
 
 
 async def _load(http: aiohttp.ClientSession, url: str, total: int,
@@ -130,13 +126,13 @@ async def main(args: argparse.Namespace) -> None:
         raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store)
         config = Path(workdir) / "gateway.yaml"
         config.write_text(yaml.safe_dump(raw))
-        await _wait_ready(upstream + "/echo")
+        await wait_until_ready(upstream + "/echo")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "--config", str(config),
             env={**os.environ, "SECRET": CLIENT_SECRET},
             stderr=asyncio.subprocess.DEVNULL)  # the access log is written, as in production
         try:
-            await _wait_ready(gateway + "/oauth2/readyz")
+            await wait_until_ready(gateway + "/oauth2/readyz")
             await _measure(args, gateway, upstream)
         finally:
             proc.terminate()

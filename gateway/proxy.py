@@ -78,9 +78,10 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                                        watch_session=identity is not None)
     body = _limited(request, route) if request.body_exists else None
     url = _upstream_url(upstream_to.base, route, path, request.raw_path)
-    relay = functools.partial(_relay_early_hints, request, route, upstream_to)
+    relay = (relaying_interim(functools.partial(_relay_early_hints, request, route, upstream_to))
+             if route.early_hints else contextlib.nullcontext())
     try:
-        with relaying_interim(relay) if route.early_hints else contextlib.nullcontext():
+        with relay:
             upstream = await _send(upstream_to, request, route, url, upstream_headers, body)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)

@@ -5,6 +5,7 @@ End-to-end fixtures bind to 127.0.0.1 on free ports and are torn down after each
 
 from __future__ import annotations
 
+import asyncio
 import html.parser
 import shutil
 import socket
@@ -70,6 +71,20 @@ async def serve(app: web.Application, port: int | None = None, *,
     port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
+
+
+async def wait_until_ready(url: str, *, attempts: int = 150) -> None:
+    """Poll `url` (a readiness endpoint) every 0.1 s until it answers 200."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(attempts):
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} did not answer 200")
 
 
 def raw_config(public_url: str, issuer: str, upstream: str, *, store: str = "memory://",

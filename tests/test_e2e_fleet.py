@@ -13,25 +13,20 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, free_port, login, serve
+from conftest import (
+    BROWSER_HEADERS,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    login,
+    serve,
+    wait_until_ready,
+)
 
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
 
 pytestmark = pytest.mark.e2e
-
-
-async def wait_until_serving(url: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(150):
-            try:
-                async with http.get(url + "/oauth2/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} did not become ready")
 
 
 class SlowTokenEndpoint:
@@ -84,7 +79,7 @@ async def fleet(redis_url: str, tmp_path: Path,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
     try:
         for url in urls:
-            await wait_until_serving(url)
+            await wait_until_ready(url + "/oauth2/readyz")
         yield urls
     finally:
         for proc in processes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, login, serve
+from conftest import CLIENT_ID, CLIENT_SECRET, free_port, login, serve, wait_until_ready
 
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
@@ -41,16 +41,10 @@ class Gateway:
                 sys.executable, "-m", "gateway", "run", "--config", str(self.config),
                 env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
                 stdout=asyncio.subprocess.DEVNULL, stderr=log)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(150):
-                try:
-                    async with http.get(self.url + "/oauth2/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("gateway did not become ready:\n" + self.log.read_text())
+        try:
+            await wait_until_ready(self.url + "/oauth2/readyz")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; gateway log:\n{self.log.read_text()}") from None
 
     async def stop(self) -> int:
         assert self.proc is not None
