@@ -10,20 +10,20 @@ from __future__ import annotations
 from typing import assert_never
 
 from aiohttp import web
-from yarl import URL
 
 from gateway import policy, proxy, refresh
 from gateway.errors import ForbiddenError, NotAuthenticatedError, NotFoundError
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
 from gateway.redirects import safe_return_path
-from gateway.routing import canonical_path
+from gateway.routing import Target, parse_target
 from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime, runtime_from
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
-    path = canonical_path(request.raw_path)
+    target = parse_target(request.raw_path)
+    path = target.path
     if path == "/oauth2" or path.startswith("/oauth2/"):
         raise NotFoundError(f"no gateway endpoint {path}")
     route = rt.routes.match(request.host, path)
@@ -43,9 +43,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if allowed is not None:
                 request[USER_SUB] = allowed.sub
             access_token = session.tokens.access_token if session else None
-            return await proxy.forward(request, rt, route, path, allowed, access_token)
+            return await proxy.forward(request, rt, route, target, allowed, access_token)
         case policy.Challenge():
-            return await _challenge(request, rt, path)
+            return await _challenge(request, rt, target)
         case policy.Deny(reason=reason):
             assert identity is not None
             request[USER_SUB] = identity.sub
@@ -61,10 +61,9 @@ async def defer_continue(request: web.Request) -> None:
         raise web.HTTPExpectationFailed(text="Unknown Expect value")
 
 
-async def _challenge(request: web.Request, rt: Runtime, path: str) -> web.StreamResponse:
+async def _challenge(request: web.Request, rt: Runtime, target: Target) -> web.StreamResponse:
     """Browsers go to the IdP and come back to exactly this URL; API clients get a 401."""
     if not wants_html(request):
         raise NotAuthenticatedError("no session on a protected route")
-    query = request.raw_path.partition("?")[2]
-    target = str(URL(path + (f"?{query}" if query else ""), encoded=True))
-    return await redirect_to_idp(request, rt, safe_return_path(target) or "/")
+    return_to = target.with_path(target.path)
+    return await redirect_to_idp(request, rt, safe_return_path(return_to) or "/")

@@ -22,9 +22,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import headers, websocket
-from gateway.errors import PayloadTooLargeError, UpstreamError, UpstreamTimeoutError
+from gateway.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from gateway.identity import Identity
-from gateway.routing import Route
+from gateway.routing import Route, Target
 from gateway.runtime import Runtime
 from gateway.upstreams import Upstream, relaying_interim
 
@@ -45,12 +50,23 @@ def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
     return headers.ClientInfo(ip=peer, scheme=request.scheme, host=request.host, trusted=trusted)
 
 
-def _upstream_url(base: str, route: Route, path: str, raw_target: str, *,
-                  websocket: bool = False) -> URL:
-    query = raw_target.partition("?")[2]
+def upstream_url(upstream_to: Upstream, route: Route, target: Target, *,
+                 websocket: bool = False) -> URL:
+    """The URL the upstream is sent, derived from the canonical target that was authorized.
+
+    SECURITY: the boundary check. Whatever the URL library makes of the string (a '#' read as
+    a fragment, dot segments resolved, characters re-quoted), the request target that will be
+    sent must be exactly the derived one, or nothing is sent."""
+    expected = target.with_path(upstream_to.base_path + route.upstream_path(target.path))
+    origin = upstream_to.origin
     if websocket:
-        base = "ws" + base.removeprefix("http")
-    return URL(base + route.upstream_path(path) + (f"?{query}" if query else ""), encoded=True)
+        origin = "ws" + origin.removeprefix("http")
+    url = URL(origin + expected, encoded=True)
+    if url.raw_path_qs != expected or url.raw_fragment:
+        log.error("path_invariant_violated route=%s", route.name)
+        raise BadRequestError(f"route {route.name}: the upstream target would differ from "
+                              "the authorized one")
+    return url
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -58,7 +74,7 @@ def _is_websocket(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
 
 
-async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
+async def forward(request: web.Request, rt: Runtime, route: Route, target: Target,
                   identity: Identity | None,
                   access_token: str | None = None) -> web.StreamResponse:
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
@@ -73,11 +89,11 @@ async def forward(request: web.Request, rt: Runtime, route: Route, path: str,
                                        as_authorization=route.pass_authorization_header))
     upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
-        url = _upstream_url(upstream_to.base, route, path, request.raw_path, websocket=True)
+        url = upstream_url(upstream_to, route, target, websocket=True)
         return await websocket.forward(request, rt, route, upstream_to, url, upstream_headers,
                                        watch_session=identity is not None)
     body = _limited(request, route) if request.body_exists else None
-    url = _upstream_url(upstream_to.base, route, path, request.raw_path)
+    url = upstream_url(upstream_to, route, target)
     relay = (relaying_interim(functools.partial(_relay_early_hints, request, route, upstream_to))
              if route.early_hints else contextlib.nullcontext())
     try:

@@ -1,18 +1,30 @@
-"""Canonical request paths and the route table.
+"""Request targets in canonical form, and the route table.
 
 One canonical form is decided here and used for both matching and forwarding, so the policy
-that is checked is always the policy of the path the upstream will serve. Pure: never imports
-aiohttp.web.
+that is checked is always the policy of the path the upstream will serve (proxy.py checks the
+target it sends against it once more, just before sending). Pure: never imports aiohttp.web.
 
-Canonical form (raw request path, before any decoding by the framework):
-- percent-encoded unreserved characters (letters, digits, `-._~`) are decoded, so `%2e%2e` is `..`;
-- dot segments are removed (RFC 3986 §5.2.4), so `/public/../admin` is `/admin`;
-- runs of `/` are merged, as nginx's merge_slashes does;
-- encoded `/`, `\\` and NUL, double-encoded dots/slashes, raw backslashes and control characters
-  are refused: upstreams disagree on what they mean, so no meaning is safe.
+Accepted targets (anything else is refused with 400, or 414 when too long):
+- the path has only RFC 3986 path characters (unreserved, sub-delims, `:`, `@`, `/` and
+  `%XX` escapes): no raw `#` (the fragment an upstream URL builder would drop), no whitespace,
+  no `\\`, no non-ASCII, none of `"<>[]^`{|}` (servlet containers refuse those too);
+- the query has only visible ASCII and no `#`; it is passed on exactly as sent;
+- no escape that changes structure on an upstream that decodes: `%2F`, `%5C`, `%00`, `%3B`,
+  their double encodings (`%252F`, ...), and no byte sequence that is not UTF-8 once decoded
+  (overlong forms such as `%C0%AE` are dots to some decoders);
+- no segment that an upstream could read as another segment: a `;params` segment with an empty
+  name (`/;/admin`: Tomcat strips the params and merges the slashes into `/admin`) or a dot
+  name (`/..;/`: servlet containers read it as `/../`).
+Canonical form: percent-encoded unreserved characters (letters, digits, `-._~`) are decoded,
+so `%2e%2e` is `..`; dot segments are removed (RFC 3986 §5.2.4), so `/public/../admin` is
+`/admin`; runs of `/` are merged, as nginx's merge_slashes does.
+
 Matching compares path segments without `;params`, because servlet containers route
-`/admin;x=1` to `/admin`; routes marked case_insensitive compare them ignoring case, because
-IIS-style upstreams serve `/ADMIN` as `/admin`.
+`/admin;x=1` to `/admin`. Routes marked case_insensitive compare them the way an IIS upstream
+would: ignoring ASCII case, NTFS stream suffixes (`admin::$DATA`) and trailing dots and spaces
+(`admin.`, `admin%20`); a path that only matches such a route through one of those forms, or
+whose segment there cannot be compared at all (non-ASCII, which .NET folds in ways ASCII rules
+cannot follow; 8.3 short names like `ADMINI~1`), is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -22,16 +34,36 @@ import re
 import string
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote, unquote_to_bytes
 
 from gateway.config import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
+# RFC 3986 §3.3: path = *( "/" / pchar ); pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+_QUERY_CHARS = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII but '#'
 _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
-_FORBIDDEN_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00|25(2[eEfF]|5[cC]))")
+_FORBIDDEN_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00|3[bB]|25(2[eEfF]|5[cC]|3[bB]|00))")
 _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
-_CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+_HIGH_ESCAPE = re.compile(r"%[89a-fA-F]")
+# Segments an IIS upstream reads in ways ASCII rules cannot follow: bytes outside printable
+# ASCII once decoded, and 8.3 short names (ADMINI~1 is /administration on NTFS).
+_IIS_OPAQUE = re.compile(r"%[01789a-fA-F]|~[0-9]")
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target the gateway accepted: the canonical path it matches and forwards, and
+    the query, passed on exactly as the client sent it (without the `?`; "" when none)."""
+
+    path: str
+    query: str = ""
+
+    def with_path(self, path: str) -> str:
+        """The request target for `path` with this query: what an upstream is sent."""
+        return path + ("?" + self.query if self.query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +124,16 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(output) + ("/" if trailing else "")
 
 
+def parse_target(raw_target: str) -> Target:
+    """The target as the gateway matches and forwards it; BadRequestError if it has none."""
+    path, _, query = raw_target.partition("?")
+    # SECURITY: the query is not matched, but it is forwarded as sent: a '#' in it would be
+    # dropped as a fragment by URL builders, so the upstream would get another target.
+    if not _QUERY_CHARS.fullmatch(query):
+        raise BadRequestError("request query has '#', whitespace or a non-ASCII byte")
+    return Target(canonical_path(path), query)
+
+
 def canonical_path(raw_path: str) -> str:
     """The one path the gateway matches and forwards; BadRequestError if there is none."""
     path = raw_path.split("?", 1)[0]
@@ -99,17 +141,35 @@ def canonical_path(raw_path: str) -> str:
         raise BadRequestError("request target is not an absolute path")
     if len(path) > MAX_PATH_LENGTH:
         raise URITooLongError(f"request path over {MAX_PATH_LENGTH} bytes")
-    # SECURITY: encoded slashes/backslashes/NUL and double encoding smuggle path structure
-    # past the matcher to upstreams that decode again.
-    if _FORBIDDEN_ESCAPES.search(path) or _BAD_ESCAPE.search(path) or _CONTROL.search(path):
-        raise BadRequestError("request path contains an encoded slash, backslash or control byte")
+    # SECURITY: a raw '#' starts a fragment that URL builders drop (so /public/..# would
+    # reach the upstream as /public/..), and whitespace, backslashes and non-ASCII are read
+    # differently by every server: only plain RFC 3986 path characters pass.
+    if not _PATH_CHARS.fullmatch(path):
+        raise BadRequestError("request path has a character outside RFC 3986 path characters")
+    # SECURITY: encoded slashes, backslashes, NUL and ';', and double encoding, smuggle path
+    # structure past the matcher to upstreams that decode (again).
+    if _BAD_ESCAPE.search(path) or _FORBIDDEN_ESCAPES.search(path):
+        raise BadRequestError("request path has an encoded '/', '\\', ';' or NUL, "
+                              "a double encoding or a broken escape")
+    if _HIGH_ESCAPE.search(path) and not _is_utf8(unquote_to_bytes(path)):
+        raise BadRequestError("request path decodes to bytes that are not UTF-8")
     decoded = _UNRESERVED.sub(_decode_unreserved, path)
-    # SECURITY: servlet containers read "/..;x/" as "/../": a dot segment hidden behind
-    # path parameters would climb out of a public prefix on the upstream.
-    if any(segment.split(";", 1)[0] in (".", "..") for segment in decoded.split("/")
-           if ";" in segment):
-        raise BadRequestError("request path has a dot segment with ;parameters")
+    for segment in decoded.split("/"):
+        name, params, _ = segment.partition(";")
+        # SECURITY: servlet containers strip ';params' and then merge slashes or resolve dots:
+        # "/;x/admin" becomes "/admin" and "/..;x/" becomes "/../" there.
+        if params and name in ("", ".", ".."):
+            raise BadRequestError("request path has a ;parameter segment with an empty or "
+                                  "dot name")
     return _remove_dot_segments(decoded)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _match_segments(path: str) -> list[str]:
@@ -133,14 +193,40 @@ def _ascii_lower(segment: str) -> str:
     return segment.translate(_ASCII_LOWER)
 
 
-def _prefix_matches(route: Route, segments: list[str]) -> bool:
+_NO_MATCH, _PLAIN, _IIS_FORM = 0, 1, 2
+
+
+def _iis_name(segment: str) -> str | None:
+    """The name an IIS upstream serves for `segment` (without ;params), compared ignoring
+    ASCII case; None when ASCII rules cannot tell (see _IIS_OPAQUE)."""
+    if _IIS_OPAQUE.search(segment):
+        return None
+    # NTFS: "admin::$DATA" and "admin:x" are streams of "admin"; trailing dots and spaces are
+    # dropped from file names ("admin." and "admin%20" are "admin").
+    name = unquote(segment).partition(":")[0].rstrip(". ")
+    return _ascii_lower(name)
+
+
+def _prefix_match(route: Route, segments: list[str]) -> int:
+    """_NO_MATCH, _PLAIN, or _IIS_FORM: a case_insensitive route matched only through a form
+    the upstream may equate with its prefix (the caller refuses such a request)."""
     wanted = route.prefix_segments
     got = segments[: len(wanted)]
-    if route.case_insensitive:
-        # SECURITY: IIS-style upstreams serve /ADMIN as /admin, so the route must claim it too,
-        # or /ADMIN would fall through to a more permissive route.
-        return [_ascii_lower(s) for s in got] == [_ascii_lower(w) for w in wanted]
-    return got == wanted
+    if len(got) < len(wanted):
+        return _NO_MATCH
+    if not route.case_insensitive:
+        return _PLAIN if got == wanted else _NO_MATCH
+    # SECURITY: IIS-style upstreams serve /ADMIN, /admin. and /admin::$DATA as /admin, so the
+    # route claims them all, or they would fall through to a more permissive route.
+    kind = _PLAIN
+    for segment, prefix_segment in zip(got, wanted, strict=True):
+        if _ascii_lower(segment) == _ascii_lower(prefix_segment):
+            continue
+        name = _iis_name(segment)
+        if name is not None and name != _ascii_lower(prefix_segment):
+            return _NO_MATCH
+        kind = _IIS_FORM
+    return kind
 
 
 def _host_rank(route_host: str | None, host: str) -> int:
@@ -169,12 +255,18 @@ class RouteTable:
         segments = _match_segments(path)
         best: tuple[int, int, int] | None = None
         chosen: Route | None = None
+        chosen_kind = _NO_MATCH
         for route in self._routes:
             rank = _host_rank(route.host, host)
-            if rank < 0 or not _prefix_matches(route, segments):
+            kind = _prefix_match(route, segments) if rank >= 0 else _NO_MATCH
+            if kind == _NO_MATCH:
                 continue
             host_len = len(route.host or "")
             key = (rank, -host_len, -len(route.prefix))
             if best is None or key < best:
-                best, chosen = key, route
+                best, chosen, chosen_kind = key, route, kind
+        if chosen_kind == _IIS_FORM:
+            assert chosen is not None
+            raise BadRequestError(f"path matches case_insensitive route {chosen.name} only in a "
+                                  "form an IIS upstream may read as its prefix")
         return chosen

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from gateway.config import RouteConfig, UpstreamTLSConfig
 
@@ -29,11 +30,22 @@ _UNIX_BASE = "http://localhost"  # the Host a Unix socket upstream sees
 KEEPALIVE_TIMEOUT = 4.0
 
 
+TLS = ssl.SSLContext | bool  # True: default verification against the system CAs
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     session: aiohttp.ClientSession
     base: str  # absolute http(s) URL that request paths are appended to
-    ssl: ssl.SSLContext | bool  # True: default verification against the system CAs
+    ssl: TLS
+    origin: str  # scheme://host[:port] of base
+    base_path: str  # the path of base without a trailing slash ("" for an origin)
+
+    @classmethod
+    def at(cls, session: aiohttp.ClientSession, base: str,
+           tls: TLS) -> Upstream:
+        url = URL(base)
+        return cls(session, base, tls, str(url.origin()), url.raw_path.rstrip("/"))
 
 
 InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
@@ -114,11 +126,11 @@ class Upstreams:
         if route.upstream.startswith("unix:"):
             session = _client_session(aiohttp.UnixConnector(route.upstream.removeprefix("unix:")))
             self._sessions.append(session)
-            return Upstream(session, _UNIX_BASE, True)
+            return Upstream.at(session, _UNIX_BASE, True)
         tls: ssl.SSLContext | bool = True
         if route.upstream_tls is not None:
             tls = _ssl_context(route.name, route.upstream_tls)
-        return Upstream(self._shared, route.upstream, tls)
+        return Upstream.at(self._shared, route.upstream, tls)
 
     @property
     def by_route(self) -> Mapping[str, Upstream]:

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
-from gateway.routing import Route, RouteTable, canonical_path
+from gateway.routing import Route, RouteTable, Target, canonical_path, parse_target
 
 
 @pytest.mark.parametrize(("raw", "canonical"), [
@@ -35,11 +35,48 @@ def test_canonical_path(raw: str, canonical: str) -> None:
     "/a%2Fb", "/a%2fb", "/a%5Cb", "/a%00b", "/a%252eb", "/a%252Fb", "/a%255Cb", "/a\\b",
     "/a%zz", "/a%4", "/a\x01b", "a/b", "*", "/public/..;/admin",
     "/public/.;x/a", "/p/%2e%2e;x/admin",
+    # a raw '#' starts a fragment that URL builders drop: /admin/assets/..# became /admin/..
+    "/admin/assets/..#", "/public/..#", "/a#b", "/#/../admin",
+    # a segment that is only ;params: Tomcat strips them and merges // into /
+    "/;/admin/users", "/;jsessionid=x/admin/users", "/public//;x/admin", "/a/;", "/%2e;x/a",
+    # an encoded ';' anywhere, and its double encoding
+    "/admin%3Busers", "/admin%3b/users", "/public/..%3b/admin", "/a%253bb",
+    # whitespace, non-ASCII and the characters servlet containers refuse
+    "/a b", "/a\tb", "/caf\u00e9", "/x\udcff", "/a|b", "/a[1]", "/a{b}", "/a^b", "/a`b",
+    '/a"b', "/a<b>",
+    # bytes that are not UTF-8 once decoded; overlong forms are dots and slashes to some
+    "/%ff", "/%c0%ae%c0%ae/admin", "/%c0%af", "/%e0%80%ae",
 ])
 def test_ambiguous_paths_are_refused(raw: str) -> None:
     """Path confusion: encodings upstreams may decode differently never reach a route."""
     with pytest.raises(BadRequestError):
         canonical_path(raw)
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [
+    ("/caf%C3%A9", "/caf%C3%A9"),  # percent-encoded UTF-8 passes, still encoded
+    ("/a;b=1/c", "/a;b=1/c"),
+    ("/a:b@c!$&'()*+,=", "/a:b@c!$&'()*+,="),
+])
+def test_plain_rfc3986_paths_pass_unchanged(raw: str, canonical: str) -> None:
+    assert canonical_path(raw) == canonical
+
+
+@pytest.mark.parametrize(("raw", "target"), [
+    ("/x?y=../z", Target("/x", "y=../z")),
+    ("/a/../b?q=1&r=%2F", Target("/b", "q=1&r=%2F")),
+    ("/a?", Target("/a", "")),
+    ("/a?b[]=1&c={d}|e", Target("/a", "b[]=1&c={d}|e")),  # as browsers send them
+])
+def test_targets_keep_the_query_as_sent(raw: str, target: Target) -> None:
+    assert parse_target(raw) == target
+    assert target.with_path("/p") == "/p" + ("?" + target.query if target.query else "")
+
+
+@pytest.mark.parametrize("raw", ["/a?b#c", "/a?b c", "/a?caf\u00e9", "/a?\x7f"])
+def test_queries_with_a_fragment_whitespace_or_non_ascii_are_refused(raw: str) -> None:
+    with pytest.raises(BadRequestError):
+        parse_target(raw)
 
 
 def test_overlong_path_is_refused_as_too_long() -> None:
@@ -132,3 +169,32 @@ def test_case_folding_is_ascii_only() -> None:
 def test_case_sensitive_route_leaves_other_spellings_to_other_routes() -> None:
     table = RouteTable((route("public", auth="public"), route("admin", "/admin")))
     assert table.match("gw", "/ADMIN/x").name == "public"  # type: ignore[union-attr]
+
+
+IIS = RouteTable((route("public", auth="public"),
+                  route("admin", "/admin", case_insensitive=True),
+                  route("docs", "/docs", auth="public", case_insensitive=True)))
+
+
+@pytest.mark.parametrize("path", [
+    "/admin.", "/admin%20", "/admin./users", "/ADMIN%20./x", "/admin::$DATA", "/admin:x/y",
+    "/admin%3A%3A$DATA", "/ADMINI~1/x", "/adm%C4%B1n", "/%EF%BD%81dmin", "/admin%09",
+])
+def test_iis_equivalents_of_a_case_insensitive_prefix_are_refused(path: str) -> None:
+    """IIS serves /admin., /admin%20 and /admin::$DATA as /admin; .NET folds a dotless i to 'I', and
+    8.3 names like ADMINI~1 name long ones: such forms never fall to the public route."""
+    with pytest.raises(BadRequestError):
+        IIS.match("gw", canonical_path(path))
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/ADMIN/x.", "admin"),  # odd forms past the prefix stay within the route
+    ("/Admin;x=1/y", "admin"),
+    ("/administration", "public"),
+    ("/adminx.", "public"),
+    ("/other./x", "public"),  # no case-insensitive prefix could read it as its own
+    ("/docs/a::$DATA", "docs"),
+])
+def test_case_insensitive_routes_match_plain_spellings(path: str, expected: str) -> None:
+    matched = IIS.match("gw", canonical_path(path))
+    assert matched is not None and matched.name == expected
