@@ -19,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
 from gateway.oidc.flow import Client
 from gateway.oidc.provider import Provider
+from gateway.oidc.verifier import Verifier
 from gateway.pages import error_middleware
 from gateway.routing import RouteTable
 from gateway.runtime import RUNTIME, Runtime
@@ -49,11 +50,15 @@ def _runtime_context(config: Config, clock: Callable[[], float]
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
                                 clock=clock)
+            client = _client(config)
+            verifier = Verifier(provider, client_id=client.client_id,
+                                client_secret=client.client_secret,
+                                leeway=config.oidc.clock_skew, clock=clock)
             app[RUNTIME] = Runtime(
                 config=config, routes=RouteTable(config.routes),
                 sessions=SessionStore(backend, idle_timeout=config.session.idle_timeout,
                                       max_lifetime=config.session.max_lifetime, clock=clock),
-                provider=provider, client=_client(config), upstreams=upstreams,
+                provider=provider, verifier=verifier, client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock)
             try:
                 await provider.metadata()

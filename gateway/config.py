@@ -108,6 +108,9 @@ class OIDCConfig(_Model):
     )
     timeout: Duration = 10.0
     clock_skew: Duration = 60.0
+    # Re-read the identity claims from userinfo at every refresh (for IdPs that put groups
+    # only in userinfo, or return no ID token on refresh).
+    refresh_userinfo: bool = False
 
     @field_validator("issuer")
     @classmethod

@@ -48,6 +48,12 @@ class Identity:
         return cls.from_claims({**data, "groups": data.get("groups")}, "groups")
 
 
+def wanted_claims(groups_claim: str) -> tuple[str, ...]:
+    """The claims an Identity is made of, beyond sub: when the ID token lacks one, the login
+    (and a refresh) asks userinfo for it."""
+    return ("email", "preferred_username", groups_claim)
+
+
 def _is_true(value: object) -> bool:
     return value is True or value == "true"  # not `in (True, ...)`: 1 == True in Python
 
@@ -65,3 +71,4 @@ def _groups(value: object) -> tuple[str, ...]:
         return ()
     names = (_text(str(v)) for v in values if isinstance(v, str | int))
     return tuple(name for name in names if name is not None and "," not in name)
+

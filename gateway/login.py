@@ -17,9 +17,9 @@ import secrets
 from aiohttp import web
 
 from gateway import ratelimit
-from gateway.errors import BadRequestError, IdPError, LoginError
+from gateway.errors import BadRequestError, LoginError
 from gateway.headers import client_address
-from gateway.identity import Identity
+from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
 from gateway.pages import redirect
 from gateway.redirects import safe_return_path
@@ -32,7 +32,6 @@ log = logging.getLogger("gateway.login")
 
 _BINDING_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _IDP_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
-_USERINFO_CLAIMS = ("email", "preferred_username")
 
 
 def _address_of(request: web.Request, rt: Runtime) -> str:
@@ -87,20 +86,14 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
     metadata = await rt.provider.metadata()
     token_set = await flow.exchange(rt.idp_http, metadata, rt.client, code,
                                     attempt.code_verifier, now=rt.clock())
-    expect = rt.expectations(metadata)
     try:
-        kid = tokens.header_of(token_set.id_token).get("kid")
-        keys = await rt.provider.keys(kid if isinstance(kid, str) else None)
-        claims = tokens.validate_id_token(token_set.id_token, keys, expect, nonce=attempt.nonce)
+        # at_hash, when present, is checked here: before the access token is used anywhere.
+        claims = await rt.verifier.id_token(token_set.id_token, nonce=attempt.nonce,
+                                            access_token=token_set.access_token)
     except tokens.TokenError as exc:
         raise LoginError(f"ID token refused: {exc}") from exc
-    wanted = (*_USERINFO_CLAIMS, rt.config.oidc.groups_claim)
-    if metadata.userinfo_endpoint and any(name not in claims for name in wanted):
-        info = await flow.userinfo(rt.idp_http, metadata, rt.client, token_set.access_token)
-        # OIDC Core §5.3.2: userinfo's sub must be the ID token's, or the answer is not ours.
-        if info.get("sub") != claims["sub"]:
-            raise IdPError("userinfo sub differs from the ID token's sub")
-        claims = {**info, **claims}
+    claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, token_set.access_token,
+                                      claims, wanted=wanted_claims(rt.config.oidc.groups_claim))
     return claims, token_set
 
 

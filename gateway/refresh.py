@@ -6,10 +6,11 @@ by compare-and-delete) and refreshes; concurrent requests for the same session, 
 wait briefly for the new tokens instead of calling the IdP themselves. A lock whose holder died
 expires on its own, so a session is never wedged.
 
-Outcomes: new tokens (a refreshed ID token is validated like the first, and must name the same
-subject); invalid_grant ends the session (the caller treats it as signed out); an IdP that is
-down keeps the session and uses the old tokens while the access token is not past
-`session.refresh_grace`, else the request gets 503.
+Outcomes: new tokens and a current identity (a refreshed ID token is validated like the first,
+must name the same subject, and replaces the groups and claims); invalid_grant ends the session
+(the caller treats it as signed out); an IdP that is down keeps the session and uses the old
+tokens while the access token is not past `session.refresh_grace`, else the request gets 503.
+A session revoked while its refresh was in flight stays revoked (the write is conditional).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import logging
 import secrets
 
 from gateway.errors import IdPError, IdPUnavailableError
+from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
+from gateway.oidc.provider import ProviderMetadata
 from gateway.runtime import Runtime
 from gateway.sessions.model import Session, TokenSet
 
@@ -82,7 +85,7 @@ async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session 
         metadata = await rt.provider.metadata()
         new_tokens = await flow.refresh(rt.idp_http, metadata, rt.client, session.tokens,
                                         now=rt.clock())
-        await _check_id_token(rt, session, new_tokens)
+        identity = await _refreshed_identity(rt, metadata, session, new_tokens)
     except flow.InvalidGrantError:
         log.info("refresh_refused sub=%s (session ended)", session.identity.sub)
         await rt.sessions.delete(cookie_value)
@@ -92,23 +95,42 @@ async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session 
         if _usable(session, rt):
             return session
         raise IdPUnavailableError("refresh failed and the access token has expired") from exc
-    refreshed = dataclasses.replace(session, tokens=new_tokens)
-    await rt.sessions.replace(cookie_value, refreshed)
-    log.info("session_refreshed sub=%s", session.identity.sub)
+    refreshed = dataclasses.replace(session, identity=identity, tokens=new_tokens)
+    # SECURITY: conditional on the record still being there: a sign-out or revocation that
+    # landed while the token request was in flight stays in force.
+    if not await rt.sessions.replace(cookie_value, refreshed):
+        log.info("refresh_discarded sub=%s (the session ended meanwhile)", identity.sub)
+        return None
+    log.info("session_refreshed sub=%s identity_changed=%s", identity.sub,
+             identity != session.identity)
     return refreshed
 
 
-async def _check_id_token(rt: Runtime, session: Session, new: TokenSet) -> None:
-    """Core §12.2: a refreshed ID token passes the same checks, for the same subject."""
-    if new.id_token == session.tokens.id_token:
-        return
-    metadata = await rt.provider.metadata()
+async def _refreshed_identity(rt: Runtime, metadata: ProviderMetadata, session: Session,
+                              new: TokenSet) -> Identity:
+    """Who the user is now. Core §12.2: a refreshed ID token passes the same checks as the
+    first, for the same subject; the identity is rebuilt from it (completed by userinfo, as at
+    login), so a user removed from a group at the IdP loses its routes at the next refresh.
+    Without a new ID token the identity stays, unless oidc.refresh_userinfo asks userinfo."""
+    oidc = rt.config.oidc
+    if new.id_token != session.tokens.id_token:
+        try:
+            claims = await rt.verifier.id_token(new.id_token, nonce=None,
+                                                access_token=new.access_token)
+        except tokens.TokenError as exc:
+            raise IdPError(f"refreshed ID token refused: {exc}") from exc
+        if claims.get("sub") != session.identity.sub:
+            raise IdPError("refreshed ID token names another subject")
+    elif oidc.refresh_userinfo:
+        claims = {"sub": session.identity.sub}
+    else:
+        return session.identity
+    claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, new.access_token, claims,
+                                      wanted=wanted_claims(oidc.groups_claim),
+                                      always=oidc.refresh_userinfo)
     try:
-        kid = tokens.header_of(new.id_token).get("kid")
-        keys = await rt.provider.keys(kid if isinstance(kid, str) else None)
-        claims = tokens.validate_id_token(new.id_token, keys, rt.expectations(metadata),
-                                          nonce=None)
-    except tokens.TokenError as exc:
-        raise IdPError(f"refreshed ID token refused: {exc}") from exc
-    if claims.get("sub") != session.identity.sub:
-        raise IdPError("refreshed ID token names another subject")
+        identity = Identity.from_claims(claims, oidc.groups_claim)
+    except ValueError as exc:
+        raise IdPError(f"refreshed claims unusable: {exc}") from exc
+    # The sid names the IdP session; a refreshed ID token need not repeat it.
+    return identity if identity.sid else dataclasses.replace(identity, sid=session.identity.sid)

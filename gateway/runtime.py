@@ -14,8 +14,8 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.oidc.flow import Client
-from gateway.oidc.provider import Provider, ProviderMetadata
-from gateway.oidc.tokens import Expectations
+from gateway.oidc.provider import Provider
+from gateway.oidc.verifier import Verifier
 from gateway.routing import RouteTable
 from gateway.sessions.store import SessionStore
 from gateway.upstreams import Upstreams
@@ -27,19 +27,13 @@ class Runtime:
     routes: RouteTable
     sessions: SessionStore
     provider: Provider
+    verifier: Verifier  # every token from the IdP is checked here
     client: Client
     upstreams: Upstreams  # per route: pooled client session, base URL, TLS
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
     # Open client websockets, so shutdown can close them with 1001.
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
-
-    def expectations(self, metadata: ProviderMetadata) -> Expectations:
-        """What every token from this IdP to this client must satisfy."""
-        return Expectations(
-            issuer=metadata.issuer, client_id=self.client.client_id,
-            client_secret=self.client.client_secret, algorithms=metadata.id_token_signing_algs,
-            leeway=int(self.config.oidc.clock_skew), now=self.clock)
 
     @property
     def session_cookie(self) -> str:

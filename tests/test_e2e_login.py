@@ -5,11 +5,14 @@ Runs against both stores: the embedded memory store and a real redis-server.
 
 from __future__ import annotations
 
+import json
 import logging
 from http.cookies import SimpleCookie
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from conftest import (
     BROWSER_HEADERS,
     FakeClock,
@@ -20,9 +23,11 @@ from conftest import (
     login,
     serve,
 )
+from joserfc.jwk import RSAKey
 from yarl import URL
 
 from gateway.app import build_app
+from gateway.demo.idp import STATE
 
 pytestmark = pytest.mark.e2e
 
@@ -409,3 +414,56 @@ async def test_subresource_requests_cannot_start_a_sign_in(
         async with http.get(stack.gateway + "/oauth2/start", allow_redirects=False,
                             headers={"Sec-Fetch-Dest": "document"}) as resp:
             assert resp.status == 302  # the budget was not spent
+
+
+class IdPTamper:
+    """Counts userinfo calls, and can swap the access token in the token response (token
+    substitution: the ID token's at_hash then names another token)."""
+
+    def __init__(self) -> None:
+        self.swap_access_token = False
+        self.userinfo_calls = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/userinfo":
+            self.userinfo_calls += 1
+        response = await handler(request)
+        if request.path == "/token" and self.swap_access_token:
+            assert isinstance(response, web.Response) and response.text is not None
+            body = json.loads(response.text)
+            body["access_token"] = "another-users-token-" + "x" * 20
+            return web.json_response(body)
+        return response
+
+
+async def test_an_access_token_not_matching_at_hash_ends_the_login_before_it_is_used(
+        make_stack: StackFactory, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    tamper = IdPTamper()
+    stack = await make_stack(userinfo_only_claims=True, idp_middlewares=[tamper.middleware])
+    await login(browser, stack.gateway, "/echo")  # the demo IdP sends at_hash: it matches
+    assert tamper.userinfo_calls == 1
+    tamper.swap_access_token = True
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as other:
+        callback = await idp_sign_in(other, await start_login(other, stack.gateway + "/echo"),
+                                     "bob")
+        async with other.get(callback, allow_redirects=False) as resp:
+            assert resp.status == 400
+            assert "Sign-in failed" in await resp.text()
+        assert session_cookie(other) is None
+    assert tamper.userinfo_calls == 1  # userinfo never saw the substituted token
+    assert "ID token refused: at_hash_mismatch" in caplog.text
+
+
+async def test_a_rotated_signing_key_is_accepted_on_the_first_login_after_it(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """The IdP rotates its key seconds after the gateway last fetched the JWKS."""
+    await login(browser, stack.gateway, "/echo")
+    stack.idp_app[STATE].key = RSAKey.generate_key(2048, parameters={"kid": "rotated"})
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers=BROWSER_HEADERS) as other:
+        resp = await login(other, stack.gateway, "/echo", user="bob")
+        assert resp.status == 200
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -16,6 +18,7 @@ from gateway.app import build_app
 from gateway.demo.idp import STATE
 from gateway.refresh import lock_name
 from gateway.runtime import RUNTIME
+from gateway.sessions.cookies import SessionCookie
 
 pytestmark = pytest.mark.e2e
 
@@ -167,3 +170,83 @@ async def test_a_lock_left_by_a_dead_replica_does_not_wedge_the_session(
     clock.advance(TTL + 5)  # expired: the request must refresh, not use the old token
     assert await status_of(browser, stack.gateway + "/echo") == 200
     assert token_requests(stack) == before + 1
+
+
+def set_groups(stack: Stack, user: str, *groups: str) -> None:
+    """The IdP's admin changes a user's groups."""
+    state = stack.idp_app[STATE]
+    state.users = {**state.users, user: dataclasses.replace(state.users[user], groups=groups)}
+
+
+async def groups_seen_upstream(browser: aiohttp.ClientSession, stack: Stack) -> str | None:
+    async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
+        assert resp.status == 200
+        sent = dict((await resp.json())["headers"])
+        return sent.get("X-Forwarded-Groups")
+
+
+async def test_a_user_removed_from_a_group_at_the_idp_loses_its_routes_at_the_next_refresh(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock) -> None:
+    await login(browser, stack.gateway, "/admin/x")
+    set_groups(stack, "alice", "staff")
+    assert await status_of(browser, stack.gateway + "/admin/x") == 200  # not refreshed yet
+    clock.advance(TTL - 30)  # due: the refreshed ID token carries the new groups
+    assert await status_of(browser, stack.gateway + "/admin/x") == 403
+    assert await groups_seen_upstream(browser, stack) == "staff"
+    set_groups(stack, "alice", "admins", "staff")  # and back again, at the next refresh
+    clock.advance(TTL - 30)
+    assert await status_of(browser, stack.gateway + "/admin/x") == 200
+
+
+class WithoutRefreshedIdToken:
+    """An IdP that answers refreshes without an ID token (allowed by RFC 6749 §6)."""
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        form = await request.post() if request.path == "/token" else {}
+        if form.get("grant_type") == "refresh_token" and isinstance(response, web.Response):
+            assert response.text is not None
+            body = json.loads(response.text)
+            body.pop("id_token")
+            return web.json_response(body, headers={"Cache-Control": "no-store"})
+        return response
+
+
+@pytest.mark.parametrize("refresh_userinfo", [True, False])
+async def test_without_a_refreshed_id_token_userinfo_updates_the_identity_when_configured(
+        make_stack: StackFactory, store: str, clock: FakeClock, browser: aiohttp.ClientSession,
+        refresh_userinfo: bool) -> None:
+    stack = await make_stack(store=store, clock=clock, access_token_ttl=TTL,
+                             idp_middlewares=[WithoutRefreshedIdToken().middleware],
+                             oidc={"refresh_userinfo": refresh_userinfo})
+    await login(browser, stack.gateway, "/echo")
+    set_groups(stack, "alice", "staff")
+    clock.advance(TTL - 30)
+    expected = "staff" if refresh_userinfo else "admins,staff"
+    assert await groups_seen_upstream(browser, stack) == expected
+
+
+async def test_a_session_revoked_during_its_refresh_stays_revoked(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock,
+        switch: TokenEndpointSwitch) -> None:
+    """The race: a refresh's write used to be an unconditional SET, so a revocation that
+    landed while the token request was in flight was undone, and the session came back
+    without a registry entry (so no revocation could ever find it again)."""
+    await login(browser, stack.gateway, "/echo")
+    registry = stack.runners[-1].app[RUNTIME].sessions.registry
+    cookie = SessionCookie.parse(next(c.value for c in browser.cookie_jar
+                                      if c.key == "gateway_session"))
+    assert cookie is not None
+    info = await registry.get(cookie.storage_id)
+    assert info is not None
+    switch.delay = 1.0  # the token request is slow
+    clock.advance(TTL - 30)
+    refreshing = asyncio.create_task(status_of(browser, stack.gateway + "/echo"))
+    await asyncio.sleep(0.5)  # the refresh is waiting for the IdP now
+    assert await registry.revoke([info]) == 1  # as `gateway sessions revoke --user alice`
+    assert await refreshing == 302  # the request that refreshed finds the session gone
+    assert await status_of(browser, stack.gateway + "/echo") == 302
+    assert await registry.get(cookie.storage_id) is None
+    for found in (await registry.by_sub("alice"), await registry.by_user("alice@example.com")):
+        assert cookie.storage_id not in {i.storage_id for i in found}

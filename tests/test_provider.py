@@ -1,4 +1,4 @@
-"""Provider metadata and JWKS: exact issuer, backoff on failure, rate-limited key refetch."""
+"""Provider metadata and JWKS: exact issuer, backoff on failure, bounded key refetch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from conftest import FakeClock, free_port
 from joserfc.jwk import KeySet, RSAKey
 
 from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
-from gateway.oidc.provider import DISCOVERY_RECHECK, JWKS_REFETCH_INTERVAL, Provider
+from gateway.oidc.provider import (
+    DISCOVERY_RECHECK,
+    UNKNOWN_KID_RETRY,
+    UNTRUSTED_REFETCHES,
+    UNTRUSTED_WINDOW,
+    Provider,
+)
 
 
 @dataclass
@@ -105,21 +111,60 @@ async def test_failed_discovery_backs_off_then_recovers(make_provider: ProviderF
     assert (await provider.metadata()).issuer == idp.issuer
 
 
-async def test_unknown_kid_refetches_the_jwks_at_most_once_per_interval(
+def kids(keys: KeySet) -> set[str | None]:
+    return {key.kid for key in keys.keys}
+
+
+async def test_a_rotated_key_is_accepted_on_its_first_token_right_after_a_fetch(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    """Genuine rotation: the IdP starts signing with a new kid seconds after our last fetch."""
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    assert kids(await provider.keys("k1", trusted=True)) == {"k1"}
+    idp.keys.append(RSAKey.generate_key(2048, parameters={"kid": "k2"}))
+    clock.advance(1)
+    assert kids(await provider.keys("k2", trusted=True)) == {"k1", "k2"}
+    assert kids(await provider.keys("k2", trusted=False)) == {"k1", "k2"}
+    assert idp.hits["jwks"] == 2  # a known kid costs nothing
+
+
+async def test_a_kid_missing_after_a_refetch_is_not_looked_for_again_soon(
         make_provider: ProviderFactory, clock: FakeClock) -> None:
     idp = FakeIdP()
     provider = await make_provider(idp)
-    keys = await provider.keys("k1")
-    assert [key.kid for key in keys.keys] == ["k1"]
+    await provider.keys("k1", trusted=True)
+    for trusted in (True, False, True):
+        await provider.keys("forged", trusted=trusted)
+    assert idp.hits["jwks"] == 2  # one refetch for that kid
+    clock.advance(UNKNOWN_KID_RETRY)
+    await provider.keys("forged", trusted=True)
+    assert idp.hits["jwks"] == 3
+
+
+async def test_forged_kids_from_anyone_are_bounded_overall_but_logins_are_not_starved(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    """IdP hammering: back-channel logout tokens anyone can POST, each with a new kid."""
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    await provider.keys("k1", trusted=True)
+    for i in range(50):
+        await provider.keys(f"forged-{i}", trusted=False)
+    assert idp.hits["jwks"] == 1 + UNTRUSTED_REFETCHES
     idp.keys.append(RSAKey.generate_key(2048, parameters={"kid": "k2"}))
-    for _ in range(5):  # forged kids do not hammer the IdP
-        await provider.keys("forged")
-    assert idp.hits["jwks"] == 1
-    clock.advance(JWKS_REFETCH_INTERVAL)
-    rotated = await provider.keys("k2")
-    assert {key.kid for key in rotated.keys} == {"k1", "k2"}
-    assert idp.hits["jwks"] == 2
-    await provider.keys("k2")
+    assert "k2" in kids(await provider.keys("k2", trusted=True))  # a login after a rotation
+    clock.advance(UNTRUSTED_WINDOW)
+    await provider.keys("forged-new", trusted=False)
+    assert idp.hits["jwks"] == 1 + UNTRUSTED_REFETCHES + 2
+
+
+async def test_concurrent_tokens_with_a_new_kid_cause_one_refetch(
+        make_provider: ProviderFactory) -> None:
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    await provider.keys("k1", trusted=True)
+    idp.keys.append(RSAKey.generate_key(2048, parameters={"kid": "k2"}))
+    results = await asyncio.gather(*(provider.keys("k2", trusted=True) for _ in range(20)))
+    assert all("k2" in kids(keys) for keys in results)
     assert idp.hits["jwks"] == 2
 
 
@@ -153,16 +198,17 @@ async def test_logins_recheck_a_quiet_idp_and_refuse_when_it_is_gone(
     assert (await provider.metadata()).issuer == idp.issuer  # sessions keep the metadata
 
 
-async def test_failed_jwks_refetches_are_rate_limited_too(
+async def test_failed_jwks_refetches_are_bounded_too(
         make_provider: ProviderFactory, clock: FakeClock) -> None:
     """IdP hammering: with the JWKS endpoint failing, forged kids must not each cause a fetch."""
     idp = FakeIdP()
     provider = await make_provider(idp)
-    await provider.keys("k1")
+    await provider.keys("k1", trusted=True)
     idp.jwks_status = 500
-    clock.advance(JWKS_REFETCH_INTERVAL)
-    for i in range(5):
+    for i in range(20):
         with contextlib.suppress(IdPUnavailableError):
-            await provider.keys(f"forged-{i}")
-    assert idp.hits["jwks"] == 2  # the first load, then one refetch in this interval
-    assert [key.kid for key in (await provider.keys("k1")).keys] == ["k1"]  # cache still serves
+            await provider.keys(f"forged-{i}", trusted=False)
+    with contextlib.suppress(IdPUnavailableError):
+        await provider.keys("forged-0", trusted=True)
+    assert idp.hits["jwks"] == 1 + UNTRUSTED_REFETCHES
+    assert kids(await provider.keys("k1", trusted=False)) == {"k1"}  # the cache still serves

@@ -8,6 +8,7 @@ that was set, since Redis expires keys on its own clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -295,4 +296,48 @@ async def test_session_past_max_lifetime_leaves_no_registry_entry(clock: FakeClo
         await backend.expire(key, 10 * IDLE)  # as if the store's clock lagged behind ours
     clock.advance(2 * IDLE + 1)
     assert await store.load(cookie.value) is None
+    assert await store.registry.all() == []
+
+
+async def test_replace_writes_only_while_the_key_exists(backend: Backend) -> None:
+    """SET XX: what keeps a revoked session revoked, on every backend."""
+    assert await backend.replace("k", b"new", 10) is False
+    assert (await backend.get("k"))[0] is None
+    await backend.set("k", b"old", 10)
+    assert await backend.replace("k", b"new", 20) is True
+    value, ttl = await backend.get("k")
+    assert value == b"new" and ttl is not None and 10 < ttl <= 20
+
+
+async def test_new_tokens_for_a_deleted_session_are_not_written(store: SessionStore) -> None:
+    """The refresh race: a revocation lands between the load and the write of new tokens."""
+    cookie = await store.create(ALICE, TOKENS)
+    session = await store.load(cookie.value)
+    assert session is not None
+    await store.delete(cookie.value)
+    refreshed = dataclasses.replace(session, tokens=dataclasses.replace(TOKENS, access_token="n"))
+    assert await store.replace(cookie.value, refreshed) is False
+    assert await store.load(cookie.value) is None
+    assert await store.registry.get(cookie.storage_id) is None
+
+
+async def test_replace_updates_the_registry_when_the_identity_changed(store: SessionStore) -> None:
+    cookie = await store.create(ALICE, TOKENS)
+    session = await store.load(cookie.value)
+    assert session is not None
+    moved = dataclasses.replace(ALICE, email="alice@new.example.com")
+    assert await store.replace(cookie.value, dataclasses.replace(session, identity=moved))
+    found = await store.registry.by_user("alice@new.example.com")
+    assert [info.storage_id for info in found] == [cookie.storage_id]
+    assert found[0].email == "alice@new.example.com"
+
+
+async def test_a_touch_never_brings_back_a_revoked_registry_entry(clock: FakeClock) -> None:
+    backend = MemoryBackend(clock)
+    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    cookie = await store.create(ALICE, TOKENS)
+    info = await store.registry.get(cookie.storage_id)
+    assert info is not None
+    await store.registry.revoke([info])
+    await store.registry.touch(info, IDLE)  # a load that read the record just before
     assert await store.registry.all() == []

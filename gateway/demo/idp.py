@@ -279,12 +279,19 @@ def _pkce_ok(verifier: str, challenge: str) -> bool:
     return hmac.compare_digest(computed, challenge)
 
 
-def _id_token(state: _State, grant: _Grant, client_id: str, *, refreshed: bool = False) -> str:
+def _at_hash(access_token: str) -> str:
+    """Core §3.1.3.6: the left half of SHA-256 (RS256's hash) of the access token."""
+    digest = hashlib.sha256(access_token.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+def _id_token(state: _State, grant: _Grant, client_id: str, access_token: str, *,
+              refreshed: bool = False) -> str:
     now = int(state.clock())
     user = state.users[grant.user]
     claims: dict[str, object] = {"iss": state.issuer, "sub": user.sub, "aud": client_id,
                                  "exp": now + state.id_token_ttl, "iat": now, "auth_time": now,
-                                 "sid": grant.sid}
+                                 "sid": grant.sid, "at_hash": _at_hash(access_token)}
     if grant.nonce and not refreshed:  # Core §12.2: a refreshed ID token carries no nonce
         claims["nonce"] = grant.nonce
     if not state.userinfo_only_claims:
@@ -324,7 +331,7 @@ def _tokens(state: _State, grant: _Grant, client_id: str, *,
     return web.json_response({
         "access_token": access_token, "token_type": "Bearer",
         "expires_in": state.access_token_ttl, "refresh_token": refresh_token,
-        "id_token": _id_token(state, grant, client_id, refreshed=refreshed),
+        "id_token": _id_token(state, grant, client_id, access_token, refreshed=refreshed),
         "scope": "openid email profile",
     }, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 

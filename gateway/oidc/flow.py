@@ -124,6 +124,20 @@ async def refresh(http: aiohttp.ClientSession, metadata: ProviderMetadata, clien
     return await _token_request(http, metadata, client, form, now=now, previous=tokens)
 
 
+async def with_userinfo(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
+                        access_token: str, claims: dict[str, object], *,
+                        wanted: tuple[str, ...], always: bool = False) -> dict[str, object]:
+    """ID token claims, completed from userinfo when some `wanted` claim is missing (or
+    `always`); the ID token's own claims win."""
+    if not metadata.userinfo_endpoint or not (always or any(c not in claims for c in wanted)):
+        return claims
+    info = await userinfo(http, metadata, client, access_token)
+    # OIDC Core §5.3.2: userinfo's sub must be the ID token's, or the answer is not ours.
+    if info.get("sub") != claims["sub"]:
+        raise IdPError("userinfo sub differs from the ID token's sub")
+    return {**info, **claims}
+
+
 async def userinfo(http: aiohttp.ClientSession, metadata: ProviderMetadata, client: Client,
                    access_token: str) -> dict[str, object]:
     assert metadata.userinfo_endpoint is not None

@@ -1,9 +1,18 @@
 """The OpenID Provider as the gateway knows it: discovery metadata and the JWKS, cached.
 
 Discovery is loaded at startup and retried with backoff when it fails, so a gateway started
-while the IdP is down recovers by itself. The JWKS is refetched when a token names an unknown
-kid (key rotation), at most once per JWKS_REFETCH_INTERVAL so forged kids cannot make us hammer
-the IdP. Every call has the configured timeout. aiohttp and JSON errors are translated here.
+while the IdP is down recovers by itself. Every call has the configured timeout. aiohttp and
+JSON errors are translated here.
+
+The JWKS is refetched when a token names a kid it lacks: a key rotation is then accepted on
+the first token signed with the new key, however recently the set was fetched. Forged kids
+must not make the gateway hammer the IdP, so refetches are bounded twice:
+- per kid: a kid still missing after a refetch is not looked for again for UNKNOWN_KID_RETRY;
+- overall, for tokens anyone can send (back-channel logout): UNTRUSTED_REFETCHES per
+  UNTRUSTED_WINDOW. Tokens from the token endpoint (logins, refreshes) are not held to that
+  budget, since each needs a real code or refresh token, so a flood of forged logout tokens
+  cannot delay the first login after a rotation.
+Failed fetches count like successful ones.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ from joserfc.jwk import KeySet
 
 from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
 
-JWKS_REFETCH_INTERVAL = 30.0  # seconds; rotation is rare, forged kids are cheap
+UNKNOWN_KID_RETRY = 30.0  # seconds before a kid missing from the JWKS is looked for again
+UNTRUSTED_REFETCHES = 6  # JWKS refetches per window caused by tokens anyone can send
+UNTRUSTED_WINDOW = 60.0
+_MAX_UNKNOWN_KIDS = 1024  # bounds the memory forged kids can take
 # A login is only started (the browser sent to the IdP) if the IdP answered within this long;
 # otherwise discovery is fetched again first, so a dead IdP gets a 503 page, not a dead link.
 DISCOVERY_RECHECK = 30.0
@@ -90,7 +102,9 @@ class Provider:
         self._clock = clock
         self._metadata: ProviderMetadata | None = None
         self._keys: KeySet | None = None
-        self._keys_fetched_at = float("-inf")
+        self._unknown_kids: dict[str, float] = {}  # kid -> when a refetch did not find it
+        self._untrusted_window = float("-inf")
+        self._untrusted_refetches = 0
         self._next_discovery = float("-inf")
         self._discovered_at = float("-inf")
         self._backoff = 1.0
@@ -141,20 +155,46 @@ class Provider:
             raise IdPUnavailableError(f"discovery answered HTTP {status}")
         return ProviderMetadata.from_document(doc, self._issuer)
 
-    async def keys(self, kid: str | None) -> KeySet:
-        """The JWKS, refetched (rate-limited) when it lacks `kid`."""
+    async def keys(self, kid: str | None, *, trusted: bool) -> KeySet:
+        """The JWKS, refetched when it lacks `kid` (bounded: see the module docstring).
+
+        `trusted`: the token came from the token endpoint, not from anyone on the network."""
         if self._keys is not None and (kid is None or _has_kid(self._keys, kid)):
             return self._keys
         metadata = await self.metadata()
         async with self._keys_lock:
-            stale = self._keys is None or (kid is not None and not _has_kid(self._keys, kid))
-            if stale and self._clock() - self._keys_fetched_at >= JWKS_REFETCH_INTERVAL:
-                # Counted before the fetch: failed attempts are rate-limited too.
-                self._keys_fetched_at = self._clock()
-                self._keys = await self._fetch_keys(metadata.jwks_uri)
+            missing = self._keys is None or (kid is not None and not _has_kid(self._keys, kid))
+            if missing and self._may_refetch(kid, trusted=trusted):
+                try:
+                    self._keys = await self._fetch_keys(metadata.jwks_uri)
+                finally:
+                    if kid is not None and (self._keys is None or not _has_kid(self._keys, kid)):
+                        self._remember_unknown(kid)
         if self._keys is None:
             raise IdPUnavailableError("JWKS not available")
         return self._keys
+
+    def _may_refetch(self, kid: str | None, *, trusted: bool) -> bool:
+        now = self._clock()
+        if kid is not None and now - self._unknown_kids.get(kid, float("-inf")) < UNKNOWN_KID_RETRY:
+            return False
+        if trusted:
+            return True
+        if now - self._untrusted_window >= UNTRUSTED_WINDOW:
+            self._untrusted_window, self._untrusted_refetches = now, 0
+        if self._untrusted_refetches >= UNTRUSTED_REFETCHES:
+            return False
+        self._untrusted_refetches += 1
+        return True
+
+    def _remember_unknown(self, kid: str) -> None:
+        now = self._clock()
+        if len(self._unknown_kids) >= _MAX_UNKNOWN_KIDS:
+            self._unknown_kids = {k: t for k, t in self._unknown_kids.items()
+                                  if now - t < UNKNOWN_KID_RETRY}
+            if len(self._unknown_kids) >= _MAX_UNKNOWN_KIDS:
+                self._unknown_kids.clear()  # the overall budget still bounds untrusted kids
+        self._unknown_kids[kid] = now
 
     async def _fetch_keys(self, jwks_uri: str) -> KeySet:
         status, doc = await fetch_json(self._http, "GET", jwks_uri,

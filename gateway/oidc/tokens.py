@@ -1,16 +1,22 @@
-"""ID token validation per OpenID Connect Core 1.0 §3.1.3.7, with joserfc doing the JOSE work.
+"""ID and logout token validation per OpenID Connect Core 1.0 §3.1.3.7 and Back-Channel Logout
+1.0 §2.6, with joserfc doing the JOSE work.
 
-Signature and claims are checked in one call, `validate_id_token`, so no caller can get claims
-that were only half checked. Pure: no I/O, time is passed in.
+Signature and claims are checked in one call, so no caller can get claims that were only half
+checked. Every refusal is a TokenError whose `code` names the failed check (`bad_signature`,
+`claim_aud`, `at_hash_mismatch`, ...): callers and tests rely on the code, never on a library's
+message wording. Pure: no I/O, time is passed in.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from joserfc import jws, jwt
-from joserfc.errors import JoseError
+from joserfc.errors import ClaimError, ExpiredTokenError, InvalidPayloadError, JoseError
 from joserfc.jwk import KeySet, OctKey
 from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
@@ -18,10 +24,16 @@ _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 _MAX_TOKEN_LENGTH = 16384
 MAX_TOKEN_AGE = 600  # seconds; tokens are used at once (callback, back-channel POST)
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+_CHECKED_CLAIMS = frozenset({"iss", "aud", "exp", "iat", "nbf", "sub", "jti"})
 
 
 class TokenError(Exception):
-    """An ID token failed a check; the message names the check (never the token)."""
+    """A token failed a check. `code` names the check; the message adds what was seen (never
+    the token itself)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,47 +49,65 @@ class Expectations:
 def header_of(token: str) -> Mapping[str, object]:
     """The unverified JOSE header, to pick a key by kid before verification."""
     if len(token) > _MAX_TOKEN_LENGTH:
-        raise TokenError("token is too large")
+        raise TokenError("malformed", "token is too large")
     try:
         header = jws.extract_compact(token.encode()).protected
     except (JoseError, ValueError, UnicodeError) as exc:
-        raise TokenError("token is not a compact JWS") from exc
+        raise TokenError("malformed", "token is not a compact JWS") from exc
     # joserfc only asks `"alg" in header`, which a JSON array or string also passes.
     if not isinstance(header, dict):
-        raise TokenError("token header is not a JSON object")
+        raise TokenError("malformed", "token header is not a JSON object")
     return header
+
+
+def kid_of(token: str) -> str | None:
+    kid = header_of(token).get("kid")
+    return kid if isinstance(kid, str) else None
 
 
 def _verification_key(alg: str, keys: KeySet, expect: Expectations) -> KeySet | OctKey:
     # SECURITY: algorithm confusion. An HMAC token is verified only with the client secret
     # (Core §10.1), and an asymmetric one only with the IdP's non-symmetric keys.
     if alg in _HMAC_ALGS:
-        return OctKey.import_key(expect.client_secret)
+        try:
+            return OctKey.import_key(expect.client_secret)
+        except (JoseError, ValueError) as exc:  # joserfc >= 1.8 refuses PEM-like secrets
+            raise TokenError("key_unusable", "the client secret is not usable as an HMAC "
+                                             "key") from exc
     public = [key for key in keys.keys if key.key_type != "oct"]
     return KeySet(public)
 
 
-def _verified_claims(token: str, keys: KeySet, expect: Expectations) -> dict[str, object]:
+def _verified(token: str, keys: KeySet, expect: Expectations) -> tuple[str, dict[str, object]]:
+    """The signing alg and the claims of a token whose signature checked out."""
     header = header_of(token)
     alg = header.get("alg")
     # Core §3.1.3.7 (7): alg must be one the IdP advertises; "none" never is (see provider).
     if not isinstance(alg, str) or alg not in expect.algorithms or alg == "none":
-        raise TokenError(f"signing algorithm {alg!r} is not allowed")
-    key = _verification_key(alg, keys, expect)
+        raise TokenError("alg_not_allowed", f"signing algorithm {alg!r} is not allowed")
+    key = _kid_tolerant(_verification_key(alg, keys, expect), header)
     try:
-        decoded = jwt.decode(token, _kid_tolerant(key, header), algorithms=[alg])
-    except JoseError as exc:
-        raise TokenError(f"signature check failed ({exc.error})") from exc
+        decoded = jwt.decode(token, key, algorithms=[alg])
+    except InvalidPayloadError as exc:
+        raise TokenError("malformed", "token payload is not a JSON object") from exc
+    except (JoseError, ValueError) as exc:
+        error = exc.error if isinstance(exc, JoseError) else type(exc).__name__
+        raise TokenError("bad_signature", f"signature check failed ({error})") from exc
     if not isinstance(decoded.claims, dict):
-        raise TokenError("token payload is not a JSON object")
-    return dict(decoded.claims)
+        raise TokenError("malformed", "token payload is not a JSON object")
+    return alg, dict(decoded.claims)
 
 
 def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
-                      nonce: str | None) -> dict[str, object]:
-    """Verified claims of an ID token, or TokenError naming the failed check."""
-    claims = _verified_claims(token, keys, expect)
+                      nonce: str | None, access_token: str | None = None) -> dict[str, object]:
+    """Verified claims of an ID token, or TokenError naming the failed check.
+
+    `access_token` is the one issued with it: when the ID token has at_hash, it must match.
+    """
+    alg, claims = _verified(token, keys, expect)
     _check_claims(claims, expect, nonce)
+    if "at_hash" in claims and access_token is not None:
+        _check_at_hash(claims["at_hash"], alg, access_token)
     return claims
 
 
@@ -86,18 +116,18 @@ def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dic
 
     The jti replay check needs the store, so the caller does it with the returned jti.
     """
-    claims = _verified_claims(token, keys, expect)
+    _, claims = _verified(token, keys, expect)
     _check_common(claims, expect, sub_required=False)
     events = claims.get("events")
     # §2.4: events must hold the back-channel logout event, as a JSON object.
     if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
-        raise TokenError("events claim lacks the back-channel logout event")
+        raise TokenError("claim_events", "events claim lacks the back-channel logout event")
     if not isinstance(claims.get("sid"), str) and not isinstance(claims.get("sub"), str):
-        raise TokenError("logout token names neither sid nor sub")
+        raise TokenError("claim_sid", "logout token names neither sid nor sub")
     if "nonce" in claims:  # §2.4: forbidden, so an ID token cannot pass as a logout token
-        raise TokenError("logout token has a nonce")
+        raise TokenError("claim_nonce", "logout token has a nonce")
     if not isinstance(claims.get("jti"), str):
-        raise TokenError("logout token has no jti")
+        raise TokenError("claim_jti", "logout token has no jti")
     return claims
 
 
@@ -105,9 +135,16 @@ def _kid_tolerant(key: KeySet | OctKey, header: Mapping[str, object]) -> KeySet 
     """joserfc needs a kid to choose from a set; a kid-less token may use the IdP's only key."""
     if isinstance(key, KeySet) and "kid" not in header:
         if len(key.keys) != 1:
-            raise TokenError("token has no kid and the JWKS has several keys")
+            raise TokenError("no_key", "token has no kid and the JWKS has several keys")
         return key.keys[0]  # type: ignore[return-value]
     return key
+
+
+def _claim_code(exc: JoseError) -> str:
+    if isinstance(exc, ExpiredTokenError):
+        return "claim_exp"
+    claim = exc.claim if isinstance(exc, ClaimError) else ""
+    return f"claim_{claim}" if claim in _CHECKED_CLAIMS else "claim_invalid"
 
 
 def _check_common(claims: dict[str, object], expect: Expectations, *,
@@ -124,11 +161,11 @@ def _check_common(claims: dict[str, object], expect: Expectations, *,
     try:
         registry.validate(claims)
     except JoseError as exc:
-        raise TokenError(f"claim check failed ({exc.error}: {exc.description})") from exc
+        raise TokenError(_claim_code(exc), f"claim check failed ({exc.error})") from exc
     issued = claims["iat"]
     # A logout or ID token is for now: one issued long ago is a replay, whatever exp says.
     if isinstance(issued, int | float) and issued < expect.now() - MAX_TOKEN_AGE:
-        raise TokenError("token was issued too long ago (iat)")
+        raise TokenError("claim_iat", "token was issued too long ago")
 
 
 def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | None) -> None:
@@ -137,13 +174,30 @@ def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | 
     # control characters either.
     sub = claims["sub"]
     if not isinstance(sub, str) or not 0 < len(sub) <= 255 or not sub.isprintable():
-        raise TokenError("sub is not a string of 1 to 255 printable characters")
+        raise TokenError("claim_sub", "sub is not a string of 1 to 255 printable characters")
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     # Core §3.1.3.7 (4)-(5): with several audiences, azp must be present and be us.
     if len(audiences) > 1 and claims.get("azp") != expect.client_id:
-        raise TokenError("several audiences but azp is not the client_id")
+        raise TokenError("claim_azp", "several audiences but azp is not the client_id")
     if "azp" in claims and claims["azp"] != expect.client_id:
-        raise TokenError("azp is not the client_id")
+        raise TokenError("claim_azp", "azp is not the client_id")
     # Core §3.1.3.7 (11): the nonce must be the one this login sent.
     if nonce is not None and claims.get("nonce") != nonce:
-        raise TokenError("nonce does not match the login")
+        raise TokenError("claim_nonce", "nonce does not match the login")
+
+
+# The hash of the JWS alg's family (RFC 7518 §3); EdDSA tokens use Ed25519 and so SHA-512.
+_AT_HASH_FUNCTIONS = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
+
+
+def _check_at_hash(at_hash: object, alg: str, access_token: str) -> None:
+    """Core §3.1.3.8 / §3.2.2.9: at_hash is the base64url left half of the hash of the access
+    token, with the hash of the ID token's alg. A mismatch means the access token was swapped
+    (token substitution), so the login ends before the token is used anywhere."""
+    function = _AT_HASH_FUNCTIONS.get("512" if alg == "EdDSA" else alg[-3:])
+    if function is None:
+        raise TokenError("at_hash_mismatch", f"at_hash cannot be checked for alg {alg}")
+    digest = function(access_token.encode("ascii")).digest()
+    expected = base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode()
+    if not isinstance(at_hash, str) or not hmac.compare_digest(at_hash, expected):
+        raise TokenError("at_hash_mismatch", "at_hash does not match the access token")

@@ -21,6 +21,11 @@ class Backend(Protocol):
 
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
 
+    async def replace(self, key: str, value: bytes, ttl: float) -> bool:
+        """Overwrite `key` only while it exists (SET XX); False if it is gone. Every write
+        that follows a read uses this, so a record deleted meanwhile (sign-out, revocation)
+        is never brought back."""
+
     async def expire(self, key: str, ttl: float) -> None: ...
 
     async def pop(self, key: str) -> bytes | None:
@@ -83,6 +88,12 @@ class MemoryBackend:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._sweep()
         self._data[key] = (value, self._clock() + ttl)
+
+    async def replace(self, key: str, value: bytes, ttl: float) -> bool:
+        if self._live(key) is None:
+            return False
+        self._data[key] = (value, self._clock() + ttl)
+        return True
 
     async def expire(self, key: str, ttl: float) -> None:
         entry = self._live(key)

@@ -98,6 +98,9 @@ class RedisBackend:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call("SET", self._client.set(key, value, px=_ms(ttl)))
 
+    async def replace(self, key: str, value: bytes, ttl: float) -> bool:
+        return bool(await self._call("SET XX", self._client.set(key, value, px=_ms(ttl), xx=True)))
+
     async def expire(self, key: str, ttl: float) -> None:
         await self._call("PEXPIRE", self._client.pexpire(key, _ms(ttl)))
 

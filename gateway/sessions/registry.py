@@ -4,7 +4,9 @@ For every session the store keeps, beside the sealed record, a small clear-text 
 (`gateway:meta:{H}`: user, times, client IP and user agent; never a token or a cookie part) and
 two indexes, user -> sessions and IdP sid -> sessions. Revocation by user or sid deletes
 records without decrypting them. Index entries whose session has ended are dropped lazily.
-Index keys use the sub/sid hash as a Redis Cluster hash tag.
+Index keys use the sub/sid hash as a Redis Cluster hash tag. Only `record` (a new session)
+writes unconditionally; later writes replace an entry only while it exists, so a revoked
+session's entry is never brought back.
 """
 
 from __future__ import annotations
@@ -72,7 +74,18 @@ class Registry:
         self._max = max_lifetime
 
     async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
+        """A new session's entry and its indexes."""
         await self._backend.set(meta_key(info.storage_id), info.to_bytes(), ttl)
+        await self._index(info, identity)
+
+    async def update(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
+        """A live session's entry after its identity was refreshed (the email may differ)."""
+        if await self._backend.replace(meta_key(info.storage_id), info.to_bytes(), ttl):
+            # A revocation between these two steps leaves at most an index member without
+            # an entry, which every lookup drops.
+            await self._index(info, identity)
+
+    async def _index(self, info: SessionInfo, identity: Identity) -> None:
         await self._backend.index_add(_SUB_PREFIX + _tag(identity.sub), info.storage_id,
                                       self._max)
         if identity.email:
@@ -87,8 +100,9 @@ class Registry:
         return SessionInfo.from_bytes(raw) if raw else None
 
     async def touch(self, info: SessionInfo, ttl: float) -> None:
-        """Keep the entry as long as its session, with the new last-seen time."""
-        await self._backend.set(meta_key(info.storage_id), info.to_bytes(), ttl)
+        """Keep the entry as long as its session, with the new last-seen time (only while it
+        exists: a revoked session's entry is not recreated)."""
+        await self._backend.replace(meta_key(info.storage_id), info.to_bytes(), ttl)
 
     async def _live(self, index: str) -> list[SessionInfo]:
         members = await self._backend.index_members(index)

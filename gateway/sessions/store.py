@@ -8,6 +8,11 @@ name. A dump of the store therefore yields neither tokens nor usable cookies.
 Sliding idle timeout without a write per request: the record's TTL *is* the idle timer, read
 together with the value in one round trip; it is pushed forward only once the session has been
 idle for a touch interval, and never beyond max_lifetime from login.
+
+A revoked session stays revoked: every write that follows a read (new tokens after a refresh,
+the idle touch, the registry entry) is conditional on the record still being there (SET XX,
+PEXPIRE), so a sign-out, back-channel logout or admin revoke that lands while a refresh is in
+flight is never undone.
 """
 
 from __future__ import annotations
@@ -115,17 +120,21 @@ class SessionStore:
             await self.backend.delete(name, meta_key(cookie.storage_id))
             return None
         if ttl is None or remaining - ttl >= self._touch_interval:
-            await self.backend.expire(name, remaining)
+            await self.backend.expire(name, remaining)  # a no-op on a record deleted meanwhile
             await self.registry.touch(self._info(cookie, session), remaining)
         return session
 
-    async def replace(self, cookie_value: str, session: Session) -> None:
-        """Store new tokens for a live session, under the same cookie."""
+    async def replace(self, cookie_value: str, session: Session) -> bool:
+        """Store new tokens and identity for a live session, under the same cookie; False
+        (and nothing written) when the session was deleted since it was loaded."""
         cookie = SessionCookie.parse(cookie_value)
         assert cookie is not None, "replace() follows a successful load()"
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
-        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()), ttl)
+        if not await self.backend.replace(name, _seal(cookie.key, name, session.to_bytes()), ttl):
+            return False
+        await self.registry.update(self._info(cookie, session), ttl, session.identity)
+        return True
 
     async def delete(self, cookie_value: str | None) -> None:
         cookie = SessionCookie.parse(cookie_value)

@@ -1,0 +1,52 @@
+"""One place where tokens from the IdP are verified: metadata, the key for the token's kid,
+and validation, for ID tokens (login and refresh) and logout tokens (back-channel logout).
+
+The callers only translate a refusal into their own error (a login error, a failed refresh, a
+400 to the IdP), using the TokenError's code. The IdP's metadata and keys come from the
+Provider, which bounds JWKS refetches; which refetch budget applies depends on where the token
+came from: the token endpoint (trusted channel) or anyone on the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.oidc import tokens
+from gateway.oidc.provider import Provider
+
+
+class Verifier:
+    def __init__(self, provider: Provider, *, client_id: str, client_secret: str,
+                 leeway: float, clock: Callable[[], float]) -> None:
+        self._provider = provider
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._leeway = int(leeway)
+        self._clock = clock
+
+    async def _expectations(self) -> tokens.Expectations:
+        metadata = await self._provider.metadata()
+        return tokens.Expectations(
+            issuer=metadata.issuer, client_id=self._client_id,
+            client_secret=self._client_secret, algorithms=metadata.id_token_signing_algs,
+            leeway=self._leeway, now=self._clock)
+
+    async def id_token(self, token: str, *, nonce: str | None,
+                       access_token: str) -> dict[str, object]:
+        """Claims of an ID token from the token endpoint, issued with `access_token`
+        (checked against at_hash when the token has one); TokenError when refused."""
+        expect = await self._expectations()
+        keys = await self._provider.keys(tokens.kid_of(token), trusted=True)
+        return tokens.validate_id_token(token, keys, expect, nonce=nonce,
+                                        access_token=access_token)
+
+    async def logout_token(self, token: str) -> dict[str, object]:
+        """Claims of a back-channel logout token (anyone can POST one); TokenError when
+        refused. The caller checks jti replay, which needs the store."""
+        expect = await self._expectations()
+        keys = await self._provider.keys(tokens.kid_of(token), trusted=False)
+        return tokens.validate_logout_token(token, keys, expect)
+
+    @property
+    def leeway(self) -> int:
+        return self._leeway
