@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway import dispatch, endpoints, login, logout, observability, server, websocket
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.headers import Stripped
 from gateway.observability import access_log_middleware
 from gateway.oidc.flow import Client
 from gateway.oidc.provider import Provider
@@ -59,7 +60,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 sessions=SessionStore(backend, idle_timeout=config.session.idle_timeout,
                                       max_lifetime=config.session.max_lifetime, clock=clock),
                 provider=provider, verifier=verifier, client=client, upstreams=upstreams,
-                idp_http=idp_http, clock=clock)
+                idp_http=idp_http, clock=clock,
+                stripped_headers=Stripped.with_extra(config.server.strip_request_headers))
             try:
                 await provider.metadata()
             except GatewayError as exc:
@@ -84,6 +86,7 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     observability.redact_framework_logs()
     app.cleanup_ctx.append(_runtime_context(config, clock))
     app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(server.set_server_header)
     app.router.add_get("/oauth2/start", login.start)
     app.router.add_get("/oauth2/callback", login.callback)
     app.router.add_route("GET", "/oauth2/sign_out", logout.sign_out)

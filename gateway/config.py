@@ -28,12 +28,15 @@ from pydantic import (
 from yarl import URL
 
 from gateway.errors import ConfigError
+from gateway.identity import email_address, email_domain
 from gateway.store_url import StoreLocation, parse_store_url
 from gateway.units import Duration, NonNegativeDuration, Size
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HEADER_NAME = re.compile(r"[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?")  # RFC 9110 §5.6.2 token
+PROXY_LOGIN_START_FACTOR = 20
 
 
 def _http_url(value: str, *, require_path_free: bool = False) -> str:
@@ -56,6 +59,12 @@ class ServerConfig(_Model):
     shutdown_timeout: Duration = 10.0
     max_header_size: Size = 16 * 1024
     login_starts_per_minute: int = Field(default=120, ge=0)
+    # Sign-ins started per minute through one trusted proxy address, all its clients together:
+    # the bound when a client inside trusted_proxies writes its own X-Forwarded-For.
+    login_starts_per_minute_per_proxy: int | None = Field(default=None, ge=0)
+    # Request headers removed before the upstream, beyond the built-in identity headers;
+    # "X-Corp-*" names a prefix.
+    strip_request_headers: tuple[str, ...] = ()
 
     @field_validator("listen")
     @classmethod
@@ -83,6 +92,20 @@ class ServerConfig(_Model):
                 raise ValueError(f"{cidr!r} is not an IP network (CIDR)") from None
         return value
 
+    @field_validator("strip_request_headers")
+    @classmethod
+    def _check_header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (or a prefix ending in '*')")
+        return value
+
+    @property
+    def proxy_login_starts_per_minute(self) -> int:
+        if self.login_starts_per_minute_per_proxy is not None:
+            return self.login_starts_per_minute_per_proxy
+        return PROXY_LOGIN_START_FACTOR * self.login_starts_per_minute
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]")
@@ -108,6 +131,10 @@ class OIDCConfig(_Model):
     )
     timeout: Duration = 10.0
     clock_skew: Duration = 60.0
+    # Send X-Forwarded-Email even when the IdP does not say the address is verified. Risky:
+    # upstreams that key accounts by email can then be taken over by whoever the IdP lets
+    # pick that address.
+    allow_unverified_email: bool = False
     # Re-read the identity claims from userinfo at every refresh (for IdPs that put groups
     # only in userinfo, or return no ID token on refresh).
     refresh_userinfo: bool = False
@@ -193,13 +220,26 @@ class AllowRules(_Model):
 
     @field_validator("emails")
     @classmethod
-    def _lower_emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.strip().lower() for v in value)
+    def _parse_emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Parsed like the users' addresses (identity.email_address), so they compare."""
+        parsed = []
+        for entry in value:
+            address = email_address(entry.strip())
+            if address is None:
+                raise ValueError(f"{entry!r} is not an email address (local@domain)")
+            parsed.append(address)
+        return tuple(parsed)
 
     @field_validator("email_domains")
     @classmethod
-    def _lower_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.strip().lower().removeprefix("@") for v in value)
+    def _parse_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parsed = []
+        for entry in value:
+            domain = email_domain(entry.strip().removeprefix("@"))
+            if domain is None:
+                raise ValueError(f"{entry!r} is not a domain name")
+            parsed.append(domain)
+        return tuple(parsed)
 
 
 class UpstreamTLSConfig(_Model):

@@ -3,7 +3,10 @@
 Pure: takes a mapping and plain values, returns a new CIMultiDict; never imports aiohttp.web.
 SECURITY: the identity headers are the upstream's only source of truth about the user, so every
 client-sent spelling of them is removed on every route (gunicorn drops names with "_", many PHP
-and WSGI stacks fold "_" into "-": both spellings are stripped).
+and WSGI stacks fold "_" into "-": both spellings are stripped). So are the identity headers of
+the login proxies an upstream may be migrating from (mod_auth_openidc, oauth2-proxy, Pomerium,
+Authelia and the REMOTE_USER conventions), which it may still read, and any names the operator
+lists in server.strip_request_headers.
 """
 
 from __future__ import annotations
@@ -29,13 +32,44 @@ PREFERRED_USERNAME = "X-Forwarded-Preferred-Username"
 GROUPS = "X-Forwarded-Groups"
 ACCESS_TOKEN = "X-Forwarded-Access-Token"  # noqa: S105  (a header name)
 _IDENTITY = frozenset({
+    # ours (and oauth2-proxy's)
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
-    "x-forwarded-groups", "x-forwarded-access-token", "x-auth-request-user",
-    "x-auth-request-email", "x-auth-request-preferred-username", "x-auth-request-groups",
-    "x-auth-request-access-token", "remote-user", "x-remote-user",
+    "x-forwarded-groups", "x-forwarded-access-token",
+    # oauth2-proxy's legacy name; Authelia's; the REMOTE_USER conventions
+    "gap-auth", "remote-user", "remote-groups", "remote-email", "remote-name",
+    "x-remote-user", "x-remote-group", "x-email", "x-user",
 })
+# mod_auth_openidc (OIDC_CLAIM_*, OIDC_access_token, OIDC_id_token, ...), oauth2-proxy
+# (X-Auth-Request-*), Pomerium (X-Pomerium-Claim-*, X-Pomerium-Jwt-Assertion).
+_IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                          "x-real-ip", "forwarded"})
+
+
+@dataclass(frozen=True, slots=True)
+class Stripped:
+    """Request header names no client may send upstream, compared normalised (lower case,
+    '_' read as '-'): exact names, and prefixes."""
+
+    names: frozenset[str] = _IDENTITY
+    prefixes: tuple[str, ...] = _IDENTITY_PREFIXES
+
+    @classmethod
+    def with_extra(cls, extra: Iterable[str]) -> Stripped:
+        """The built-in set plus the operator's names; a trailing '*' makes a prefix."""
+        names, prefixes = set(_IDENTITY), list(_IDENTITY_PREFIXES)
+        for name in extra:
+            if name.endswith("*"):
+                prefixes.append(_normalise(name[:-1]))
+            else:
+                names.add(_normalise(name))
+        return cls(frozenset(names), tuple(prefixes))
+
+    def __contains__(self, normalised: str) -> bool:
+        return normalised in self.names or normalised.startswith(self.prefixes)
+
+
+DEFAULT_STRIPPED = Stripped()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +144,22 @@ def for_upstream(
     gateway_cookies: frozenset[str],
     preserve_host: bool,
     injected: Mapping[str, str | None] | None = None,
+    stripped: Stripped = DEFAULT_STRIPPED,
+    unverified_email: bool = False,
 ) -> CIMultiDict[str]:
     """Request headers to send upstream; `injected` (token headers) replace any the client
     sent under those names (a None value: removed, nothing sent)."""
     injected = injected or {}
     # Expect is answered by the gateway itself (after the session check), not by the upstream.
-    drop = (HOP_BY_HOP | _connection_listed(headers) | _IDENTITY | {"cookie", "expect"}
+    drop = (HOP_BY_HOP | _connection_listed(headers) | {"cookie", "expect"}
             | {_normalise(name) for name in injected})
     if not client.trusted:
         drop |= _FORWARDING
     if not preserve_host:
         drop |= {"host"}
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in headers.items() if _normalise(name) not in drop
+        (name, value) for name, value in headers.items()
+        if (normalised := _normalise(name)) not in drop and normalised not in stripped
     )
     cookie = _without_cookies(headers.getall("Cookie", ()), gateway_cookies)
     if cookie:
@@ -132,7 +169,7 @@ def for_upstream(
     out.setdefault("X-Forwarded-Proto", client.scheme)
     out.setdefault("X-Forwarded-Host", client.host)
     if identity is not None:
-        out.update(identity_headers(identity))
+        out.update(identity_headers(identity, unverified_email=unverified_email))
     out.update({name: value for name, value in injected.items() if value is not None})
     return out
 
@@ -150,10 +187,13 @@ def token_headers(access_token: str | None, *, as_access_token_header: bool,
     return out
 
 
-def identity_headers(identity: Identity) -> Mapping[str, str]:
+def identity_headers(identity: Identity, *, unverified_email: bool = False) -> Mapping[str, str]:
+    """SECURITY: the email goes upstream only when the IdP says it is verified (unless the
+    operator opted out): upstreams that key accounts by email (Grafana's auth proxy, Gitea)
+    would otherwise hand an account to whoever the IdP let pick that address."""
     values = {
         USER: identity.sub,
-        EMAIL: identity.email,
+        EMAIL: identity.email if identity.email_verified or unverified_email else None,
         PREFERRED_USERNAME: identity.preferred_username,
         GROUPS: ",".join(identity.groups) if identity.groups else None,
     }
@@ -161,6 +201,7 @@ def identity_headers(identity: Identity) -> Mapping[str, str]:
 
 
 _LOCATIONS = frozenset({"location", "content-location"})
+_PROTOCOL_RELATIVE = re.compile(r"[\t\n\r]*/[\t\n\r]*[/\\]")
 
 
 def _rewrite_location(value: str, upstream_origin: str, prefix: str) -> str:
@@ -170,7 +211,13 @@ def _rewrite_location(value: str, upstream_origin: str, prefix: str) -> str:
     if not value.lower().startswith(upstream_origin.lower()) or rest[:1] not in ("", "/", "?"):
         return value
     path = rest if rest.startswith("/") else "/" + rest
-    return (prefix.rstrip("/") + path) if prefix != "/" else path
+    rewritten = (prefix.rstrip("/") + path) if prefix != "/" else path
+    # SECURITY: "http://internal//evil.example/x" is harmless as sent, but "//evil.example/x"
+    # (or "/\evil.example", also with a tab or newline inside, which browsers drop) is another
+    # origin: such a value is kept as the upstream sent it.
+    if _PROTOCOL_RELATIVE.match(rewritten):
+        return value
+    return rewritten
 
 
 _COOKIE_PATH = re.compile(r"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE)
@@ -205,7 +252,9 @@ def from_upstream(headers: MultiMapping[str], *, upstream_origin: str | None = N
     rewritten to the gateway (legacy apps redirect to their internal address), and Set-Cookie
     is scoped to the stripped prefix and stripped of the upstream's own Domain.
     """
-    drop = HOP_BY_HOP | _connection_listed(headers)
+    # Server: the gateway answers with its own, as nginx does (the upstream's names its
+    # software and version, which is nobody's business).
+    drop = HOP_BY_HOP | _connection_listed(headers) | {"server"}
     upstream_host = URL(upstream_origin).host if upstream_origin else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():

@@ -5,8 +5,12 @@ The only place claim names are read. Pure: never imports aiohttp.web.
 
 from __future__ import annotations
 
+import functools
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import idna
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +76,30 @@ def _groups(value: object) -> tuple[str, ...]:
     names = (_text(str(v)) for v in values if isinstance(v, str | int))
     return tuple(name for name in names if name is not None and "," not in name)
 
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def email_domain(domain: str) -> str | None:
+    """A mail domain as policy compares it: lower-case ASCII (IDNA, UTS #46 mapping, so
+    `Bücher.DE` is `xn--bcher-kva.de`); None when it is no valid domain name."""
+    if not domain or domain.endswith("."):
+        return None
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def email_address(value: str) -> str | None:
+    """An email address as policy compares it, or None (never matches a rule) when it is not
+    one: exactly one '@', a local part without whitespace or control characters (ASCII case
+    folded only: str.lower() would map the Kelvin sign to 'k', turning one mailbox into
+    another), and a valid domain (see email_domain)."""
+    local, at, domain = value.rpartition("@")
+    if not at or not local or "@" in local or not local.isprintable() or \
+            any(c.isspace() for c in local):
+        return None
+    ascii_domain = email_domain(domain)
+    return f"{local.translate(_ASCII_LOWER)}@{ascii_domain}" if ascii_domain else None

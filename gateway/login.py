@@ -45,7 +45,7 @@ def _binding_hash(value: str) -> str:
 
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
-    await ratelimit.check_login_start(rt, _address_of(request, rt))
+    await ratelimit.check_login_start(rt, _address_of(request, rt), via=request.remote)
     metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")

@@ -2,7 +2,8 @@
 
 Pure: never imports aiohttp.web. `allow` rules: every kind that is present must match
 (emails, email_domains, groups); within a kind any listed value matches. Emails count only
-when the IdP says they are verified, and compare case-insensitively.
+when the IdP says they are verified, and are compared as parsed addresses (identity.email_address:
+exactly one '@', the domain in lower-case ASCII after IDNA); anything else matches no rule.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import AllowRules
-from gateway.identity import Identity
+from gateway.identity import Identity, email_address
 from gateway.routing import Route
 
 
@@ -45,13 +46,13 @@ def decide(route: Route, identity: Identity | None) -> Decision:
 
 
 def _refusal(rules: AllowRules, identity: Identity) -> str | None:
-    email = identity.email.lower() if identity.email and identity.email_verified else None
+    email = email_address(identity.email) if identity.email and identity.email_verified else None
     if rules.emails and email not in rules.emails:
-        return "email not allowed" if email else "no verified email"
+        return "email not allowed" if email else "no verified, well-formed email"
     if rules.email_domains:
         domain = email.rpartition("@")[2] if email else None
         if domain not in rules.email_domains:
-            return "email domain not allowed" if email else "no verified email"
+            return "email domain not allowed" if email else "no verified, well-formed email"
     if rules.groups and not set(rules.groups) & set(identity.groups):
         return "not in an allowed group"
     return None

@@ -86,7 +86,9 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host,
         injected=headers.token_headers(access_token,
                                        as_access_token_header=route.pass_access_token,
-                                       as_authorization=route.pass_authorization_header))
+                                       as_authorization=route.pass_authorization_header),
+        stripped=rt.stripped_headers,
+        unverified_email=rt.config.oidc.allow_unverified_email)
     upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
         url = upstream_url(upstream_to, route, target, websocket=True)

@@ -5,6 +5,12 @@ the store with anonymous requests. Windows are fixed minutes, counted with one s
 on the login path only (never on the per-request path of a signed-in user). Addresses are the
 client's as the trusted proxies report it; IPv6 clients are counted per /64, since one host
 commonly holds a whole /64.
+
+A client whose own address falls inside trusted_proxies is indistinguishable from a proxy, and
+could write any X-Forwarded-For it likes, minting a fresh bucket per request. So a start whose
+address came from X-Forwarded-For is also counted against the connection's peer, the one
+address nobody can forge, with a limit for all the clients behind that proxy together
+(server.login_starts_per_minute_per_proxy, by default 20 times the per-address limit).
 """
 
 from __future__ import annotations
@@ -33,16 +39,23 @@ def bucket(address: str) -> str:
     return str(ip)
 
 
-async def check_login_start(rt: Runtime, address: str) -> None:
-    """Count one sign-in start from `address`; TooManyRequestsError past the limit."""
-    limit = rt.config.server.login_starts_per_minute
+async def check_login_start(rt: Runtime, address: str, *, via: str | None) -> None:
+    """Count one sign-in start from `address`, and from `via`, the trusted peer that reported
+    it (None: the peer is the client); TooManyRequestsError past either limit."""
+    server = rt.config.server
+    await _count(rt, bucket(address), server.login_starts_per_minute, "address")
+    if via is not None and via != address:
+        await _count(rt, "proxy-" + bucket(via), server.proxy_login_starts_per_minute, "proxy")
+
+
+async def _count(rt: Runtime, name: str, limit: int, what: str) -> None:
     if limit == 0:
         return
     now = rt.clock()
     window = math.floor(now / WINDOW)
-    key = f"gateway:login-rate:{{{bucket(address)}}}:{window}"
+    key = f"gateway:login-rate:{{{name}}}:{window}"
     count = await rt.sessions.backend.count(key, WINDOW)
     if count > limit:
         retry_after = max(1, math.ceil((window + 1) * WINDOW - now))
-        raise TooManyRequestsError(f"over {limit} sign-in starts per minute",
+        raise TooManyRequestsError(f"over {limit} sign-in starts per minute per {what}",
                                    retry_after=retry_after)

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.headers import Stripped
 from gateway.oidc.flow import Client
 from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
@@ -32,6 +33,7 @@ class Runtime:
     upstreams: Upstreams  # per route: pooled client session, base URL, TLS
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
+    stripped_headers: Stripped  # client request headers that never reach an upstream
     # Open client websockets, so shutdown can close them with 1001.
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
 

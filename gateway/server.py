@@ -29,6 +29,10 @@ from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URIT
 
 log = logging.getLogger("gateway")
 
+# The Server header of every response: no product versions to fingerprint (aiohttp's default
+# names the Python and aiohttp versions). Proxied responses get it too, in place of the
+# upstream's, as nginx does.
+SERVER_HEADER = "gateway"
 MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADER_LINES = 128
 _TOO_MANY_HEADERS = "Too many headers received"
@@ -66,15 +70,23 @@ class _RequestHandler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         error = _size_error(exc, self._line_limit) if status == 400 else None
         if error is None or request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)
+            response = super().handle_error(request, status, exc, message)
+            response.headers["Server"] = SERVER_HEADER
+            return response
         # The offending bytes are the client's (often a cookie): never logged, never echoed.
         log.warning("%s status=%d detail=%s", error.event, error.status, error.detail)
         # The parser stopped before Accept was read. Oversized requests are nearly always a
         # browser with cookie bloat, so they get the page a person can act on.
         response = pages.render(request, error.status, error.title, error.public_message,
                                 code=error.event, as_html=True)
+        response.headers["Server"] = SERVER_HEADER
         response.force_close()
         return response
+
+
+async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response the app makes names no versions."""
+    response.headers["Server"] = SERVER_HEADER
 
 
 class _Server(web.Server):

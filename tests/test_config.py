@@ -142,6 +142,12 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("routes.0.pass_access_token", "sometimes", "routes[app].pass_access_token"),
     ("routes.0.host", "bad host!", "routes[app].host"),
     ("routes.0.auth", "maybe", "routes[app].auth"),
+    ("routes.0.allow", {"emails": ["alice@x@y.com"]}, "routes[app].allow.emails"),
+    ("routes.0.allow", {"emails": ["alice"]}, "not an email address"),
+    ("routes.0.allow", {"email_domains": ["exa mple.com"]}, "not a domain name"),
+    ("server.strip_request_headers", ["X-Ok", "Bad Header"], "server.strip_request_headers"),
+    ("server.login_starts_per_minute_per_proxy", -1, "server.login_starts_per_minute_per_proxy"),
+    ("oidc.allow_unverified_email", "perhaps", "oidc.allow_unverified_email"),
 ])
 def test_invalid_values_are_errors_naming_the_key(path: str, value: Any, needle: str) -> None:
     assert needle in error_of(with_change(path, value))
@@ -206,13 +212,14 @@ def test_allow_rules_need_auth_required() -> None:
 def test_values_are_normalised() -> None:
     raw = minimal()
     raw["routes"][0].update(host="*.Example.COM", path_prefix="/app/",
-                            allow={"emails": ["Alice@Example.com"], "email_domains": ["@Ex.com"]})
+                            allow={"emails": ["Alice@Example.com", "bob@Bücher.de"],
+                                   "email_domains": ["@Ex.com", "bücher.DE"]})
     route = parse(raw, ENV).routes[0]
     assert route.host == "*.example.com"
     assert route.path_prefix == "/app"
     assert route.allow is not None
-    assert route.allow.emails == ("alice@example.com",)
-    assert route.allow.email_domains == ("ex.com",)
+    assert route.allow.emails == ("alice@example.com", "bob@xn--bcher-kva.de")
+    assert route.allow.email_domains == ("ex.com", "xn--bcher-kva.de")
 
 
 def test_cookie_secure_follows_https_unless_set() -> None:

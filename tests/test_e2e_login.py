@@ -5,6 +5,8 @@ Runs against both stores: the embedded memory store and a real redis-server.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 from http.cookies import SimpleCookie
@@ -467,3 +469,82 @@ async def test_a_rotated_signing_key_is_accepted_on_the_first_login_after_it(
         resp = await login(other, stack.gateway, "/echo", user="bob")
         assert resp.status == 200
 
+
+def unverify_email(stack: Stack, user: str) -> None:
+    state = stack.idp_app[STATE]
+    state.users = {**state.users,
+                   user: dataclasses.replace(state.users[user], email_verified=False)}
+
+
+@pytest.mark.parametrize("allow_unverified", [False, True])
+async def test_an_unverified_email_is_sent_upstream_only_when_the_operator_allows_it(
+        make_stack: StackFactory, browser: aiohttp.ClientSession, allow_unverified: bool) -> None:
+    """Upstreams that key accounts by email (Grafana, Gitea) would hand bob's account to
+    whoever the IdP let claim bob's address."""
+    stack = await make_stack(oidc={"allow_unverified_email": allow_unverified})
+    unverify_email(stack, "bob")
+    echoed = await (await login(browser, stack.gateway, "/echo", user="bob")).json()
+    assert header(echoed, "X-Forwarded-User") == ["bob"]
+    assert header(echoed, "X-Forwarded-Email") == (["bob@example.com"] if allow_unverified
+                                                   else [])
+
+
+PEER_HEADERS = {
+    "OIDC_CLAIM_email": "root@example.com", "OIDC-Claim-Groups": "admins",
+    "oidc_access_token": "forged", "OIDC_id_token": "forged", "X-Auth-Request-User": "root",
+    "x-auth-request-email": "root@example.com", "X-Forwarded-Access-Token": "forged",
+    "Remote-User": "root", "remote_groups": "admins", "X-Remote-User": "root",
+    "X-Remote-Group": "admins", "X-Email": "root@example.com", "X-User": "root",
+    "GAP-Auth": "root", "X-Pomerium-Claim-Email": "root@example.com",
+    "X-Corp-Role": "admin", "x_corp_id": "1", "X-App-User": "root",
+}
+
+
+async def test_identity_headers_of_other_login_proxies_are_stripped_in_every_spelling(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    """Upstreams migrating from mod_auth_openidc, oauth2-proxy, Pomerium or Authelia may still
+    read those proxies' headers, so a client's copy never reaches them; nor do the names the
+    operator lists in server.strip_request_headers."""
+    stack = await make_stack(server={"strip_request_headers": ["X-Corp-*", "X-App-User"]})
+    await login(browser, stack.gateway, "/echo", user="bob")
+    for path in ("/echo", "/public/echo"):
+        async with browser.get(stack.gateway + path, headers=PEER_HEADERS) as resp:
+            echoed = await resp.json()
+        for name in PEER_HEADERS:
+            assert header(echoed, name) == [], (path, name)
+        assert header(echoed, "X-Forwarded-User") == (["bob"] if path == "/echo" else [])
+
+
+async def test_a_client_inside_trusted_proxies_cannot_mint_a_bucket_per_request(
+        make_stack: StackFactory, clock: FakeClock) -> None:
+    """The test client is at 127.0.0.1, inside trusted_proxies, so its X-Forwarded-For is
+    believed: a fresh forged address per request still counts against the peer."""
+    stack = await make_stack(clock=clock, server={
+        "login_starts_per_minute": 2, "login_starts_per_minute_per_proxy": 5,
+        "trusted_proxies": ["127.0.0.0/8"]})
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(8):
+            async with http.get(stack.gateway + "/", allow_redirects=False,
+                                headers={**BROWSER_HEADERS,
+                                         "X-Forwarded-For": f"203.0.113.{i}"}) as resp:
+                statuses.append(resp.status)
+    assert statuses == [302] * 5 + [429] * 3
+
+
+async def test_no_response_names_the_server_software_or_its_version(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Fingerprinting: neither the gateway's own answers nor proxied ones say what runs."""
+    await login(browser, stack.gateway, "/echo")
+    async with aiohttp.ClientSession() as http:
+        for url in (stack.gateway + "/public/echo", stack.gateway + "/oauth2/healthz",
+                    stack.gateway + "/nope/../oauth2/x", stack.gateway + "/echo"):
+            async with http.get(url, allow_redirects=False) as resp:
+                assert resp.headers.getall("Server") == ["gateway"], url
+    async with browser.get(stack.gateway + "/echo") as resp:  # proxied, with a session
+        assert resp.headers.getall("Server") == ["gateway"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(stack.gateway).port)
+    writer.write(b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n")  # refused by the parser itself
+    head = (await reader.read(4096)).split(b"\r\n\r\n")[0]
+    writer.close()
+    assert b"400" in head.split(b"\r\n")[0] and b"\r\nServer: gateway" in head

@@ -9,6 +9,7 @@ from multidict import CIMultiDict
 
 from gateway.headers import (
     ClientInfo,
+    Stripped,
     client_address,
     for_upstream,
     from_upstream,
@@ -41,7 +42,9 @@ def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
 @pytest.mark.parametrize("name", [
     "X-Forwarded-User", "x-forwarded-user", "X_Forwarded_User", "X-FORWARDED-EMAIL",
     "x_forwarded_groups", "X-Forwarded-Preferred-Username", "X-Forwarded-Access-Token",
-    "X-Auth-Request-User", "Remote-User", "X_AUTH_REQUEST_EMAIL",
+    "X-Auth-Request-User", "Remote-User", "X_AUTH_REQUEST_EMAIL", "OIDC_CLAIM_email",
+    "oidc-claim-groups", "OIDC_access_token", "OIDC_id_token", "X-Remote-Group", "X-Email",
+    "X-User", "remote_groups", "GAP-Auth", "X-Pomerium-Jwt-Assertion",
 ])
 @pytest.mark.parametrize("identity", [None, BOB])
 def test_client_identity_headers_are_stripped_in_every_spelling(
@@ -114,6 +117,30 @@ def test_host_is_dropped_unless_preserved() -> None:
     assert upstream([("Host", "app.example.com")], preserve_host=True)["Host"] == "app.example.com"
 
 
+def test_the_upstreams_server_header_is_not_passed_on() -> None:
+    out = from_upstream(CIMultiDict([("Server", "Apache/2.4.71 (Debian)"), ("X-App", "1")]))
+    assert "Server" not in out and out["X-App"] == "1"
+
+
+def test_operator_names_and_prefixes_are_stripped_in_every_spelling() -> None:
+    stripped = Stripped.with_extra(["X-Corp-*", "X-App-User"])
+    out = for_upstream(CIMultiDict([("x_corp_role", "a"), ("X-CORP-ID", "1"), ("x-app_user", "r"),
+                                    ("X-Corporate", "kept"), ("OIDC_CLAIM_sub", "x")]),
+                       None, CLIENT, gateway_cookies=GATEWAY_COOKIES, preserve_host=False,
+                       stripped=stripped)
+    assert [name for name in out if name.lower().startswith(("x-c", "x_c", "x-a", "oidc"))] == [
+        "X-Corporate"]
+
+
+def test_the_email_header_needs_a_verified_email_unless_allowed() -> None:
+    unverified = Identity("bob", "bob@example.com", False)
+    assert "X-Forwarded-Email" not in upstream([], unverified)
+    allowed = for_upstream(CIMultiDict(), unverified, CLIENT, gateway_cookies=GATEWAY_COOKIES,
+                           preserve_host=False, unverified_email=True)
+    assert allowed["X-Forwarded-Email"] == "bob@example.com"
+    assert upstream([], BOB)["X-Forwarded-Email"] == "bob@example.com"
+
+
 def test_response_headers_keep_duplicates_and_drop_hop_by_hop() -> None:
     out = from_upstream(CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
                                      ("Connection", "close, X-Internal"), ("X-Internal", "1"),
@@ -132,6 +159,12 @@ def test_response_headers_keep_duplicates_and_drop_hop_by_hop() -> None:
     ("http://app.internal:80801/x", "/", "http://app.internal:80801/x"),
     ("https://idp.example.com/auth", "/", "https://idp.example.com/auth"),
     ("/relative", "/app", "/relative"),
+    # never made protocol-relative: browsers read //host and /\host as another origin
+    ("http://app.internal:8080//evil.example/x", "/", "http://app.internal:8080//evil.example/x"),
+    ("http://app.internal:8080/\\evil.example/x", "/",
+     "http://app.internal:8080/\\evil.example/x"),
+    ("http://app.internal:8080/\t/evil.example", "/", "http://app.internal:8080/\t/evil.example"),
+    ("http://app.internal:8080//evil.example/x", "/app", "/app//evil.example/x"),
 ])
 def test_upstream_self_redirects_are_rewritten_to_the_gateway(
         location: str, prefix: str, expected: str) -> None:

@@ -63,7 +63,45 @@ def test_unverified_email_never_matches_email_rules() -> None:
     for rules in ({"emails": ["alice@example.com"]}, {"email_domains": ["example.com"]}):
         decision = decide(route(**rules), unverified)
         assert isinstance(decision, Deny)
-        assert decision.reason == "no verified email"
+        assert decision.reason == "no verified, well-formed email"
+
+
+@pytest.mark.parametrize("email", [
+    "alice@example.com@evil.com",  # two '@': which domain is it?
+    "alice@evil.com@example.com",
+    "@example.com",
+    "alice@",
+    "alice",
+    "al ice@example.com",
+    "alice@example.com.",
+    "alice@exa mple.com",
+    "alice@evil.com\n@example.com",
+])
+def test_an_email_that_is_not_one_address_matches_no_email_rule(email: str) -> None:
+    """Parser confusion: the domain compared must be the address's one domain."""
+    identity = Identity("mallory", email, True, None, ())
+    for rules in ({"emails": ["alice@example.com"]}, {"email_domains": ["example.com"]}):
+        decision = decide(route(**rules), identity)
+        assert isinstance(decision, Deny), (email, rules)
+
+
+@pytest.mark.parametrize(("email", "domain_rule", "allowed"), [
+    ("bob@Bücher.DE", "xn--bcher-kva.de", True),  # IDNA: one domain, two spellings
+    ("bob@xn--bcher-kva.de", "bücher.de", True),
+    ("bob@ＥＸＡＭＰＬＥ.com", "example.com", True),  # fullwidth maps to ASCII in IDNA
+    ("bob@buecher.de", "bücher.de", False),
+])
+def test_email_domains_compare_in_lower_case_ascii_after_idna(
+        email: str, domain_rule: str, allowed: bool) -> None:
+    identity = Identity("bob", email, True, None, ())
+    assert isinstance(decide(route(email_domains=[domain_rule]), identity), Allow) is allowed
+
+
+def test_the_local_part_folds_ascii_case_only() -> None:
+    """The Kelvin sign (U+212A) lower-cases to 'k' in Python: \u212aim is not kim's mailbox."""
+    rule = route(emails=["kim@example.com"])
+    assert isinstance(decide(rule, Identity("k", "KIM@example.com", True)), Allow)
+    assert isinstance(decide(rule, Identity("k", "\u212aim@example.com", True)), Deny)
 
 
 def test_identity_without_email_is_denied_by_email_rules() -> None:
