@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import html.parser
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from ports import free_port
 from redis_servers import start_plain
 from yarl import URL
 
@@ -30,12 +30,6 @@ from gateway.server import GatewayRunner
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-secret-" + "s" * 32
 BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -12,11 +12,11 @@ import contextlib
 import html.parser
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
+from ports import free_port
 from yarl import URL
 
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -31,19 +31,13 @@ def node_op_available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def start_node_op(*, client_id: str, client_secret: str, redirect_uris: Sequence[str],
                         post_logout_redirect_uris: Sequence[str] = (),
                         backchannel_logout_uri: str = "",
                         backchannel_session_required: bool = True,
                         access_token_ttl: int = 3600) -> AsyncIterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OP_PORT": str(port), "OP_CLIENT_ID": client_id,
            "OP_CLIENT_SECRET": client_secret, "OP_REDIRECT_URIS": ",".join(redirect_uris),
            "OP_POST_LOGOUT_REDIRECT_URIS": ",".join(post_logout_redirect_uris),

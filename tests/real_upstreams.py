@@ -83,6 +83,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+from ports import free_port
 
 NGINX = "/usr/sbin/nginx"
 NGINX_PERL_MODULE = "/usr/lib/nginx/modules/ngx_http_perl_module.so"
@@ -192,18 +193,8 @@ def _read_tail(path: Path, limit: int = 6000) -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (all held open while choosing, so they
-    differ)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct free ports on 127.0.0.1 (see ports.py)."""
+    return [free_port() for _ in range(count)]
 
 
 def send_raw(

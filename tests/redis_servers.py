@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import random
 import shutil
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ports import free_port
 
 
 @dataclass
@@ -45,25 +45,6 @@ def missing_binaries() -> str | None:
         if shutil.which(binary) is None:
             return f"{binary} is not installed (CI installs redis-server and redis-tools)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is valid and free too."""
-    while True:
-        port = random.randint(20000, 50000)  # noqa: S311  (a port number, not a secret)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -107,7 +88,7 @@ def start_plain(directory: Path) -> Deployment:
 
 
 def _start_plain(directory: Path, deployment: Deployment) -> None:
-    port = _free_port()
+    port = free_port()
     deployment.url = f"redis://127.0.0.1:{port}/0"
     deployment.processes.append(_start(["--port", str(port), *_PLAIN], directory))
     _wait_for_port(port)
@@ -116,7 +97,7 @@ def _start_plain(directory: Path, deployment: Deployment) -> None:
 def start_persistent(directory: Path, port: int | None = None) -> Deployment:
     """A redis-server that writes every command to its append-only file in `directory`, so a
     kill and a start on the same directory and port is a restart that keeps the data."""
-    port = port or _free_port()
+    port = port or free_port()
 
     def start(directory: Path, deployment: Deployment) -> None:
         deployment.url = f"redis://127.0.0.1:{port}/0"
@@ -134,7 +115,7 @@ def start_cluster(directory: Path) -> Deployment:
 
 
 def _start_cluster(directory: Path, deployment: Deployment) -> None:
-    ports = [_free_cluster_port() for _ in range(3)]
+    ports = [free_port(also=10000) for _ in range(3)]
     deployment.url = f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
     for port in ports:
         deployment.processes.append(_start(
@@ -157,7 +138,7 @@ def start_sentinel(directory: Path) -> Deployment:
 
 
 def _start_sentinel(directory: Path, deployment: Deployment) -> None:
-    master, sentinel = _free_port(), _free_port()
+    master, sentinel = free_port(), free_port()
     config = directory / "sentinel.conf"
     config.write_text(f"port {sentinel}\nbind 127.0.0.1\n"
                       f"sentinel monitor gateway 127.0.0.1 {master} 1\n"
@@ -214,7 +195,7 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 def _start_tls(directory: Path, deployment: Deployment) -> None:
     """A Redis that speaks only TLS, with a certificate from a CA made for this test."""
     ca_file, cert_file, key_file = make_certificates(directory)
-    port = _free_port()
+    port = free_port()
     deployment.url, deployment.ca_file = f"rediss://127.0.0.1:{port}/0", ca_file
     deployment.processes.append(_start(
         ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert_file),
