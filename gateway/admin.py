@@ -38,7 +38,7 @@ async def run(config: Config, action: str, user: str | None, every: bool) -> str
                                            "process; the sessions commands need a Redis store")
     backend = open_backend(config.session, clock=time.time)
     try:
-        registry = Registry(backend, config.session.max_lifetime)
+        registry = Registry(backend, config.store_keys, config.session.max_lifetime)
         infos = await (registry.by_user(user) if user else registry.all())
         if action == "list":
             return format_table(infos)

@@ -57,7 +57,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                                 leeway=config.oidc.clock_skew, clock=clock)
             app[RUNTIME] = Runtime(
                 config=config, routes=RouteTable(config.routes),
-                sessions=SessionStore(backend, idle_timeout=config.session.idle_timeout,
+                sessions=SessionStore(backend, config.store_keys,
+                                      idle_timeout=config.session.idle_timeout,
                                       max_lifetime=config.session.max_lifetime, clock=clock),
                 provider=provider, verifier=verifier, client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock,

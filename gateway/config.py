@@ -29,6 +29,7 @@ from yarl import URL
 
 from gateway.errors import ConfigError
 from gateway.identity import email_address, email_domain
+from gateway.sessions.keys import PREFIX_SHAPE, Keys
 from gateway.store_url import StoreLocation, parse_store_url
 from gateway.units import Duration, NonNegativeDuration, Size
 
@@ -195,6 +196,17 @@ class SessionConfig(_Model):
     sign_out_methods: tuple[Literal["GET", "POST"], ...] = Field(
         default=("GET", "POST"), min_length=1)
     frontchannel_logout: bool = False
+    # The namespace of every key in the store; default: derived from issuer and client_id, so
+    # gateways of different apps sharing one Redis never see each other's sessions.
+    key_prefix: str | None = None
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not PREFIX_SHAPE.fullmatch(value):
+            raise ValueError(f"{value!r} must be 1-64 of A-Z a-z 0-9 . _ : - (no braces: they "
+                             "are Redis Cluster hash tags)")
+        return value
 
     @field_validator("store")
     @classmethod
@@ -356,6 +368,11 @@ class Config(_Model):
                                      f"host and path_prefix (ignoring case on a "
                                      f"case_insensitive route): only one could ever match")
         return value
+
+    @property
+    def store_keys(self) -> Keys:
+        """Where this deployment's records live in the store (sessions/keys.py)."""
+        return Keys.for_deployment(self.oidc.issuer, self.oidc.client_id, self.session.key_prefix)
 
     @property
     def redirect_uri(self) -> str:

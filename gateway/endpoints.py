@@ -35,7 +35,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
     checks: dict[str, str] = {}
     try:
-        await rt.sessions.backend.ping()
+        await rt.sessions.ping()
         checks["store"] = "ok"
     except GatewayError as exc:
         checks["store"] = exc.public_message

@@ -12,7 +12,6 @@ replica refuses them on their next request (no replica caches sessions).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from aiohttp import web
@@ -101,9 +100,8 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     except tokens.TokenError as exc:
         raise LogoutTokenError(f"logout token refused: {exc}") from exc
     # §2.6 (10): a jti seen before (within the token's useful life) is a replay.
-    jti = hashlib.sha256(str(claims["jti"]).encode()).hexdigest()
-    if not await rt.sessions.backend.add_once(f"gateway:jti:{{{jti}}}",
-                                              tokens.MAX_TOKEN_AGE + rt.verifier.leeway):
+    if not await rt.sessions.first_use_of_logout_jti(str(claims["jti"]),
+                                                     tokens.MAX_TOKEN_AGE + rt.verifier.leeway):
         raise LogoutTokenError("logout token replayed (jti seen before)")
     revoked = await rt.sessions.registry.revoke(await _sessions_named(rt, claims))
     log.info("backchannel_logout sessions=%d", revoked)

@@ -53,8 +53,7 @@ async def _count(rt: Runtime, name: str, limit: int, what: str) -> None:
         return
     now = rt.clock()
     window = math.floor(now / WINDOW)
-    key = f"gateway:login-rate:{{{name}}}:{window}"
-    count = await rt.sessions.backend.count(key, WINDOW)
+    count = await rt.sessions.count_login_start(name, window, WINDOW)
     if count > limit:
         retry_after = max(1, math.ceil((window + 1) * WINDOW - now))
         raise TooManyRequestsError(f"over {limit} sign-in starts per minute per {what}",

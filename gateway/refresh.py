@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import secrets
 
@@ -45,30 +44,26 @@ def _usable(session: Session, rt: Runtime) -> bool:
     return expires_at is None or rt.clock() < expires_at + rt.config.session.refresh_grace
 
 
-def lock_name(cookie_value: str) -> str:
-    return "gateway:lock:{" + hashlib.sha256(cookie_value.encode()).hexdigest() + "}"
-
-
 async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
     """The session with usable tokens; None when the IdP ended it (invalid_grant).
 
     Whoever holds the lock refreshes; the others watch the store for the new tokens, and take
     the lock themselves if it is released or expires without a result (a holder that died).
     """
-    backend = rt.sessions.backend
-    lock, owner = lock_name(cookie_value), secrets.token_bytes(16)
+    store = rt.sessions
+    owner = secrets.token_bytes(16)
     lock_ttl = rt.config.oidc.timeout + 5
     loop = asyncio.get_running_loop()
     deadline = loop.time() + lock_ttl  # real time: other requests really are running
     while True:
-        if await backend.add_once(lock, lock_ttl, owner):
+        if await store.take_refresh_lock(cookie_value, owner, lock_ttl):
             try:
                 current = await rt.sessions.load(cookie_value)
                 if current is None or not is_due(current, rt):
                     return current  # another replica refreshed (or ended it) meanwhile
                 return await _refresh(rt, cookie_value, current)
             finally:
-                await backend.delete_if(lock, owner)
+                await store.release_refresh_lock(cookie_value, owner)
         if loop.time() >= deadline:
             break
         await asyncio.sleep(_WAIT_STEP)

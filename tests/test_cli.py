@@ -148,7 +148,8 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
     config = config_module.load(path, {"GW_TEST_SECRET": "s" * 32})
     backend = open_backend(config.session, clock=time.time)
     await backend.delete(*await backend.keys("gateway:"))  # other tests' sessions (our server)
-    store = SessionStore(backend, idle_timeout=600, max_lifetime=3600, clock=time.time)
+    store = SessionStore(backend, config.store_keys, idle_timeout=600, max_lifetime=3600,
+                         clock=time.time)
     tokens = TokenSet("secret-access-token", "secret-id-token")
     alice = await store.create(Identity("alice", "alice@example.com", True), tokens,
                                Client("192.0.2.1", "Firefox/1"))

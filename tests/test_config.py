@@ -148,6 +148,9 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("server.strip_request_headers", ["X-Ok", "Bad Header"], "server.strip_request_headers"),
     ("server.login_starts_per_minute_per_proxy", -1, "server.login_starts_per_minute_per_proxy"),
     ("oidc.allow_unverified_email", "perhaps", "oidc.allow_unverified_email"),
+    ("session.key_prefix", "app{1}", "no braces"),
+    ("session.key_prefix", "", "session.key_prefix"),
+    ("session.key_prefix", "a b", "session.key_prefix"),
 ])
 def test_invalid_values_are_errors_naming_the_key(path: str, value: Any, needle: str) -> None:
     assert needle in error_of(with_change(path, value))

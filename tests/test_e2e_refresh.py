@@ -16,7 +16,6 @@ from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, login, ser
 
 from gateway.app import build_app
 from gateway.demo.idp import STATE
-from gateway.refresh import lock_name
 from gateway.runtime import RUNTIME
 from gateway.sessions.cookies import SessionCookie
 
@@ -164,8 +163,8 @@ async def test_a_lock_left_by_a_dead_replica_does_not_wedge_the_session(
     """A replica that took the refresh lock and died: the lock expires and others go on."""
     await login(browser, stack.gateway, "/echo")
     cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
-    backend = stack.runners[-1].app[RUNTIME].sessions.backend
-    assert await backend.add_once(lock_name(cookie), 0.3, b"a replica that died")
+    store = stack.runners[-1].app[RUNTIME].sessions
+    assert await store.take_refresh_lock(cookie, b"a replica that died", 0.3)
     before = token_requests(stack)
     clock.advance(TTL + 5)  # expired: the request must refresh, not use the old token
     assert await status_of(browser, stack.gateway + "/echo") == 200

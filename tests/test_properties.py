@@ -13,7 +13,8 @@ from gateway.errors import BadRequestError
 from gateway.redirects import safe_return_path
 from gateway.routing import canonical_path
 from gateway.sessions.cookies import SessionCookie
-from gateway.sessions.store import _attempt_name_and_key
+from gateway.sessions.keys import Keys
+from gateway.sessions.store import _attempt_key
 
 URLISH = st.text(alphabet=st.sampled_from(list("/\\%.:@?#;=&2345acdefFC tx\t\r\n\x00\uff0f")),
                  max_size=40)
@@ -52,5 +53,8 @@ def test_canonical_paths_are_stable_and_free_of_dot_segments(raw: str) -> None:
 
 @given(st.text(max_size=300))
 def test_any_state_string_maps_to_a_fixed_name_and_key(state: str) -> None:
-    name, key = _attempt_name_and_key(state)
-    assert name.startswith("gateway:attempt:{") and len(key) == 32
+    keys = Keys.for_deployment("https://idp.example.com", "gw", None)
+    name = keys.attempt(state)
+    assert name.startswith(keys.prefix + ":attempt:{") and name.endswith("}")
+    assert "{" not in name.partition("{")[2]  # one hash tag: the state cannot add another
+    assert len(_attempt_key(state)) == 32

@@ -24,6 +24,7 @@ from redis_servers import (
 from gateway import config as config_module
 from gateway.identity import Identity
 from gateway.sessions.backends import open_backend
+from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, TokenSet
 from gateway.sessions.store import SessionStore
 
@@ -53,7 +54,8 @@ def session_section(deployment: Deployment) -> dict[str, object]:
 async def test_store_operations_work_on_the_deployment(deployment: Deployment) -> None:
     config = config_module.SessionConfig.model_validate(session_section(deployment))
     backend = open_backend(config, clock=time.time)
-    store = SessionStore(backend, idle_timeout=600, max_lifetime=3600, clock=time.time)
+    keys = Keys.for_deployment("https://idp.example.com", "gateway", None)
+    store = SessionStore(backend, keys, idle_timeout=600, max_lifetime=3600, clock=time.time)
     try:
         await backend.ping()
         identity = Identity("alice-" + deployment.url[-6:], "alice@example.com", True,

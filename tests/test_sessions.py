@@ -22,6 +22,7 @@ from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
 from gateway.sessions.backends import Backend, MemoryBackend
 from gateway.sessions.cookies import SessionCookie
+from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, TokenSet
 from gateway.sessions.redis import RedisBackend
 from gateway.sessions.store import ATTEMPT_TTL, SessionStore
@@ -30,6 +31,13 @@ IDLE = 1800.0
 MAX = 43200.0
 ALICE = Identity("alice", "alice@example.com", True, "alice", ("admins",), "sid-1")
 TOKENS = TokenSet("access-token-value-123", "id.token.value-456", "refresh-789", 1e10)
+KEYS = Keys.for_deployment("https://idp.example.com", "gateway", None)
+
+
+def make_store(backend: Backend, clock: Callable[[], float], *, idle: float = IDLE,
+               max_lifetime: float = MAX, keys: Keys = KEYS) -> SessionStore:
+    return SessionStore(backend, keys, idle_timeout=idle, max_lifetime=max_lifetime,
+                        clock=clock)
 
 
 class CountingBackend:
@@ -68,7 +76,7 @@ async def backend(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIter
 @pytest.fixture
 def store(backend: Backend, clock: FakeClock) -> SessionStore:
     counted: Any = CountingBackend(backend)
-    return SessionStore(counted, idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    return make_store(counted, clock)
 
 
 def counting(store: SessionStore) -> CountingBackend:
@@ -126,7 +134,7 @@ async def test_store_holds_neither_tokens_nor_cookie_parts(store: SessionStore,
                                                            backend: Backend) -> None:
     """A dump of the store must not yield tokens or usable cookies."""
     cookie = await store.create(ALICE, TOKENS)
-    name = f"gateway:session:{{{cookie.storage_id}}}"
+    name = KEYS.session(cookie.storage_id)
     raw, _ = await backend.get(name)
     assert raw is not None
     head, _, tail = cookie.value.partition(".")
@@ -139,10 +147,10 @@ async def test_store_holds_neither_tokens_nor_cookie_parts(store: SessionStore,
 async def test_record_moved_to_another_name_does_not_decrypt(store: SessionStore,
                                                              backend: Backend) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    raw, _ = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    raw, _ = await backend.get(KEYS.session(cookie.storage_id))
     assert raw is not None
     other = SessionCookie(SessionCookie.new().session_id, cookie.key)
-    await backend.set(f"gateway:session:{{{other.storage_id}}}", raw, 60)
+    await backend.set(KEYS.session(other.storage_id), raw, 60)
     assert await store.load(other.value) is None
 
 
@@ -154,7 +162,7 @@ async def test_delete_ends_the_session(store: SessionStore) -> None:
 
 async def test_ttl_is_the_idle_timeout(store: SessionStore, backend: Backend) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    _, ttl = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    _, ttl = await backend.get(KEYS.session(cookie.storage_id))
     assert ttl is not None and IDLE - 5 < ttl <= IDLE
 
 
@@ -168,7 +176,7 @@ async def test_loading_again_soon_writes_nothing(store: SessionStore) -> None:
 
 
 async def test_idle_session_expires_and_active_one_slides(clock: FakeClock) -> None:
-    store = SessionStore(MemoryBackend(clock), idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    store = make_store(MemoryBackend(clock), clock)
     idle = await store.create(ALICE, TOKENS)
     active = await store.create(ALICE, TOKENS)
     for _ in range(4):
@@ -179,12 +187,12 @@ async def test_idle_session_expires_and_active_one_slides(clock: FakeClock) -> N
 
 async def test_session_never_outlives_max_lifetime(clock: FakeClock) -> None:
     backend = MemoryBackend(clock)
-    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=3 * IDLE, clock=clock)
+    store = make_store(backend, clock, max_lifetime=3 * IDLE)
     cookie = await store.create(ALICE, TOKENS)
     for _ in range(5):
         clock.advance(IDLE * 0.5)
         assert await store.load(cookie.value) is not None
-    _, ttl = await backend.get(f"gateway:session:{{{cookie.storage_id}}}")
+    _, ttl = await backend.get(KEYS.session(cookie.storage_id))
     assert ttl is not None and ttl <= IDLE * 0.5 + 1  # capped at what is left of the lifetime
     clock.advance(IDLE * 0.6)
     assert await store.load(cookie.value) is None
@@ -194,8 +202,7 @@ async def test_login_attempt_is_single_use_and_sealed(store: SessionStore,
                                                       backend: Backend) -> None:
     attempt = LoginAttempt("nonce-secret-1", "verifier-secret-2", "/app?x=1", "b" * 64)
     await store.save_attempt("state-1", attempt)
-    name = f"gateway:attempt:{{{hashlib.sha256(b'state-1').hexdigest()}}}"
-    raw, ttl = await backend.get(name)
+    raw, ttl = await backend.get(KEYS.attempt("state-1"))
     assert raw is not None and ttl is not None and ttl <= ATTEMPT_TTL
     assert b"nonce-secret-1" not in raw and b"verifier-secret-2" not in raw
     assert await store.pop_attempt("state-1") == attempt
@@ -204,7 +211,7 @@ async def test_login_attempt_is_single_use_and_sealed(store: SessionStore,
 
 
 async def test_login_attempt_expires_after_ten_minutes(clock: FakeClock) -> None:
-    store = SessionStore(MemoryBackend(clock), idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    store = make_store(MemoryBackend(clock), clock)
     await store.save_attempt("s", LoginAttempt("n", "v", "/", "b"))
     clock.advance(ATTEMPT_TTL + 1)
     assert await store.pop_attempt("s") is None
@@ -274,7 +281,7 @@ async def test_revoking_by_user_needs_no_session_key(store: SessionStore) -> Non
 
 async def test_registry_entries_hold_no_tokens(store: SessionStore, backend: Backend) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    raw, _ = await backend.get(f"gateway:meta:{{{cookie.storage_id}}}")
+    raw, _ = await backend.get(KEYS.meta(cookie.storage_id))
     assert raw is not None
     for needle in (TOKENS.access_token, TOKENS.id_token, *cookie.value.split(".")):
         assert needle.encode() not in raw
@@ -289,10 +296,9 @@ async def test_signing_out_removes_the_registry_entry(store: SessionStore) -> No
 async def test_session_past_max_lifetime_leaves_no_registry_entry(clock: FakeClock) -> None:
     """The store's own TTL may run on another clock (Redis): lifetime is checked on load too."""
     backend = MemoryBackend(clock)
-    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=2 * IDLE, clock=clock)
+    store = make_store(backend, clock, max_lifetime=2 * IDLE)
     cookie = await store.create(ALICE, TOKENS)
-    for prefix in ("gateway:session:", "gateway:meta:"):
-        key = prefix + "{" + cookie.storage_id + "}"
+    for key in (KEYS.session(cookie.storage_id), KEYS.meta(cookie.storage_id)):
         await backend.expire(key, 10 * IDLE)  # as if the store's clock lagged behind ours
     clock.advance(2 * IDLE + 1)
     assert await store.load(cookie.value) is None
@@ -334,10 +340,33 @@ async def test_replace_updates_the_registry_when_the_identity_changed(store: Ses
 
 async def test_a_touch_never_brings_back_a_revoked_registry_entry(clock: FakeClock) -> None:
     backend = MemoryBackend(clock)
-    store = SessionStore(backend, idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    store = make_store(backend, clock)
     cookie = await store.create(ALICE, TOKENS)
     info = await store.registry.get(cookie.storage_id)
     assert info is not None
     await store.registry.revoke([info])
     await store.registry.touch(info, IDLE)  # a load that read the record just before
     assert await store.registry.all() == []
+
+
+async def test_another_deployment_on_the_same_store_loads_nothing(backend: Backend,
+                                                                 clock: FakeClock) -> None:
+    """Sidecars of different apps sharing one Redis: even with one key_prefix by mistake, a
+    record sealed for one client (or one issuer) never opens for another."""
+    app_a = make_store(backend, clock, keys=Keys("shared", "https://idp.example.com", "app-a"))
+    cookie = await app_a.create(ALICE, TOKENS)
+    assert await app_a.load(cookie.value) is not None
+    for keys in (Keys("shared", "https://idp.example.com", "app-b"),
+                 Keys("shared", "https://other-idp.example.com", "app-a")):
+        other = make_store(backend, clock, keys=keys)
+        assert await other.load(cookie.value) is None
+        assert await other.registry.by_sub("alice") == []  # one IdP's alice is not another's
+        assert await other.registry.by_user("alice@example.com") == []
+
+
+def test_every_deployment_gets_its_own_namespace_by_default() -> None:
+    names = {Keys.for_deployment(issuer, client, None).session("h")
+             for issuer in ("https://a.example", "https://b.example") for client in ("x", "y")}
+    assert len(names) == 4
+    assert Keys.for_deployment("https://a.example", "x", "billing").session("h") == \
+        "billing:session:{h}"

@@ -2,8 +2,13 @@
 
 Records are sealed with AES-GCM under a key the store never keeps: a session's key travels in
 its cookie, a login attempt's key is derived from its state (which only the browser and the IdP
-see). The backend key is a hash, bound into the AEAD, so a record cannot be moved to another
-name. A dump of the store therefore yields neither tokens nor usable cookies.
+see). The backend key (a hash) and the deployment (issuer and client_id) are bound into the
+AEAD, so a record can neither be moved to another name nor be accepted by another gateway that
+shares the store. A dump of the store therefore yields neither tokens nor usable cookies.
+
+The store also names the other operations the gateway needs from the backend (the refresh
+lock, logout replay markers, sign-in counters, the readiness ping), so no caller builds a key
+or talks to the backend itself; keys.py defines every key.
 
 Sliding idle timeout without a write per request: the record's TTL *is* the idle timer, read
 together with the value in one round trip; it is pushed forward only once the session has been
@@ -17,7 +22,6 @@ flight is never undone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 
@@ -29,55 +33,50 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.identity import Identity
 from gateway.sessions.backends import Backend
 from gateway.sessions.cookies import SessionCookie
+from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session, TokenSet
-from gateway.sessions.registry import (
-    UNKNOWN_CLIENT,
-    Client,
-    Registry,
-    SessionInfo,
-    meta_key,
-    session_key,
-)
+from gateway.sessions.registry import UNKNOWN_CLIENT, Client, Registry, SessionInfo
 
 ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
 _NONCE_BYTES = 12
-_ATTEMPT_PREFIX = "gateway:attempt:"
 
 
-def _seal(key: bytes, name: str, plaintext: bytes) -> bytes:
-    nonce = os.urandom(_NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, name.encode())
-
-
-def _open(key: bytes, name: str, sealed: bytes) -> bytes | None:
-    try:
-        return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], name.encode())
-    except (InvalidTag, ValueError):
-        return None
-
-
-def _attempt_name_and_key(state: str) -> tuple[str, bytes]:
-    # Braces are a Redis Cluster hash tag, so related keys can later share a slot.
-    name = _ATTEMPT_PREFIX + "{" + hashlib.sha256(state.encode()).hexdigest() + "}"
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-               info=b"gateway login attempt").derive(state.encode())
-    return name, key
+def _attempt_key(state: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"gateway login attempt").derive(state.encode())
 
 
 class SessionStore:
-    def __init__(self, backend: Backend, *, idle_timeout: float, max_lifetime: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, backend: Backend, keys: Keys, *, idle_timeout: float,
+                 max_lifetime: float, clock: Callable[[], float]) -> None:
         self.backend = backend
-        self.registry = Registry(backend, max_lifetime)
+        self.keys = keys
+        self.registry = Registry(backend, keys, max_lifetime)
         self._idle = idle_timeout
         self._max = max_lifetime
         self._clock = clock
         # Touch at most once per interval: bounds store writes to one per user per interval.
         self._touch_interval = min(60.0, idle_timeout / 10)
 
-    @staticmethod
-    def _name(cookie: SessionCookie) -> str:
-        return session_key(cookie.storage_id)
+    def _name(self, cookie: SessionCookie) -> str:
+        return self.keys.session(cookie.storage_id)
+
+    def _seal(self, key: bytes, name: str, plaintext: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + AESGCM(key).encrypt(nonce, plaintext, self._bound(name))
+
+    def _open(self, key: bytes, name: str, sealed: bytes) -> bytes | None:
+        try:
+            return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:],
+                                       self._bound(name))
+        except (InvalidTag, ValueError):
+            return None
+
+    def _bound(self, name: str) -> bytes:
+        """The associated data: the record's name and its deployment."""
+        # SECURITY: a gateway of another deployment that shares the store (and perhaps, by
+        # mistake, the key prefix) accepts none of this deployment's records.
+        return name.encode() + b"\n" + self.keys.deployment
 
     def _info(self, cookie: SessionCookie, session: Session) -> SessionInfo:
         identity = session.identity
@@ -95,7 +94,7 @@ class SessionStore:
         session = Session(identity, tokens, self._clock(), client.ip, client.user_agent)
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
-        await self.backend.set(name, _seal(cookie.key, name, session.to_bytes()), ttl)
+        await self.backend.set(name, self._seal(cookie.key, name, session.to_bytes()), ttl)
         await self.registry.record(self._info(cookie, session), ttl, identity)
         return cookie
 
@@ -108,7 +107,7 @@ class SessionStore:
         sealed, ttl = await self.backend.get(name)
         if sealed is None:
             return None
-        plain = _open(cookie.key, name, sealed)
+        plain = self._open(cookie.key, name, sealed)
         if plain is None:
             return None  # a cookie with the right id but another key: never a session
         try:
@@ -117,7 +116,7 @@ class SessionStore:
             return None  # written by an incompatible release: treat as signed out
         remaining = self._ttl(session.created_at)
         if remaining <= 0:
-            await self.backend.delete(name, meta_key(cookie.storage_id))
+            await self.backend.delete(name, self.keys.meta(cookie.storage_id))
             return None
         if ttl is None or remaining - ttl >= self._touch_interval:
             await self.backend.expire(name, remaining)  # a no-op on a record deleted meanwhile
@@ -131,7 +130,8 @@ class SessionStore:
         assert cookie is not None, "replace() follows a successful load()"
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
-        if not await self.backend.replace(name, _seal(cookie.key, name, session.to_bytes()), ttl):
+        sealed = self._seal(cookie.key, name, session.to_bytes())
+        if not await self.backend.replace(name, sealed, ttl):
             return False
         await self.registry.update(self._info(cookie, session), ttl, session.identity)
         return True
@@ -139,15 +139,40 @@ class SessionStore:
     async def delete(self, cookie_value: str | None) -> None:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is not None:
-            await self.backend.delete(self._name(cookie), meta_key(cookie.storage_id))
+            await self.backend.delete(self._name(cookie), self.keys.meta(cookie.storage_id))
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
-        name, key = _attempt_name_and_key(state)
-        await self.backend.set(name, _seal(key, name, attempt.to_bytes()), ATTEMPT_TTL)
+        name = self.keys.attempt(state)
+        sealed = self._seal(_attempt_key(state), name, attempt.to_bytes())
+        await self.backend.set(name, sealed, ATTEMPT_TTL)
 
     async def pop_attempt(self, state: str) -> LoginAttempt | None:
         """Single use: the record is gone once read, whatever happens next."""
-        name, key = _attempt_name_and_key(state)
+        name = self.keys.attempt(state)
         sealed = await self.backend.pop(name)
-        plain = _open(key, name, sealed) if sealed is not None else None
+        plain = self._open(_attempt_key(state), name, sealed) if sealed is not None else None
         return LoginAttempt.from_bytes(plain) if plain is not None else None
+
+    async def take_refresh_lock(self, cookie_value: str, owner: bytes, ttl: float) -> bool:
+        """The one refresh of a session at a time, across replicas (SET NX PX)."""
+        return await self.backend.add_once(self._lock(cookie_value), ttl, owner)
+
+    async def release_refresh_lock(self, cookie_value: str, owner: bytes) -> None:
+        """Only while we still own it: a lock that expired and was taken over stays."""
+        await self.backend.delete_if(self._lock(cookie_value), owner)
+
+    def _lock(self, cookie_value: str) -> str:
+        cookie = SessionCookie.parse(cookie_value)
+        assert cookie is not None, "a refresh follows a successful load()"
+        return self.keys.refresh_lock(cookie.storage_id)
+
+    async def first_use_of_logout_jti(self, jti: str, ttl: float) -> bool:
+        """False when a logout token with this jti was seen within `ttl` (a replay)."""
+        return await self.backend.add_once(self.keys.logout_jti(jti), ttl)
+
+    async def count_login_start(self, bucket: str, window: int, ttl: float) -> int:
+        """One more sign-in start in `bucket` during fixed window number `window`."""
+        return await self.backend.count(self.keys.login_starts(bucket, window), ttl)
+
+    async def ping(self) -> None:
+        await self.backend.ping()

@@ -1,0 +1,83 @@
+"""Every key the gateway writes to its store, defined in one place, under one deployment's
+namespace.
+
+Many gateways commonly share one Redis (a sidecar per legacy app). Each deployment's keys live
+under its own prefix, so no two deployments ever read each other's sessions, login attempts,
+locks, counters, replay markers or registry indexes. The default prefix is derived from the
+issuer and the client_id (`gateway:<16 hex>:`); `session.key_prefix` names one explicitly, for
+replicas of one app that should share it on purpose (they share issuer and client_id anyway,
+so the default already does that). Sealed records are bound to the deployment a second time,
+in their AEAD associated data (store.py), so even a namespace shared by mistake between two
+clients never lets one accept the other's cookie; and the registry's user, email and sid
+indexes hash the issuer and client_id in, so one IdP's (or one app's) `alice` is never
+another's, and the logout replay markers the issuer.
+
+Braces are Redis Cluster hash tags: the hash that relates keys (a session and its registry
+entry) sits in braces, so they share a slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+PREFIX_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _hex(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def default_prefix(issuer: str, client_id: str) -> str:
+    return "gateway:" + _hex(issuer, client_id)[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str  # without the trailing ':'
+    issuer: str  # the deployment: hashed into index names, bound into sealed records
+    client_id: str
+
+    @classmethod
+    def for_deployment(cls, issuer: str, client_id: str, key_prefix: str | None) -> Keys:
+        return cls(key_prefix or default_prefix(issuer, client_id), issuer, client_id)
+
+    @property
+    def deployment(self) -> bytes:
+        return f"{self.issuer}\n{self.client_id}".encode()
+
+    def session(self, storage_id: str) -> str:
+        return f"{self.prefix}:session:{{{storage_id}}}"
+
+    def meta(self, storage_id: str) -> str:
+        """The clear-text registry entry beside a session (same slot)."""
+        return f"{self.prefix}:meta:{{{storage_id}}}"
+
+    @property
+    def meta_prefix(self) -> str:
+        return f"{self.prefix}:meta:"
+
+    def storage_id_of_meta(self, key: str) -> str:
+        return key.removeprefix(self.meta_prefix).strip("{}")
+
+    def by_sub(self, sub: str) -> str:
+        return f"{self.prefix}:sub:{{{_hex(self.issuer, self.client_id, sub)}}}"
+
+    def by_email(self, email: str) -> str:
+        return f"{self.prefix}:email:{{{_hex(self.issuer, self.client_id, email.lower())}}}"
+
+    def by_sid(self, sid: str) -> str:
+        return f"{self.prefix}:sid:{{{_hex(self.issuer, self.client_id, sid)}}}"
+
+    def attempt(self, state: str) -> str:
+        return f"{self.prefix}:attempt:{{{_hex(state)}}}"
+
+    def refresh_lock(self, storage_id: str) -> str:
+        return f"{self.prefix}:lock:{{{storage_id}}}"
+
+    def logout_jti(self, jti: str) -> str:
+        return f"{self.prefix}:jti:{{{_hex(self.issuer, jti)}}}"
+
+    def login_starts(self, bucket: str, window: int) -> str:
+        return f"{self.prefix}:login-rate:{{{bucket}}}:{window}"
