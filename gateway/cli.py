@@ -12,8 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway import admin, observability, server
+from gateway import __version__, admin, observability, server
 from gateway import config as config_module
+from gateway.advisories import advisories
 from gateway.app import build_app
 from gateway.errors import ConfigError, StoreUnavailableError
 
@@ -21,13 +22,16 @@ from gateway.errors import ConfigError, StoreUnavailableError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="Identity-aware reverse proxy with OpenID Connect login.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "serve until SIGTERM/SIGINT"),
                        ("check-config", "validate a config file and exit")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
     demo = commands.add_parser("demo", help="run a self-contained demo (dev IdP, sample app)")
-    demo.add_argument("--port", type=int, default=4180, help="gateway port (default 4180)")
+    demo.add_argument("--port", type=int, default=4180,
+                      help="the gateway's port on 127.0.0.1 (default 4180); the demo IdP and "
+                           "sample app take two free 127.0.0.1 ports, printed at start")
     sessions = commands.add_parser("sessions", help="list or revoke sessions in the store")
     sessions.add_argument("action", choices=("list", "revoke"))
     sessions.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
@@ -53,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load(args.config)
         config.oidc.secret()  # a missing secret file is a config error, found before serving
         if args.command == "check-config":
+            for note in advisories(config):
+                print(f"warning: {note}", file=sys.stderr)
             print(f"config OK: {len(config.routes)} route(s)")
             return 0
         if args.command == "sessions":
@@ -71,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("gateway")
     log.info("gateway_starting listen=%s public_url=%s routes=%d", config.server.listen,
              config.server.public_url, len(config.routes))
+    for note in advisories(config):
+        log.warning("config_warning %s", note)
     if config.session.store_location.kind == "memory":
         # Nothing can tell from here whether other replicas run; say what this choice means.
         log.warning("session_store_in_memory: sessions live in this process only; they end "

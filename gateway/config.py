@@ -160,12 +160,24 @@ class OIDCConfig(_Model):
             raise ValueError("set exactly one of client_secret (from ${VAR}) or client_secret_file")
         return self
 
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty ${VAR} would pass here and fail the first login at the IdP with a 502.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty (is its environment variable set to nothing?)")
+        return value
+
     def secret(self) -> str:
-        """The client secret, read from the file on demand so rotation needs no config change."""
+        """The client secret, read from the file on demand so rotation needs no config change.
+        ConfigError when the file is empty; OSError when it cannot be read."""
         if self.client_secret is not None:
             return self.client_secret.get_secret_value()
         assert self.client_secret_file is not None
-        return self.client_secret_file.read_text().strip()
+        secret = self.client_secret_file.read_text().strip()
+        if not secret:
+            raise ConfigError("oidc.client_secret_file", f"{self.client_secret_file} is empty")
+        return secret
 
 
 class RedisTLSConfig(_Model):
@@ -281,6 +293,9 @@ class RouteConfig(_Model):
     pass_authorization_header: bool = False
     case_insensitive: bool = False
     early_hints: bool = False
+    # A public route inside a route with allow rules is a hole in it; check-config and
+    # `gateway run` warn about one unless it is marked as intended.
+    allow_nested_public: bool = False
 
     @field_validator("host")
     @classmethod
@@ -326,6 +341,8 @@ class RouteConfig(_Model):
             raise ValueError("allow rules need auth: required")
         if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header):
             raise ValueError("passing the access token needs auth: required")
+        if self.auth != "public" and self.allow_nested_public:
+            raise ValueError("allow_nested_public is for auth: public routes")
         return self
 
 

@@ -17,7 +17,8 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── TooManyRequestsError   429  too many sign-ins started from one client address
      ├── HeadersTooLargeError   431  a header line over server.max_header_size, or too many
      ├── IdPError               502  the OpenID Provider answered badly
-     │    └── IdPTimeoutError   504
+     │    ├── IdPTimeoutError   504
+     │    └── IssuerMismatchError 502  discovery names another issuer than oidc.issuer
      ├── IdPUnavailableError    503  the OpenID Provider cannot be reached (discovery/JWKS)
      ├── StoreUnavailableError  503  the session store cannot be reached
      └── UpstreamError          502  the upstream refused or broke the connection
@@ -149,6 +150,26 @@ class IdPTimeoutError(IdPError):
     title = "Identity provider timeout"
     public_message = "The identity provider did not answer in time. Please try again later."
     event = "idp_timeout"
+
+
+class IssuerMismatchError(IdPError):
+    """A configuration error found only at run time: the page and readyz say what it is."""
+
+    title = "Sign-in misconfigured"
+    event = "idp_issuer_mismatch"
+
+    public_message = "The identity provider's issuer is not the one configured (oidc.issuer)."
+    found: object = None
+    configured = ""
+
+    @classmethod
+    def between(cls, found: object, configured: str) -> IssuerMismatchError:
+        error = cls(f"the discovery document's issuer {found!r} is not oidc.issuer "
+                    f"{configured!r}; they must match exactly, trailing slash included")
+        error.found, error.configured = found, configured
+        error.public_message = (f"The identity provider calls itself {found!r}, but this "
+                                f"gateway is configured for {configured!r} (oidc.issuer).")
+        return error
 
 
 class IdPUnavailableError(GatewayError):

@@ -97,6 +97,20 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
     return claims, token_set
 
 
+def _warn_if_groups_missing(rt: Runtime, claims: dict[str, object]) -> None:
+    """Routes with allow.groups deny everyone whose token lacks the groups claim: say so once,
+    at the first such login, instead of leaving 403s to be puzzled over."""
+    oidc = rt.config.oidc
+    if oidc.groups_claim in claims or not any(
+            route.allow is not None and route.allow.groups for route in rt.config.routes):
+        return
+    if rt.first_time("groups_claim_missing"):
+        log.warning("groups_claim_missing claim=%s scopes=%s: neither the ID token nor "
+                    "userinfo has it, so routes with allow.groups deny these users; ask the "
+                    "IdP for it (a scope or a mapper) or set oidc.groups_claim",
+                    oidc.groups_claim, " ".join(oidc.scopes))
+
+
 async def callback(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
     state = request.query.get("state", "")
@@ -116,6 +130,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if "iss" in request.query and request.query["iss"] != rt.config.oidc.issuer:
         raise LoginError("authorization response came from another issuer")
     claims, token_set = await _complete(rt, attempt, code)
+    _warn_if_groups_missing(rt, claims)
     try:
         identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
     except ValueError as exc:

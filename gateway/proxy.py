@@ -69,6 +69,12 @@ def upstream_url(upstream_to: Upstream, route: Route, target: Target, *,
     return url
 
 
+def _target_of(url: URL) -> str:
+    """The upstream URL for a log line: which app failed, without the query (it may carry
+    tokens or personal data)."""
+    return str(url.with_query(None))
+
+
 def _is_websocket(request: web.Request) -> bool:
     connection = request.headers.get("Connection", "").lower()
     return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
@@ -112,11 +118,11 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
             await _stream_body(request, upstream, response, route)
             return response
     except TimeoutError as exc:
-        raise UpstreamTimeoutError(f"route {route.name}: upstream timed out") from exc
+        raise UpstreamTimeoutError(f"route {route.name}: {_target_of(url)} timed out") from exc
     except aiohttp.ClientError as exc:
         if isinstance(exc.__cause__, PayloadTooLargeError):
             raise exc.__cause__ from exc
-        raise UpstreamError(f"route {route.name}: {type(exc).__name__}") from exc
+        raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
 def _response_headers(route: Route, upstream_to: Upstream,

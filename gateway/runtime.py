@@ -36,6 +36,15 @@ class Runtime:
     stripped_headers: Stripped  # client request headers that never reach an upstream
     # Open client websockets, so shutdown can close them with 1001.
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Warnings this process has logged once already (log_once).
+    warned: set[str] = field(default_factory=set)
+
+    def first_time(self, warning: str) -> bool:
+        """True the first time `warning` is asked about in this process."""
+        if warning in self.warned:
+            return False
+        self.warned.add(warning)
+        return True
 
     @property
     def session_cookie(self) -> str:

@@ -43,9 +43,11 @@ async def forward(request: web.Request, rt: Runtime, route: Route, upstream_to: 
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=route.read_timeout),
         )
     except TimeoutError as exc:
-        raise UpstreamTimeoutError(f"route {route.name}: websocket handshake timed out") from exc
+        raise UpstreamTimeoutError(f"route {route.name}: websocket {url.with_query(None)} "
+                                   "handshake timed out") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"route {route.name}: websocket {type(exc).__name__}") from exc
+        raise UpstreamError(f"route {route.name}: websocket {url.with_query(None)}: "
+                            f"{type(exc).__name__}") from exc
     async with upstream:
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False)

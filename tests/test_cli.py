@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import free_port, serve
 
+from gateway import __version__
 from gateway.cli import main
 from gateway.demo.upstream import create_upstream_app
 
@@ -70,6 +71,40 @@ def test_check_config_names_the_key_in_one_line(tmp_path: Path, monkeypatch: pyt
     assert main(["check-config", "--config", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "config error: server.lisen: unknown key"
+
+
+def test_check_config_prints_warnings_and_still_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("X", "s" * 32)
+    path = tmp_path / "warned.yaml"
+    path.write_text("server: {public_url: 'http://x'}\n"
+                    "oidc: {issuer: 'http://i', client_id: c, client_secret: '${X}'}\n"
+                    "routes: [{name: admin, path_prefix: /admin, upstream: 'http://u',"
+                    " allow: {groups: [admins]}},\n"
+                    "         {name: reports, path_prefix: /admin/reports, auth: public,"
+                    " upstream: 'http://u'}]\n")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "config OK: 2 route(s)"
+    warnings = out.err.strip().splitlines()
+    assert [w.split(":", 2)[1].strip() for w in warnings] == [
+        "routes[admin].allow.groups", "routes[reports]"]
+    assert all(w.startswith("warning: ") for w in warnings)
+
+
+def test_check_config_refuses_an_empty_secret(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GW_CLIENT_SECRET", "")
+    assert main(["check-config", "--config", str(ROOT / "config.example.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("config error: oidc.client_secret: is empty")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gateway {__version__}"
 
 
 def test_check_config_reads_gateway_config_from_the_environment(

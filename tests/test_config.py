@@ -9,6 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from gateway.advisories import advisories
 from gateway.config import Config, load, parse
 from gateway.errors import ConfigError
 
@@ -296,3 +297,73 @@ def test_upstream_forms_and_tls_options() -> None:
     assert "unix:/absolute/path" in error_of(raw)
     raw["routes"][0].update(upstream="http://app", upstream_tls={"verify": False})
     assert "upstream_tls needs an https:// upstream" in error_of(raw)
+
+
+def test_an_empty_client_secret_is_refused_at_load() -> None:
+    """It used to pass check-config and fail the first login at the IdP with a 502."""
+    assert error_of(minimal(), {"S": ""}).startswith("oidc.client_secret: is empty")
+    assert error_of(minimal(), {"S": "  "}).startswith("oidc.client_secret: is empty")
+
+
+def test_an_empty_client_secret_file_is_a_config_error(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("\n")
+    raw = minimal()
+    raw["oidc"] = {**raw["oidc"], "client_secret_file": str(secret)}
+    del raw["oidc"]["client_secret"]
+    with pytest.raises(ConfigError, match=r"oidc\.client_secret_file: .* is empty"):
+        parse(raw, {}).oidc.secret()
+
+
+def test_allow_nested_public_is_only_for_public_routes() -> None:
+    assert "allow_nested_public is for auth: public routes" in error_of(
+        with_change("routes.0.allow_nested_public", True))
+
+
+def config_with_routes(*routes: dict[str, Any], scopes: tuple[str, ...] = (
+        "openid", "email", "profile"), secret: str = "s" * 32) -> Config:
+    raw = minimal()
+    raw["oidc"]["scopes"] = list(scopes)
+    raw["routes"] = [{"upstream": "http://u", **route} for route in routes]
+    return parse(raw, {"S": secret})
+
+
+def test_group_rules_without_a_groups_scope_are_flagged() -> None:
+    """Seen: alice, an admin at the IdP, got 403 because no scope asked for her groups."""
+    routes = ({"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},)
+    [note] = advisories(config_with_routes(*routes))
+    assert note.startswith("routes[admin].allow.groups: oidc.scopes")
+    assert "'groups' claim" in note
+    assert advisories(config_with_routes(*routes, scopes=("openid", "groups"))) == []
+
+
+@pytest.mark.parametrize(("routes", "flagged"), [
+    (({"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},
+      {"name": "reports", "path_prefix": "/admin/reports", "auth": "public"}), True),
+    (({"name": "admin", "path_prefix": "/Admin", "allow": {"groups": ["admins"]},
+       "case_insensitive": True},
+      {"name": "reports", "path_prefix": "/admin/reports", "auth": "public"}), True),
+    (({"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},
+      {"name": "reports", "path_prefix": "/admin/reports", "auth": "public",
+       "allow_nested_public": True}), False),
+    (({"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},
+      {"name": "reports", "path_prefix": "/administration", "auth": "public"}), False),
+    (({"name": "app", "path_prefix": "/"},  # a public corner of a login-only app is normal
+      {"name": "public", "path_prefix": "/public", "auth": "public"}), False),
+    (({"name": "app", "path_prefix": "/", "host": "a.example.com",
+       "allow": {"groups": ["admins"]}},
+      {"name": "public", "path_prefix": "/public", "auth": "public",
+       "host": "b.example.com"}), False),
+])
+def test_a_public_route_inside_a_restricted_one_is_flagged_unless_intended(
+        routes: tuple[dict[str, Any], ...], flagged: bool) -> None:
+    notes = advisories(config_with_routes(*routes, scopes=("openid", "groups")))
+    assert bool(notes) is flagged
+    if flagged:
+        assert notes[0].startswith("routes[reports]: public, but inside routes[admin]")
+
+
+def test_a_short_client_secret_is_flagged() -> None:
+    notes = advisories(config_with_routes({"name": "app"}, secret="short"))
+    assert notes == ["oidc.client_secret: shorter than 16 characters; a confidential "
+                     "client's secret should be long and random"]

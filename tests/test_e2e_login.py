@@ -548,3 +548,56 @@ async def test_no_response_names_the_server_software_or_its_version(
     head = (await reader.read(4096)).split(b"\r\n\r\n")[0]
     writer.close()
     assert b"400" in head.split(b"\r\n")[0] and b"\r\nServer: gateway" in head
+
+
+async def test_the_first_login_without_the_groups_claim_is_warned_about_once(
+        make_stack: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Seen: every admin got 403 with `"groups": []` and nothing said why."""
+    caplog.set_level(logging.WARNING, logger="gateway")
+    stack = await make_stack(oidc={"groups_claim": "roles"})
+    for user in ("alice", "bob"):
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                         headers=BROWSER_HEADERS) as http:
+            await login(http, stack.gateway, "/echo", user=user)
+            async with http.get(stack.gateway + "/admin/x", allow_redirects=False) as resp:
+                assert resp.status == 403
+    warned = [r.getMessage() for r in caplog.records if "groups_claim_missing" in r.getMessage()]
+    assert len(warned) == 1
+    assert "claim=roles scopes=openid email profile" in warned[0]
+
+
+async def test_an_issuer_that_differs_from_discovery_is_named_in_readyz_and_the_page(
+        make_stack: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Seen: a trailing slash in oidc.issuer, and discovery retried forever saying only
+    '!= configured issuer'."""
+    stack = await make_stack()
+    wrong = await make_stack(oidc={"issuer": stack.idp + "/"})
+    async with aiohttp.ClientSession() as http:
+        async with http.get(wrong.gateway + "/oauth2/readyz") as resp:
+            assert resp.status == 503
+            reason = (await resp.json())["idp"]
+        async with http.get(wrong.gateway + "/", headers=BROWSER_HEADERS,
+                            allow_redirects=False) as resp:
+            page = await resp.text()
+    for text in (reason, page.replace("&#x27;", "'")):
+        assert f"'{stack.idp}'" in text and f"'{stack.idp}/'" in text
+    assert "Sign-in misconfigured" in page
+    assert f"is not oidc.issuer '{stack.idp}/'" in caplog.text
+
+
+async def test_token_endpoint_errors_are_logged_with_their_description(
+        make_stack: StackFactory, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    @web.middleware
+    async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/token":
+            return web.json_response({"error": "invalid_client",
+                                      "error_description": "client secret mismatch"}, status=401)
+        return await handler(request)
+
+    stack = await make_stack(idp_middlewares=[refuse])
+    callback = await idp_sign_in(browser, await start_login(browser, stack.gateway + "/"), "bob")
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 502
+    assert (f"token endpoint {stack.idp}/token answered HTTP 401 (invalid_client: client "
+            "secret mismatch)") in caplog.text

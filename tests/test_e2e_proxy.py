@@ -70,15 +70,20 @@ async def test_no_matching_route_is_404_and_oauth2_is_reserved(make_stack: Stack
                 assert (await resp.json())["error"] == "route_not_found"
 
 
-async def test_unreachable_upstream_gives_502_page(make_stack: StackFactory) -> None:
+async def test_unreachable_upstream_gives_502_page(make_stack: StackFactory,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     stack = await make_stack(routes=[{"name": "dead", "path_prefix": "/",
                                       "upstream": dead, "auth": "public"}])
     async with aiohttp.ClientSession() as http:
-        async with http.get(stack.gateway + "/x", headers={"Accept": "text/html"}) as resp:
+        async with http.get(stack.gateway + "/x?token=secret",
+                            headers={"Accept": "text/html"}) as resp:
             assert resp.status == 502
             text = await resp.text()
             assert "Bad gateway" in text and "Traceback" not in text
+    # the log names what could not be reached, never the query
+    assert f"route dead: {dead}/x: ClientConnectorError" in caplog.text
+    assert "secret" not in caplog.text
 
 
 @pytest.fixture

@@ -74,6 +74,21 @@ def _client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
 
 
+def _oauth_error(body: object) -> str:
+    """An OAuth error response's error and error_description (RFC 6749 §5.2), fit for a log
+    line: printable, bounded."""
+    if not isinstance(body, dict):
+        return ""
+    parts = [str(body.get(name))[:200] for name in ("error", "error_description")
+             if body.get(name) is not None]
+    text = ": ".join(parts)
+    return f" ({text})" if text and text.isprintable() else ""
+
+
+def _without_query(url: str) -> str:
+    return str(URL(url).with_query(None).with_fragment(None))
+
+
 class InvalidGrantError(LoginError):
     """The IdP no longer honours the code or refresh token: the login or session is over."""
 
@@ -88,8 +103,8 @@ async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata
     if status == 400 and isinstance(body, dict) and body.get("error") == "invalid_grant":
         raise InvalidGrantError(f"token endpoint: invalid_grant ({form['grant_type']})")
     if status != 200 or not isinstance(body, dict):
-        error = body.get("error") if isinstance(body, dict) else None
-        raise IdPError(f"token endpoint answered HTTP {status} {error or ''}".strip())
+        raise IdPError(f"token endpoint {_without_query(metadata.token_endpoint)} answered "
+                       f"HTTP {status}{_oauth_error(body)}")
     access = body.get("access_token")
     # RFC 6749 §6 / Core §12.2: a refresh may omit the ID and refresh tokens: keep the old ones.
     id_token = body.get("id_token") or (previous.id_token if previous else None)

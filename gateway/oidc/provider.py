@@ -25,8 +25,9 @@ from typing import Any
 import aiohttp
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from yarl import URL
 
-from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError
+from gateway.errors import IdPError, IdPTimeoutError, IdPUnavailableError, IssuerMismatchError
 
 UNKNOWN_KID_RETRY = 30.0  # seconds before a kid missing from the JWKS is looked for again
 UNTRUSTED_REFETCHES = 6  # JWKS refetches per window caused by tokens anyone can send
@@ -52,7 +53,7 @@ class ProviderMetadata:
     def from_document(cls, doc: dict[str, Any], expected_issuer: str) -> ProviderMetadata:
         # OIDC Discovery §4.3: the issuer in the document must equal the configured one exactly.
         if doc.get("issuer") != expected_issuer:
-            raise IdPError(f"discovery issuer {doc.get('issuer')!r} != configured issuer")
+            raise IssuerMismatchError.between(doc.get("issuer"), expected_issuer)
         for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             if not isinstance(doc.get(name), str):
                 raise IdPError(f"discovery document has no {name}")
@@ -78,7 +79,9 @@ async def fetch_json(
     what: str,
     **kwargs: Any,
 ) -> tuple[int, Any]:
-    """One IdP call: (status, parsed JSON or None). Network failures become IdP errors."""
+    """One IdP call: (status, parsed JSON or None). Network failures become IdP errors that
+    name the URL (never its query)."""
+    where = f"{what} {URL(url).with_query(None).with_fragment(None)}"
     try:
         async with http.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout),
                                 allow_redirects=False, **kwargs) as resp:
@@ -88,9 +91,9 @@ async def fetch_json(
                 body = None
             return resp.status, body
     except TimeoutError as exc:
-        raise IdPTimeoutError(f"{what}: no answer within {timeout:g}s") from exc
+        raise IdPTimeoutError(f"{where}: no answer within {timeout:g}s") from exc
     except aiohttp.ClientError as exc:
-        raise IdPUnavailableError(f"{what}: {type(exc).__name__}") from exc
+        raise IdPUnavailableError(f"{where}: {type(exc).__name__}") from exc
 
 
 class Provider:
@@ -108,6 +111,7 @@ class Provider:
         self._next_discovery = float("-inf")
         self._discovered_at = float("-inf")
         self._backoff = 1.0
+        self._last_failure: IdPError | IdPUnavailableError | None = None
         self._discovery_lock = asyncio.Lock()
         self._keys_lock = asyncio.Lock()
 
@@ -136,10 +140,15 @@ class Provider:
 
     async def _discover_with_backoff(self) -> ProviderMetadata:
         if self._clock() < self._next_discovery:
-            raise IdPUnavailableError("discovery failed recently; waiting to retry")
+            if isinstance(self._last_failure, IssuerMismatchError):  # a config error: say so
+                failure = self._last_failure
+                raise IssuerMismatchError.between(failure.found, failure.configured)
+            raise IdPUnavailableError(f"discovery failed recently, waiting to retry: "
+                                      f"{self._last_failure.detail if self._last_failure else ''}")
         try:
             metadata = await self._discover()
-        except (IdPError, IdPUnavailableError):
+        except (IdPError, IdPUnavailableError) as exc:
+            self._last_failure = exc
             self._next_discovery = self._clock() + self._backoff
             self._backoff = min(self._backoff * 2, DISCOVERY_BACKOFF_MAX)
             raise

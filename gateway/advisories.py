@@ -1,0 +1,53 @@
+"""What a valid configuration probably gets wrong: findings, not errors.
+
+`gateway check-config` prints them and `gateway run` logs them at start. Each names the key
+and what will happen at run time, so an operator finds out before the first user does.
+"""
+
+from __future__ import annotations
+
+from gateway.config import Config, RouteConfig
+
+_SHORT_SECRET = 16
+
+
+def advisories(config: Config) -> list[str]:
+    """What a valid config probably gets wrong: check-config prints these, `gateway run`
+    logs them. Each names the key and the consequence."""
+    notes: list[str] = []
+    oidc = config.oidc
+    if not any("group" in scope.lower() for scope in oidc.scopes):
+        for route in config.routes:
+            if route.allow is not None and route.allow.groups:
+                notes.append(
+                    f"routes[{route.name}].allow.groups: oidc.scopes {list(oidc.scopes)} ask "
+                    f"for no groups scope; unless the IdP adds the '{oidc.groups_claim}' claim "
+                    f"by itself, every user is denied (add e.g. 'groups' to oidc.scopes)")
+    for route in config.routes:
+        outer = _restricted_around(route, config.routes)
+        if outer is not None:
+            notes.append(
+                f"routes[{route.name}]: public, but inside routes[{outer.name}] "
+                f"({outer.path_prefix}), which has allow rules: {route.path_prefix} is open "
+                f"to everyone (set allow_nested_public: true on routes[{route.name}] if that "
+                f"is intended)")
+    if oidc.client_secret is not None and \
+            len(oidc.client_secret.get_secret_value()) < _SHORT_SECRET:
+        notes.append(f"oidc.client_secret: shorter than {_SHORT_SECRET} characters; a "
+                     "confidential client's secret should be long and random")
+    return notes
+
+
+def _restricted_around(route: RouteConfig, routes: tuple[RouteConfig, ...]) -> RouteConfig | None:
+    if route.auth != "public" or route.allow_nested_public:
+        return None
+    for outer in routes:
+        if outer.allow is None or outer.host not in (None, route.host):
+            continue
+        prefix = outer.path_prefix.rstrip("/")
+        inner = route.path_prefix
+        if outer.case_insensitive:
+            prefix, inner = prefix.lower(), inner.lower()
+        if inner.startswith(prefix + "/"):
+            return outer
+    return None
