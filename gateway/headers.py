@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from gateway.identity import Identity
+from gateway.identity import Identity, ascii_lower, email_address
 
 # RFC 9110 §7.6.1: hop-by-hop fields, plus any field named in Connection.
 HOP_BY_HOP = frozenset({
@@ -35,13 +35,19 @@ _IDENTITY = frozenset({
     # ours (and oauth2-proxy's)
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
     "x-forwarded-groups", "x-forwarded-access-token",
-    # oauth2-proxy's legacy name; Authelia's; the REMOTE_USER conventions
+    # oauth2-proxy's legacy name; Authelia's; the REMOTE_USER conventions; Grafana's
+    # auth-proxy default
     "gap-auth", "remote-user", "remote-groups", "remote-email", "remote-name",
-    "x-remote-user", "x-remote-group", "x-email", "x-user",
+    "x-remote-user", "x-remote-group", "x-email", "x-user", "x-authenticated-user",
+    "x-webauth-user",
 })
 # mod_auth_openidc (OIDC_CLAIM_*, OIDC_access_token, OIDC_id_token, ...), oauth2-proxy
-# (X-Auth-Request-*), Pomerium (X-Pomerium-Claim-*, X-Pomerium-Jwt-Assertion).
-_IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-")
+# (X-Auth-Request-*), Pomerium (X-Pomerium-Claim-*, X-Pomerium-Jwt-Assertion), AWS ALB
+# (X-Amzn-Oidc-*), Google IAP (X-Goog-Authenticated-User-*, X-Goog-Iap-Jwt-Assertion),
+# Cloudflare Access (Cf-Access-*), Azure App Service (X-MS-Client-Principal*).
+_IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-", "x-amzn-oidc-",
+                      "x-goog-authenticated-user-", "x-goog-iap-", "cf-access-",
+                      "x-ms-client-principal")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                          "x-real-ip", "forwarded"})
 
@@ -96,14 +102,27 @@ def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
 def client_address(peer: str, forwarded_for: Iterable[str], trusted: Sequence[Network]) -> str:
     """Who the client is: the peer, or, behind trusted proxies, the right-most
     X-Forwarded-For hop that is not one of them (hops further left are client-supplied)."""
+    return client_and_reporter(peer, forwarded_for, trusted)[0]
+
+
+def client_and_reporter(peer: str, forwarded_for: Iterable[str],
+                        trusted: Sequence[Network]) -> tuple[str, str | None]:
+    """The client's address, and the trusted hop that reported it (None: the peer is the
+    client). When that hop is in fact a client whose own address falls inside
+    trusted_proxies, the 'client' it reports is whatever it wrote: the reporter is then the
+    one address in the chain that it could not choose."""
     if not is_trusted(peer, trusted):
-        return peer
+        return peer, None
     hops = [_without_port(hop.strip())
             for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    reporter = peer
     for hop in reversed(hops):
         if not is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
+            return hop, reporter
+        reporter = hop
+    if not hops:
+        return peer, None
+    return hops[0], (hops[1] if len(hops) > 1 else peer)
 
 
 def _without_port(hop: str) -> str:
@@ -193,11 +212,23 @@ def identity_headers(identity: Identity, *, unverified_email: bool = False) -> M
     would otherwise hand an account to whoever the IdP let pick that address."""
     values = {
         USER: identity.sub,
-        EMAIL: identity.email if identity.email_verified or unverified_email else None,
+        EMAIL: _checked_email(identity.email)
+        if identity.email and (identity.email_verified or unverified_email) else None,
         PREFERRED_USERNAME: identity.preferred_username,
         GROUPS: ",".join(identity.groups) if identity.groups else None,
     }
     return {name: value for name, value in values.items() if value}
+
+
+def _checked_email(email: str) -> str | None:
+    """SECURITY: the address policy compared (identity.email_address) is the one sent, so an
+    upstream cannot read another mailbox into it: IDNA forms ('bücher.de', a soft hyphen,
+    fullwidth letters) go as the ASCII domain; only ASCII case is kept as the IdP wrote it.
+    Not an address at all: no header."""
+    checked = email_address(email)
+    if checked is None or ascii_lower(email) == checked:
+        return email if checked else None
+    return checked
 
 
 _LOCATIONS = frozenset({"location", "content-location"})

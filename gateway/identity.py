@@ -80,6 +80,12 @@ def _groups(value: object) -> tuple[str, ...]:
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
+def ascii_lower(text: str) -> str:
+    """Lower case for A-Z only. SECURITY: str.lower() maps the Kelvin sign to 'k', turning a
+    non-ASCII string into an ASCII one that another party never equates with it."""
+    return text.translate(_ASCII_LOWER)
+
+
 def email_domain(domain: str) -> str | None:
     """A mail domain as policy compares it: lower-case ASCII (IDNA, UTS #46 mapping, so
     `Bücher.DE` is `xn--bcher-kva.de`); None when it is no valid domain name."""
@@ -102,4 +108,4 @@ def email_address(value: str) -> str | None:
             any(c.isspace() for c in local):
         return None
     ascii_domain = email_domain(domain)
-    return f"{local.translate(_ASCII_LOWER)}@{ascii_domain}" if ascii_domain else None
+    return f"{ascii_lower(local)}@{ascii_domain}" if ascii_domain else None

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import ratelimit
 from gateway.errors import BadRequestError, LoginError
-from gateway.headers import client_address
+from gateway.headers import client_address, client_and_reporter
 from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
 from gateway.pages import redirect
@@ -45,7 +45,10 @@ def _binding_hash(value: str) -> str:
 
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
-    await ratelimit.check_login_start(rt, _address_of(request, rt), via=request.remote)
+    client, reporter = client_and_reporter(request.remote or "",
+                                           request.headers.getall("X-Forwarded-For", ()),
+                                           rt.config.server.trusted_networks)
+    await ratelimit.check_login_start(rt, client, via=reporter)
     metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")

@@ -84,7 +84,8 @@ async def _sessions_named(rt: Runtime, claims: dict[str, object]) -> list[Sessio
     sid, sub = claims.get("sid"), claims.get("sub")
     if isinstance(sid, str):
         named = await rt.sessions.registry.by_sid(sid)
-        return [info for info in named if not isinstance(sub, str) or info.sub == sub]
+        # A bare entry (its details were lost) has no sub to compare: the sid names it.
+        return [info for info in named if not isinstance(sub, str) or info.sub in (sub, "")]
     assert isinstance(sub, str)
     return await rt.sessions.registry.by_sub(sub)
 

@@ -8,9 +8,14 @@ commonly holds a whole /64.
 
 A client whose own address falls inside trusted_proxies is indistinguishable from a proxy, and
 could write any X-Forwarded-For it likes, minting a fresh bucket per request. So a start whose
-address came from X-Forwarded-For is also counted against the connection's peer, the one
-address nobody can forge, with a limit for all the clients behind that proxy together
-(server.login_starts_per_minute_per_proxy, by default 20 times the per-address limit).
+address came from X-Forwarded-For is also counted against the trusted hop that reported it
+(headers.client_and_reporter), with a limit for all the clients behind that hop together
+(server.login_starts_per_minute_per_proxy, by default 20 times the per-address limit). That
+hop is the one address such a client cannot choose: its own, when it connects directly or
+stands behind the load balancer; so a forger exhausts its own budget, not everyone's. Behind
+an ordinary load balancer the reporter is the balancer, so 20 addresses starting sign-ins at
+the full rate can hold up sign-ins through it for the rest of the minute: raise the limit (or
+set it to 0) for a front with many sign-ins a minute.
 """
 
 from __future__ import annotations

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import string
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, unquote_to_bytes
 
 from gateway.config import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
+from gateway.identity import ascii_lower
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
 # RFC 3986 §3.3: path = *( "/" / pchar ); pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
@@ -47,10 +47,6 @@ _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[
 _FORBIDDEN_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00|3[bB]|25(2[eEfF]|5[cC]|3[bB]|00))")
 _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
 _HIGH_ESCAPE = re.compile(r"%[89a-fA-F]")
-# Segments an IIS upstream reads in ways ASCII rules cannot follow: bytes outside printable
-# ASCII once decoded, and 8.3 short names (ADMINI~1 is /administration on NTFS).
-_IIS_OPAQUE = re.compile(r"%[01789a-fA-F]|~[0-9]")
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +82,17 @@ class Route:
     pass_authorization_header: bool
     case_insensitive: bool
     early_hints: bool
+    prefix_segments: tuple[str, ...]  # computed once: matching runs on every request
+    folded_segments: tuple[str, ...]  # the same, ASCII lower case
 
     @classmethod
     def from_config(cls, rc: RouteConfig) -> Route:
+        segments = tuple(rc.path_prefix.split("/")[1:]) if rc.path_prefix != "/" else ()
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
                    rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries,
                    rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive,
-                   rc.early_hints)
-
-    @property
-    def prefix_segments(self) -> list[str]:
-        return self.prefix.split("/")[1:] if self.prefix != "/" else []
+                   rc.early_hints, segments, tuple(ascii_lower(s) for s in segments))
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: with strip_prefix, minus the segments the prefix matched
@@ -141,24 +136,32 @@ def canonical_path(raw_path: str) -> str:
         raise BadRequestError("request target is not an absolute path")
     if len(path) > MAX_PATH_LENGTH:
         raise URITooLongError(f"request path over {MAX_PATH_LENGTH} bytes")
+    # Browsers send '[' and ']' raw in paths; they pass percent-encoded, as RFC 3986 wants.
+    if "[" in path or "]" in path:
+        path = path.replace("[", "%5B").replace("]", "%5D")
     # SECURITY: a raw '#' starts a fragment that URL builders drop (so /public/..# would
     # reach the upstream as /public/..), and whitespace, backslashes and non-ASCII are read
     # differently by every server: only plain RFC 3986 path characters pass.
     if not _PATH_CHARS.fullmatch(path):
         raise BadRequestError("request path has a character outside RFC 3986 path characters")
-    # SECURITY: encoded slashes, backslashes, NUL and ';', and double encoding, smuggle path
-    # structure past the matcher to upstreams that decode (again).
-    if _BAD_ESCAPE.search(path) or _FORBIDDEN_ESCAPES.search(path):
-        raise BadRequestError("request path has an encoded '/', '\\', ';' or NUL, "
-                              "a double encoding or a broken escape")
+    if _BAD_ESCAPE.search(path):
+        raise BadRequestError("request path has a broken escape")
     if _HIGH_ESCAPE.search(path) and not _is_utf8(unquote_to_bytes(path)):
         raise BadRequestError("request path decodes to bytes that are not UTF-8")
     decoded = _UNRESERVED.sub(_decode_unreserved, path)
-    for segment in decoded.split("/"):
+    # SECURITY: encoded slashes, backslashes, NUL and ';', and double encoding, smuggle path
+    # structure past the matcher to upstreams that decode (again). Checked once the
+    # unreserved escapes are decoded, so '%25%32%66' cannot spell '%252f' past the check.
+    if _FORBIDDEN_ESCAPES.search(decoded):
+        raise BadRequestError("request path has an encoded '/', '\\', ';' or NUL, or a double "
+                              "encoding")
+    segments = decoded.split("/")
+    for index, segment in enumerate(segments):
         name, params, _ = segment.partition(";")
         # SECURITY: servlet containers strip ';params' and then merge slashes or resolve dots:
-        # "/;x/admin" becomes "/admin" and "/..;x/" becomes "/../" there.
-        if params and name in ("", ".", ".."):
+        # "/;x/admin" becomes "/admin" and "/..;x/" becomes "/../" there. A last segment of
+        # params only ("/app/;jsessionid=1", from Tomcat's encodeURL) is "/app/" everywhere.
+        if params and (name in (".", "..") or (not name and index < len(segments) - 1)):
             raise BadRequestError("request path has a ;parameter segment with an empty or "
                                   "dot name")
     return _remove_dot_segments(decoded)
@@ -173,57 +176,70 @@ def _is_utf8(raw: bytes) -> bool:
 
 
 def _match_segments(path: str) -> list[str]:
-    return [segment.split(";", 1)[0] for segment in path.split("/")[1:]]
+    """The segment names routes are matched on: without ;params (servlet containers route
+    /admin;x=1 to /admin) and percent-decoded, as every upstream decodes before it maps a path
+    (so /%40admin is /@admin); decoding cannot make a '/', '\\' or ';' here, since their
+    escapes were refused."""
+    names = [segment.split(";", 1)[0] for segment in path.split("/")[1:]]
+    return [unquote(name) if "%" in name else name for name in names] if "%" in path else names
+
+
+def _host_covers(outer: str | None, inner: str | None) -> bool:
+    """Does a route for host `outer` also take requests for `inner`'s hosts?"""
+    if outer is None or outer == inner:
+        return True
+    return outer.startswith("*.") and inner is not None and inner.endswith(outer[1:])
 
 
 def _nested_in_case_insensitive(route: Route, table: tuple[Route, ...]) -> bool:
     """SECURITY: under a case_insensitive prefix the upstream ignores case, so a route nested
     in it must too, or /api/ADMIN would match the outer route and skip /api/admin's policy."""
-    wanted = [_ascii_lower(s) for s in route.prefix_segments]
     return any(
-        outer.case_insensitive and outer.host in (None, route.host)
-        and wanted[: len(outer.prefix_segments)]
-        == [_ascii_lower(s) for s in outer.prefix_segments]
+        outer.case_insensitive and _host_covers(outer.host, route.host)
+        and route.folded_segments[: len(outer.folded_segments)] == outer.folded_segments
         for outer in table)
 
 
-def _ascii_lower(segment: str) -> str:
-    # SECURITY: only A-Z fold: str.lower() maps the Kelvin sign to "k", so a non-ASCII path
-    # could match an ASCII prefix the upstream never equates with it.
-    return segment.translate(_ASCII_LOWER)
-
-
 _NO_MATCH, _PLAIN, _IIS_FORM = 0, 1, 2
+_SHORT_NAME = re.compile(r"([^~]{1,6})~[0-9]+(\.[^.]{0,3})?")
+# ASP.NET's cookieless session and forms-auth segments, which it removes before it maps a
+# path: /(S(x))/admin is /admin there (CVE-2023-36899).
+_COOKIELESS = re.compile(r"\([A-Za-z]\(.*\)\)")
 
 
-def _iis_name(segment: str) -> str | None:
-    """The name an IIS upstream serves for `segment` (without ;params), compared ignoring
-    ASCII case; None when ASCII rules cannot tell (see _IIS_OPAQUE)."""
-    if _IIS_OPAQUE.search(segment):
-        return None
+def _iis_equivalent(segment: str, folded: str) -> bool:
+    """Could an IIS upstream (NTFS, .NET) serve `segment` as the prefix segment `folded`?"""
     # NTFS: "admin::$DATA" and "admin:x" are streams of "admin"; trailing dots and spaces are
     # dropped from file names ("admin." and "admin%20" are "admin").
-    name = unquote(segment).partition(":")[0].rstrip(". ")
-    return _ascii_lower(name)
+    name = segment.partition(":")[0].rstrip(". ")
+    if not name.isascii() or not name.isprintable():
+        # .NET folds some non-ASCII letters to ASCII ones ('ı' to 'I', 'ſ' to 'S'): any
+        # non-ASCII character may stand for the prefix's letter at its place; control
+        # characters are read in ways nothing here can follow.
+        return not name.isprintable() or (len(name) == len(folded) and all(
+            not c.isascii() or ascii_lower(c) == f for c, f in zip(name, folded, strict=True)))
+    if ascii_lower(name) == folded:
+        return True
+    short = _SHORT_NAME.fullmatch(name)  # an 8.3 name: ADMINI~1 may be /administration
+    return short is not None and folded.startswith(ascii_lower(short.group(1)))
 
 
 def _prefix_match(route: Route, segments: list[str]) -> int:
     """_NO_MATCH, _PLAIN, or _IIS_FORM: a case_insensitive route matched only through a form
     the upstream may equate with its prefix (the caller refuses such a request)."""
     wanted = route.prefix_segments
-    got = segments[: len(wanted)]
-    if len(got) < len(wanted):
+    if len(segments) < len(wanted):
         return _NO_MATCH
     if not route.case_insensitive:
-        return _PLAIN if got == wanted else _NO_MATCH
+        return _PLAIN if all(s == w for s, w in zip(segments, wanted, strict=False)) \
+            else _NO_MATCH
     # SECURITY: IIS-style upstreams serve /ADMIN, /admin. and /admin::$DATA as /admin, so the
     # route claims them all, or they would fall through to a more permissive route.
     kind = _PLAIN
-    for segment, prefix_segment in zip(got, wanted, strict=True):
-        if _ascii_lower(segment) == _ascii_lower(prefix_segment):
+    for segment, folded in zip(segments, route.folded_segments, strict=False):
+        if ascii_lower(segment) == folded:
             continue
-        name = _iis_name(segment)
-        if name is not None and name != _ascii_lower(prefix_segment):
+        if not _iis_equivalent(segment, folded):
             return _NO_MATCH
         kind = _IIS_FORM
     return kind
@@ -258,7 +274,12 @@ class RouteTable:
         chosen_kind = _NO_MATCH
         for route in self._routes:
             rank = _host_rank(route.host, host)
-            kind = _prefix_match(route, segments) if rank >= 0 else _NO_MATCH
+            if rank < 0:
+                continue
+            if route.case_insensitive and any(_COOKIELESS.fullmatch(s) for s in segments):
+                raise BadRequestError("path has an ASP.NET cookieless segment, which an IIS "
+                                      f"upstream of route {route.name} would remove")
+            kind = _prefix_match(route, segments)
             if kind == _NO_MATCH:
                 continue
             host_len = len(route.host or "")

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.e2e
 
 # The route table every host gets; all routes are public, so the gateway forwards whatever it
 # accepts and the test sees the route it chose.
-PREFIXES = {"root": "/", "admin": "/admin", "assets": "/admin/assets", "public": "/public"}
+PREFIXES = {"root": "/", "admin": "/admin", "assets": "/admin/assets", "public": "/public",
+            "at": "/@admin"}
 SERVERS = {"nginx": start_nginx, "apache": start_apache, "tomcat": start_tomcat}
 
 
@@ -141,6 +142,8 @@ KNOWN_TRICKS = [
     "/admin/assets/./..", "/admin/assets/.", "/admin/assets/x/../..", "/public/../admin/assets",
     "/admin/assets/..%20", "/admin/assets/.. ", "/admin/assets/..\t", "/ADMIN/assets/..",
     "/admin/assets/caf\xc3\xa9/../..", "/admin/assets/\xff/../..", "http://x/admin/assets/..",
+    "/%40admin/x", "/%40admin%2Fx", "/public/..%2f%40admin", "/public/%25%32%66..%25%32%66admin",
+    "/%25%32%65%25%32%65/admin", "/admin/;jsessionid=1", "/public/;x", "/admin/assets[1]/..",
 ]
 
 
@@ -171,7 +174,8 @@ PIECES = ["admin", "assets", "public", "x", "Admin", "ASSETS", ".", "..", "%2e",
           "%2e.", ";", ";x=1", ";jsessionid=1", "%3b", "%3B", "%2f", "%2F", "%5c", "\\", "#", "?",
           "%23", "%3f", "%20", " ", "\t", "%09", "%00", "%25", "%252e", "%252f", "%c3%a9",
           "caf\xc3\xa9", "\xe9", "%c0%ae", "%ff", "~1", "::$DATA", "%41", "%61dmin", "//", "/",
-          "=", "&", "@", ":", "%7e", "~", "|", "[", "]"]
+          "=", "&", "@", ":", "%7e", "~", "|", "[", "]", "%40", "%2B", "%2b", "%3A", "%3D", "%28",
+          "%29", "%21", "%24", "%26", "%27", "%2A", "%2C", "@admin", "%25%32%66"]
 # The pieces most attacks are made of come up more often than the rest.
 HOT = ["..", ".", ";", ";x=1", "%2e%2e", "%3b", "%2f", "\\", "admin", "assets", "public", ""]
 PIECE = st.one_of(st.sampled_from(HOT), st.sampled_from(PIECES))
@@ -180,7 +184,7 @@ SEGMENT = st.lists(PIECE, max_size=3).map("".join)
 # end in a fragment or a query.
 TARGET = st.builds(
     lambda start, segments, tail: start + "/" + "/".join(segments) + tail,
-    st.sampled_from(["", "/admin", "/admin/assets", "/public", "/ADMIN"]),
+    st.sampled_from(["", "/admin", "/admin/assets", "/public", "/ADMIN", "/@admin", "/%40admin"]),
     st.lists(SEGMENT, max_size=5),
     st.one_of(st.just(""), st.lists(PIECE, max_size=3).map(lambda parts: "?" + "".join(parts)),
               st.lists(PIECE, max_size=3).map(lambda parts: "#" + "".join(parts))))

@@ -532,6 +532,27 @@ async def test_a_client_inside_trusted_proxies_cannot_mint_a_bucket_per_request(
     assert statuses == [302] * 5 + [429] * 3
 
 
+async def test_a_forging_client_behind_the_balancer_spends_only_its_own_budget(
+        make_stack: StackFactory, clock: FakeClock) -> None:
+    """A client whose own address is inside trusted_proxies, behind the load balancer, writes
+    a new address each time: its own address (which the balancer appends) is the bucket that
+    fills, and other clients of the balancer can still sign in."""
+    stack = await make_stack(clock=clock, server={
+        "login_starts_per_minute": 2, "login_starts_per_minute_per_proxy": 5,
+        "trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]})
+
+    async def start(forwarded_for: str) -> int:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(stack.gateway + "/", allow_redirects=False,
+                                headers={**BROWSER_HEADERS,
+                                         "X-Forwarded-For": forwarded_for}) as resp:
+                return resp.status
+
+    forged = [await start(f"203.0.113.{i}, 10.1.2.3") for i in range(8)]
+    assert forged == [302] * 5 + [429] * 3
+    assert await start("198.51.100.7") == 302  # someone else behind the balancer
+
+
 async def test_no_response_names_the_server_software_or_its_version(
         stack: Stack, browser: aiohttp.ClientSession) -> None:
     """Fingerprinting: neither the gateway's own answers nor proxied ones say what runs."""

@@ -11,6 +11,7 @@ from gateway.headers import (
     ClientInfo,
     Stripped,
     client_address,
+    client_and_reporter,
     for_upstream,
     from_upstream,
     token_headers,
@@ -44,7 +45,10 @@ def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
     "x_forwarded_groups", "X-Forwarded-Preferred-Username", "X-Forwarded-Access-Token",
     "X-Auth-Request-User", "Remote-User", "X_AUTH_REQUEST_EMAIL", "OIDC_CLAIM_email",
     "oidc-claim-groups", "OIDC_access_token", "OIDC_id_token", "X-Remote-Group", "X-Email",
-    "X-User", "remote_groups", "GAP-Auth", "X-Pomerium-Jwt-Assertion",
+    "X-User", "remote_groups", "GAP-Auth", "X-Pomerium-Jwt-Assertion", "X-WEBAUTH-USER",
+    "X-Amzn-Oidc-Identity", "x_amzn_oidc_data", "X-Goog-Authenticated-User-Email",
+    "X-Goog-Iap-Jwt-Assertion", "Cf-Access-Authenticated-User-Email", "CF_ACCESS_JWT_ASSERTION",
+    "X-MS-CLIENT-PRINCIPAL-NAME", "X-MS-Client-Principal", "X-Authenticated-User",
 ])
 @pytest.mark.parametrize("identity", [None, BOB])
 def test_client_identity_headers_are_stripped_in_every_spelling(
@@ -132,6 +136,20 @@ def test_operator_names_and_prefixes_are_stripped_in_every_spelling() -> None:
         "X-Corporate"]
 
 
+@pytest.mark.parametrize(("email", "sent"), [
+    ("Bob@Example.COM", "Bob@Example.COM"),  # ASCII case as the IdP wrote it
+    ("bob@Bücher.de", "bob@xn--bcher-kva.de"),  # what the policy compared
+    ("bob@exa\u00admple.com", "bob@example.com"),  # a soft hyphen, dropped by IDNA
+    ("bob@ＥＸＡＭＰＬＥ.com", "bob@example.com"),
+    ("bob@evil.com@example.com", None),  # not one address: no header
+    ("bob", None),
+])
+def test_the_email_header_carries_the_address_the_policy_checked(
+        email: str, sent: str | None) -> None:
+    out = upstream([], Identity("bob", email, True))
+    assert out.get("X-Forwarded-Email") == sent
+
+
 def test_the_email_header_needs_a_verified_email_unless_allowed() -> None:
     unverified = Identity("bob", "bob@example.com", False)
     assert "X-Forwarded-Email" not in upstream([], unverified)
@@ -214,3 +232,17 @@ LB = (ipaddress.ip_network("10.0.0.0/8"),)
 def test_client_address_trusts_only_the_hops_our_proxies_added(
         peer: str, forwarded_for: list[str], expected: str) -> None:
     assert client_address(peer, forwarded_for, LB) == expected
+
+
+@pytest.mark.parametrize(("peer", "forwarded_for", "expected"), [
+    ("203.0.113.9", ["198.51.100.1"], ("203.0.113.9", None)),  # the peer is the client
+    ("10.0.0.2", [], ("10.0.0.2", None)),
+    ("10.0.0.2", ["198.51.100.1"], ("198.51.100.1", "10.0.0.2")),  # reported by the LB
+    # a client inside the trusted range, behind the LB: what it wrote is reported by its own
+    # address, the one it cannot choose
+    ("10.0.0.2", ["1.2.3.4, 10.9.9.9"], ("1.2.3.4", "10.9.9.9")),
+    ("10.0.0.2", ["10.0.0.5, 10.0.0.6"], ("10.0.0.5", "10.0.0.6")),
+])
+def test_the_reporter_is_the_trusted_hop_that_vouched_for_the_client(
+        peer: str, forwarded_for: list[str], expected: tuple[str, str | None]) -> None:
+    assert client_and_reporter(peer, forwarded_for, LB) == expected

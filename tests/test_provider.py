@@ -133,12 +133,23 @@ async def test_a_kid_missing_after_a_refetch_is_not_looked_for_again_soon(
     idp = FakeIdP()
     provider = await make_provider(idp)
     await provider.keys("k1", trusted=True)
-    for trusted in (True, False, True):
+    for trusted in (True, True, False, False):
         await provider.keys("forged", trusted=trusted)
-    assert idp.hits["jwks"] == 2  # one refetch for that kid
+    assert idp.hits["jwks"] == 3  # one refetch for that kid from each kind of token
     clock.advance(UNKNOWN_KID_RETRY)
     await provider.keys("forged", trusted=True)
-    assert idp.hits["jwks"] == 3
+    assert idp.hits["jwks"] == 4
+
+
+async def test_a_forged_logout_token_naming_the_next_kid_cannot_hold_up_the_login(
+        make_provider: ProviderFactory, clock: FakeClock) -> None:
+    idp = FakeIdP()
+    provider = await make_provider(idp)
+    await provider.keys("k1", trusted=True)
+    await provider.keys("k2", trusted=False)  # a guess at the next kid, before the rotation
+    idp.keys.append(RSAKey.generate_key(2048, parameters={"kid": "k2"}))
+    clock.advance(5)
+    assert "k2" in kids(await provider.keys("k2", trusted=True))
 
 
 async def test_forged_kids_from_anyone_are_bounded_overall_but_logins_are_not_starved(
@@ -208,7 +219,8 @@ async def test_failed_jwks_refetches_are_bounded_too(
     for i in range(20):
         with contextlib.suppress(IdPUnavailableError):
             await provider.keys(f"forged-{i}", trusted=False)
-    with contextlib.suppress(IdPUnavailableError):
-        await provider.keys("forged-0", trusted=True)
-    assert idp.hits["jwks"] == 1 + UNTRUSTED_REFETCHES
+    for _ in range(3):
+        with contextlib.suppress(IdPUnavailableError):
+            await provider.keys("forged-0", trusted=True)
+    assert idp.hits["jwks"] == 1 + UNTRUSTED_REFETCHES + 1
     assert kids(await provider.keys("k1", trusted=False)) == {"k1"}  # the cache still serves

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import RouteConfig
+from gateway.config import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.routing import Route, RouteTable, Target, canonical_path, parse_target
 
@@ -38,14 +38,17 @@ def test_canonical_path(raw: str, canonical: str) -> None:
     # a raw '#' starts a fragment that URL builders drop: /admin/assets/..# became /admin/..
     "/admin/assets/..#", "/public/..#", "/a#b", "/#/../admin",
     # a segment that is only ;params: Tomcat strips them and merges // into /
-    "/;/admin/users", "/;jsessionid=x/admin/users", "/public//;x/admin", "/a/;", "/%2e;x/a",
+    "/;/admin/users", "/;jsessionid=x/admin/users", "/public//;x/admin", "/a/;/b", "/%2e;x/a",
     # an encoded ';' anywhere, and its double encoding
     "/admin%3Busers", "/admin%3b/users", "/public/..%3b/admin", "/a%253bb",
     # whitespace, non-ASCII and the characters servlet containers refuse
-    "/a b", "/a\tb", "/caf\u00e9", "/x\udcff", "/a|b", "/a[1]", "/a{b}", "/a^b", "/a`b",
+    "/a b", "/a\tb", "/caf\u00e9", "/x\udcff", "/a|b", "/a{b}", "/a^b", "/a`b",
     '/a"b', "/a<b>",
     # bytes that are not UTF-8 once decoded; overlong forms are dots and slashes to some
     "/%ff", "/%c0%ae%c0%ae/admin", "/%c0%af", "/%e0%80%ae",
+    # double encodings spelled with encoded digits: '%25%32%66' is '%252f' once decoded
+    "/public/%25%32%66..%25%32%66admin", "/%25%32%65%25%32%65/admin", "/%25%35%63",
+    "/%25%33%62", "/%25%30%30",
 ])
 def test_ambiguous_paths_are_refused(raw: str) -> None:
     """Path confusion: encodings upstreams may decode differently never reach a route."""
@@ -57,6 +60,9 @@ def test_ambiguous_paths_are_refused(raw: str) -> None:
     ("/caf%C3%A9", "/caf%C3%A9"),  # percent-encoded UTF-8 passes, still encoded
     ("/a;b=1/c", "/a;b=1/c"),
     ("/a:b@c!$&'()*+,=", "/a:b@c!$&'()*+,="),
+    ("/x/report[1].pdf", "/x/report%5B1%5D.pdf"),  # browsers send brackets raw
+    ("/app/;jsessionid=ABC", "/app/;jsessionid=ABC"),  # Tomcat's encodeURL, first visit
+    ("/;jsessionid=ABC", "/;jsessionid=ABC"),
 ])
 def test_plain_rfc3986_paths_pass_unchanged(raw: str, canonical: str) -> None:
     assert canonical_path(raw) == canonical
@@ -160,10 +166,15 @@ def test_routes_nested_in_a_case_insensitive_route_ignore_case_too() -> None:
 
 
 def test_case_folding_is_ascii_only() -> None:
+    """str.lower() maps the Kelvin sign to 'k'; .NET maps other letters (a dotless i to 'I'). A
+    non-ASCII look-alike of a case-insensitive prefix is neither taken for it nor left to
+    another route: it is refused."""
     table = RouteTable((route("root"), route("k", "/kpublic", auth="public",
                                              case_insensitive=True)))
-    assert table.match("gw", "/\u212apublic").name == "root"  # type: ignore[union-attr]
     assert table.match("gw", "/KPUBLIC").name == "k"  # type: ignore[union-attr]
+    with pytest.raises(BadRequestError):
+        table.match("gw", "/\u212apublic")
+    assert table.match("gw", "/\u212apublicity").name == "root"  # type: ignore[union-attr]
 
 
 def test_case_sensitive_route_leaves_other_spellings_to_other_routes() -> None:
@@ -178,7 +189,9 @@ IIS = RouteTable((route("public", auth="public"),
 
 @pytest.mark.parametrize("path", [
     "/admin.", "/admin%20", "/admin./users", "/ADMIN%20./x", "/admin::$DATA", "/admin:x/y",
-    "/admin%3A%3A$DATA", "/ADMINI~1/x", "/adm%C4%B1n", "/%EF%BD%81dmin", "/admin%09",
+    "/admin%3A%3A$DATA", "/adm%C4%B1n", "/%EF%BD%81dmin", "/admin%09",
+    # ASP.NET removes cookieless segments before it maps the path (CVE-2023-36899)
+    "/(S(x))/admin", "/(F(abc))/ADMIN/x", "/(A(x))/docs",
 ])
 def test_iis_equivalents_of_a_case_insensitive_prefix_are_refused(path: str) -> None:
     """IIS serves /admin., /admin%20 and /admin::$DATA as /admin; .NET folds a dotless i to 'I', and
@@ -198,3 +211,44 @@ def test_iis_equivalents_of_a_case_insensitive_prefix_are_refused(path: str) -> 
 def test_case_insensitive_routes_match_plain_spellings(path: str, expected: str) -> None:
     matched = IIS.match("gw", canonical_path(path))
     assert matched is not None and matched.name == expected
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/caf%C3%A9/x", "public"),  # non-ASCII that cannot stand for any prefix
+    ("/%E2%82%AC", "public"),
+    ("/files~2024/x", "public"),  # not an 8.3 name of anything here
+    ("/(x)/admin", "public"),
+])
+def test_odd_segments_that_cannot_equal_a_prefix_still_pass(path: str, expected: str) -> None:
+    matched = IIS.match("gw", canonical_path(path))
+    assert matched is not None and matched.name == expected
+
+
+def test_an_8_3_short_name_of_a_case_insensitive_prefix_is_refused() -> None:
+    table = RouteTable((route("public", auth="public"),
+                        route("admin", "/administration", case_insensitive=True)))
+    for path in ("/ADMINI~1/x", "/admini~2"):
+        with pytest.raises(BadRequestError):
+            table.match("gw", canonical_path(path))
+    assert table.match("gw", "/ADMINX~1").name == "public"  # type: ignore[union-attr]
+
+
+def test_routes_nested_under_a_wildcard_host_case_insensitive_route_ignore_case_too() -> None:
+    table = RouteTable((route("iis-all", "/api", "*.example.com", auth="public",
+                              case_insensitive=True),
+                        route("iis-admin", "/api/admin", "app.example.com",
+                              allow=AllowRules(groups=("admins",)))))
+    for path in ("/api/admin/x", "/api/ADMIN/x", "/API/Admin/x"):
+        assert table.match("app.example.com", path).name == "iis-admin", path  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/%40admin/x", "at"), ("/odata/Items%281%29", "odata"), ("/a%2Bb/x", "plus"),
+    ("/a%2bb", "plus"), ("/%61%2B%62", "plus"),
+])
+def test_prefixes_with_sub_delims_match_their_percent_encoded_spellings(
+        path: str, expected: str) -> None:
+    """Every upstream decodes %40 to '@' before it maps the path: so must matching."""
+    table = RouteTable((route("root", auth="public"), route("at", "/@admin"),
+                        route("odata", "/odata/Items(1)"), route("plus", "/a+b")))
+    assert table.match("gw", canonical_path(path)).name == expected  # type: ignore[union-attr]

@@ -370,3 +370,38 @@ def test_every_deployment_gets_its_own_namespace_by_default() -> None:
     assert len(names) == 4
     assert Keys.for_deployment("https://a.example", "x", "billing").session("h") == \
         "billing:session:{h}"
+
+
+async def test_set_beside_writes_only_while_the_anchor_exists(backend: Backend) -> None:
+    assert await backend.set_beside("{t}meta", b"m", 10, anchor="{t}session") is False
+    assert (await backend.get("{t}meta"))[0] is None
+    await backend.set("{t}session", b"s", 10)
+    assert await backend.set_beside("{t}meta", b"m", 10, anchor="{t}session") is True
+    assert (await backend.get("{t}meta"))[0] == b"m"
+
+
+async def test_a_session_whose_registry_entry_was_lost_can_still_be_revoked(
+        backend: Backend, clock: FakeClock) -> None:
+    """An evicted entry used to make its session unrevocable by user or sid for good: the
+    lookups dropped the index member, and a touch no longer recreated the entry."""
+    store = make_store(backend, clock)
+    cookie = await store.create(ALICE, TOKENS)
+    await backend.delete(KEYS.meta(cookie.storage_id))  # evicted, say
+    found = await store.registry.by_user("alice")
+    assert [info.storage_id for info in found] == [cookie.storage_id]
+    assert [i.storage_id for i in await store.registry.by_sid("sid-1")] == [cookie.storage_id]
+    clock.advance(120)
+    await backend.expire(KEYS.session(cookie.storage_id), IDLE - 120)  # Redis's own clock
+    assert await store.load(cookie.value) is not None  # the touch restores the entry
+    assert await store.registry.get(cookie.storage_id) is not None
+    assert await store.registry.revoke(await store.registry.by_user("alice")) == 1
+    assert await store.load(cookie.value) is None
+
+
+async def test_delete_if_releases_only_a_lock_we_still_own(backend: Backend) -> None:
+    assert await backend.add_once("{l}lock", 10, b"me")
+    assert not await backend.add_once("{l}lock", 10, b"other")
+    await backend.delete_if("{l}lock", b"other")  # a late holder whose lock expired
+    assert (await backend.get("{l}lock"))[0] == b"me"
+    await backend.delete_if("{l}lock", b"me")
+    assert (await backend.get("{l}lock"))[0] is None

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.errors import SecurityWarning
-from joserfc.jwk import KeySet, OctKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
 
 from gateway.oidc.tokens import (
     Expectations,
@@ -265,22 +265,56 @@ def test_at_hash_matching_the_access_token_is_accepted() -> None:
     assert result["sub"] == "alice"
 
 
-def test_at_hash_uses_the_hash_of_the_signing_algorithm() -> None:
-    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
-    token = sign(claims(at_hash=at_hash("tok", hashlib.sha512)), key=key, alg="RS512")
-    validate_id_token(token, KeySet([key]), expect(algorithms=("RS512",)), nonce="n-1",
-                      access_token="tok")
-    wrong_family = sign(claims(at_hash=at_hash("tok")), key=key, alg="RS512")
-    refused("at_hash_mismatch", lambda: validate_id_token(
-        wrong_family, KeySet([key]), expect(algorithms=("RS512",)), nonce="n-1",
-        access_token="tok"))
+def shake114(data: bytes) -> Any:
+    class Digest:
+        def digest(self) -> bytes:
+            return hashlib.shake_256(data).digest(114)
+
+    return Digest()
+
+
+@pytest.mark.parametrize(("alg", "key", "function"), [
+    ("RS512", lambda: RSAKey.generate_key(2048), hashlib.sha512),
+    ("PS384", lambda: RSAKey.generate_key(2048), hashlib.sha384),
+    ("ES256", lambda: ECKey.generate_key("P-256"), hashlib.sha256),
+    ("ES512", lambda: ECKey.generate_key("P-521"), hashlib.sha512),
+    ("ES256K", lambda: ECKey.generate_key("secp256k1"), hashlib.sha256),
+    ("EdDSA", lambda: OKPKey.generate_key("Ed25519"), hashlib.sha512),
+    ("EdDSA", lambda: OKPKey.generate_key("Ed448"), shake114),  # the curve decides
+    ("Ed25519", lambda: OKPKey.generate_key("Ed25519"), hashlib.sha512),
+    ("Ed448", lambda: OKPKey.generate_key("Ed448"), shake114),
+], ids=["RS512", "PS384", "ES256", "ES512", "ES256K", "EdDSA-Ed25519", "EdDSA-Ed448",
+        "Ed25519", "Ed448"])
+def test_at_hash_uses_the_hash_of_the_signing_algorithm(
+        alg: str, key: Callable[[], Any], function: Callable[[bytes], Any]) -> None:
+    signing_key = key()
+    keys = KeySet([signing_key])
+    other_hash = hashlib.sha256 if function is not hashlib.sha256 else hashlib.sha384
+    with warnings.catch_warnings():  # joserfc: "EdDSA is deprecated via RFC 9864"
+        warnings.simplefilter("ignore", SecurityWarning)
+        token = jwt.encode({"alg": alg}, claims(at_hash=at_hash("tok", function)), signing_key,
+                           algorithms=[alg])
+        validate_id_token(token, keys, expect(algorithms=(alg,)), nonce="n-1",
+                          access_token="tok")
+        wrong = jwt.encode({"alg": alg}, claims(at_hash=at_hash("tok", other_hash)),
+                           signing_key, algorithms=[alg])
+        refused("at_hash_mismatch", lambda: validate_id_token(
+            wrong, keys, expect(algorithms=(alg,)), nonce="n-1", access_token="tok"))
 
 
 @pytest.mark.parametrize("value", [at_hash("another-token"), "", 42, at_hash("the-access-token")
-                                   + "A"])
+                                   + "A", "caf\u00e9"])
 def test_at_hash_not_matching_the_access_token_is_refused(value: object) -> None:
     """Token substitution (Core §3.1.3.8): an access token that is not the one the ID token
     was issued with."""
     token = sign(claims(at_hash=value))
     refused("at_hash_mismatch", lambda: validate_id_token(
         token, KEYS, expect(), nonce="n-1", access_token="the-access-token"))
+
+
+@pytest.mark.parametrize("crit", [None, [1], [[]], "x"])
+def test_a_malformed_crit_header_is_a_refusal_not_a_crash(crit: object) -> None:
+    """Anyone can POST a logout token: joserfc raised TypeError on these (a 500)."""
+    token = f"{b64({'alg': 'RS256', 'kid': 'k1', 'crit': crit})}.{b64(logout_claims())}.c2ln"
+    with pytest.raises(TokenError):
+        validate_logout_token(token, KEYS, expect())

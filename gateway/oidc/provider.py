@@ -7,7 +7,9 @@ JSON errors are translated here.
 The JWKS is refetched when a token names a kid it lacks: a key rotation is then accepted on
 the first token signed with the new key, however recently the set was fetched. Forged kids
 must not make the gateway hammer the IdP, so refetches are bounded twice:
-- per kid: a kid still missing after a refetch is not looked for again for UNKNOWN_KID_RETRY;
+- per kid: a kid still missing after a refetch is not looked for again for UNKNOWN_KID_RETRY
+  (remembered apart for the two kinds of token below, so a forged logout token naming the
+  next kid cannot hold up the login that first uses it);
 - overall, for tokens anyone can send (back-channel logout): UNTRUSTED_REFETCHES per
   UNTRUSTED_WINDOW. Tokens from the token endpoint (logins, refreshes) are not held to that
   budget, since each needs a real code or refresh token, so a flood of forged logout tokens
@@ -105,7 +107,8 @@ class Provider:
         self._clock = clock
         self._metadata: ProviderMetadata | None = None
         self._keys: KeySet | None = None
-        self._unknown_kids: dict[str, float] = {}  # kid -> when a refetch did not find it
+        # (trusted, kid) -> when a refetch did not find it
+        self._unknown_kids: dict[tuple[bool, str], float] = {}
         self._untrusted_window = float("-inf")
         self._untrusted_refetches = 0
         self._next_discovery = float("-inf")
@@ -178,14 +181,15 @@ class Provider:
                     self._keys = await self._fetch_keys(metadata.jwks_uri)
                 finally:
                     if kid is not None and (self._keys is None or not _has_kid(self._keys, kid)):
-                        self._remember_unknown(kid)
+                        self._remember_unknown((trusted, kid))
         if self._keys is None:
             raise IdPUnavailableError("JWKS not available")
         return self._keys
 
     def _may_refetch(self, kid: str | None, *, trusted: bool) -> bool:
         now = self._clock()
-        if kid is not None and now - self._unknown_kids.get(kid, float("-inf")) < UNKNOWN_KID_RETRY:
+        seen = self._unknown_kids.get((trusted, kid), float("-inf")) if kid else float("-inf")
+        if now - seen < UNKNOWN_KID_RETRY:
             return False
         if trusted:
             return True
@@ -196,7 +200,7 @@ class Provider:
         self._untrusted_refetches += 1
         return True
 
-    def _remember_unknown(self, kid: str) -> None:
+    def _remember_unknown(self, kid: tuple[bool, str]) -> None:
         now = self._clock()
         if len(self._unknown_kids) >= _MAX_UNKNOWN_KIDS:
             self._unknown_kids = {k: t for k, t in self._unknown_kids.items()

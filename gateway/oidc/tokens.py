@@ -78,8 +78,15 @@ def _verification_key(alg: str, keys: KeySet, expect: Expectations) -> KeySet | 
     return KeySet(public)
 
 
-def _verified(token: str, keys: KeySet, expect: Expectations) -> tuple[str, dict[str, object]]:
-    """The signing alg and the claims of a token whose signature checked out."""
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    alg: str
+    curve: str | None  # the verifying key's crv (OKP and EC keys), for at_hash with EdDSA
+    claims: dict[str, object]
+
+
+def _verified(token: str, keys: KeySet, expect: Expectations) -> _Verified:
+    """The signing alg, key curve and claims of a token whose signature checked out."""
     header = header_of(token)
     alg = header.get("alg")
     # Core §3.1.3.7 (7): alg must be one the IdP advertises; "none" never is (see provider).
@@ -90,12 +97,27 @@ def _verified(token: str, keys: KeySet, expect: Expectations) -> tuple[str, dict
         decoded = jwt.decode(token, key, algorithms=[alg])
     except InvalidPayloadError as exc:
         raise TokenError("malformed", "token payload is not a JSON object") from exc
-    except (JoseError, ValueError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        # TypeError/KeyError: joserfc trips over some malformed headers ("crit": null).
         error = exc.error if isinstance(exc, JoseError) else type(exc).__name__
         raise TokenError("bad_signature", f"signature check failed ({error})") from exc
     if not isinstance(decoded.claims, dict):
         raise TokenError("malformed", "token payload is not a JSON object")
-    return alg, dict(decoded.claims)
+    return _Verified(alg, _curve_of(key, header.get("kid")), dict(decoded.claims))
+
+
+def _curve_of(key: KeySet | OctKey, kid: object) -> str | None:
+    """The crv of the key that verified the token (kid-less tokens got a single key)."""
+    if not isinstance(key, KeySet):
+        crv = key.as_dict(private=False).get("crv")
+    elif isinstance(kid, str):
+        try:
+            crv = key.get_by_kid(kid).as_dict(private=False).get("crv")
+        except (JoseError, ValueError, KeyError):
+            return None
+    else:
+        return None
+    return crv if isinstance(crv, str) else None
 
 
 def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
@@ -104,10 +126,11 @@ def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
 
     `access_token` is the one issued with it: when the ID token has at_hash, it must match.
     """
-    alg, claims = _verified(token, keys, expect)
+    verified = _verified(token, keys, expect)
+    claims = verified.claims
     _check_claims(claims, expect, nonce)
     if "at_hash" in claims and access_token is not None:
-        _check_at_hash(claims["at_hash"], alg, access_token)
+        _check_at_hash(claims["at_hash"], verified, access_token)
     return claims
 
 
@@ -116,7 +139,7 @@ def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dic
 
     The jti replay check needs the store, so the caller does it with the returned jti.
     """
-    _, claims = _verified(token, keys, expect)
+    claims = _verified(token, keys, expect).claims
     _check_common(claims, expect, sub_required=False)
     events = claims.get("events")
     # §2.4: events must hold the back-channel logout event, as a JSON object.
@@ -186,18 +209,35 @@ def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | 
         raise TokenError("claim_nonce", "nonce does not match the login")
 
 
-# The hash of the JWS alg's family (RFC 7518 §3); EdDSA tokens use Ed25519 and so SHA-512.
-_AT_HASH_FUNCTIONS = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
+# The hash of each JWS alg (RFC 7518, RFC 8037, RFC 8812, RFC 9864) that at_hash uses: the
+# left half of it. EdDSA names no hash: Ed25519 keys mean SHA-512, Ed448 keys SHAKE256 with a
+# 114-byte output (OpenID Connect errata), so the verifying key's curve decides.
+_SHA256 = frozenset({"HS256", "RS256", "ES256", "PS256", "ES256K"})
+_SHA384 = frozenset({"HS384", "RS384", "ES384", "PS384"})
+_SHA512 = frozenset({"HS512", "RS512", "ES512", "PS512", "Ed25519"})
 
 
-def _check_at_hash(at_hash: object, alg: str, access_token: str) -> None:
+def _at_hash_digest(verified: _Verified, data: bytes) -> bytes | None:
+    alg = verified.alg
+    if alg in _SHA256:
+        return hashlib.sha256(data).digest()
+    if alg in _SHA384:
+        return hashlib.sha384(data).digest()
+    if alg in _SHA512 or (alg == "EdDSA" and verified.curve == "Ed25519"):
+        return hashlib.sha512(data).digest()
+    if alg == "Ed448" or (alg == "EdDSA" and verified.curve == "Ed448"):
+        return hashlib.shake_256(data).digest(114)
+    return None
+
+
+def _check_at_hash(at_hash: object, verified: _Verified, access_token: str) -> None:
     """Core §3.1.3.8 / §3.2.2.9: at_hash is the base64url left half of the hash of the access
     token, with the hash of the ID token's alg. A mismatch means the access token was swapped
     (token substitution), so the login ends before the token is used anywhere."""
-    function = _AT_HASH_FUNCTIONS.get("512" if alg == "EdDSA" else alg[-3:])
-    if function is None:
-        raise TokenError("at_hash_mismatch", f"at_hash cannot be checked for alg {alg}")
-    digest = function(access_token.encode("ascii")).digest()
-    expected = base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode()
-    if not isinstance(at_hash, str) or not hmac.compare_digest(at_hash, expected):
+    digest = _at_hash_digest(verified, access_token.encode("utf-8"))
+    if digest is None:
+        raise TokenError("at_hash_mismatch", f"at_hash cannot be checked for alg {verified.alg}")
+    expected = base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=")
+    # Compared as bytes: a non-ASCII str would make compare_digest raise.
+    if not isinstance(at_hash, str) or not hmac.compare_digest(at_hash.encode("utf-8"), expected):
         raise TokenError("at_hash_mismatch", "at_hash does not match the access token")

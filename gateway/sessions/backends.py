@@ -26,6 +26,11 @@ class Backend(Protocol):
         that follows a read uses this, so a record deleted meanwhile (sign-out, revocation)
         is never brought back."""
 
+    async def set_beside(self, key: str, value: bytes, ttl: float, anchor: str) -> bool:
+        """Set `key` only while `anchor` exists, in one atomic step; False if it does not.
+        (A registry entry beside its session: written while the session lives, never after
+        it was revoked. On a Cluster both keys share a hash tag.)"""
+
     async def expire(self, key: str, ttl: float) -> None: ...
 
     async def pop(self, key: str) -> bytes | None:
@@ -93,6 +98,12 @@ class MemoryBackend:
         if self._live(key) is None:
             return False
         self._data[key] = (value, self._clock() + ttl)
+        return True
+
+    async def set_beside(self, key: str, value: bytes, ttl: float, anchor: str) -> bool:
+        if self._live(anchor) is None:
+            return False
+        await self.set(key, value, ttl)
         return True
 
     async def expire(self, key: str, ttl: float) -> None:

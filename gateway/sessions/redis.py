@@ -32,6 +32,17 @@ return 0
 """
 
 
+# Set a key only while another exists, atomically. Both keys carry the same hash tag, so this
+# is safe on a Cluster.
+_SET_BESIDE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def _tls_options(tls: RedisTLSConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
                                "ssl_certfile": str(tls.cert_file) if tls.cert_file else None,
@@ -100,6 +111,11 @@ class RedisBackend:
 
     async def replace(self, key: str, value: bytes, ttl: float) -> bool:
         return bool(await self._call("SET XX", self._client.set(key, value, px=_ms(ttl), xx=True)))
+
+    async def set_beside(self, key: str, value: bytes, ttl: float, anchor: str) -> bool:
+        done = await self._call("EVAL", self._client.eval(_SET_BESIDE, 2, anchor, key, value,
+                                                           _ms(ttl)))
+        return bool(done)
 
     async def expire(self, key: str, ttl: float) -> None:
         await self._call("PEXPIRE", self._client.pexpire(key, _ms(ttl)))

@@ -63,10 +63,17 @@ class Registry:
 
     async def update(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A live session's entry after its identity was refreshed (the email may differ)."""
-        if await self._backend.replace(self._keys.meta(info.storage_id), info.to_bytes(), ttl):
+        if await self._write_beside_session(info, ttl):
             # A revocation between these two steps leaves at most an index member without
-            # an entry, which every lookup drops.
+            # a session, which every lookup drops.
             await self._index(info, identity)
+
+    async def _write_beside_session(self, info: SessionInfo, ttl: float) -> bool:
+        """Only while the session lives: never recreates a revoked session's entry, and
+        restores one that was lost (evicted) while its session went on."""
+        return await self._backend.set_beside(
+            self._keys.meta(info.storage_id), info.to_bytes(), ttl,
+            anchor=self._keys.session(info.storage_id))
 
     async def _index(self, info: SessionInfo, identity: Identity) -> None:
         await self._backend.index_add(self._keys.by_sub(identity.sub), info.storage_id,
@@ -83,15 +90,26 @@ class Registry:
         return SessionInfo.from_bytes(raw) if raw else None
 
     async def touch(self, info: SessionInfo, ttl: float) -> None:
-        """Keep the entry as long as its session, with the new last-seen time (only while it
-        exists: a revoked session's entry is not recreated)."""
-        await self._backend.replace(self._keys.meta(info.storage_id), info.to_bytes(), ttl)
+        """Keep the entry as long as its session, with the new last-seen time."""
+        await self._write_beside_session(info, ttl)
 
-    async def _live(self, index: str) -> list[SessionInfo]:
-        members = await self._backend.index_members(index)
-        infos = {m: await self.get(m) for m in members}
-        await self._backend.index_remove(index, [m for m, i in infos.items() if i is None])
-        return sorted((i for i in infos.values() if i is not None), key=lambda i: i.created_at)
+    async def _live(self, index: str, sub: str = "") -> list[SessionInfo]:
+        """The sessions an index names that still live. A member whose session ended is
+        dropped; one whose entry alone was lost (evicted) stays, as a bare entry, so it can
+        still be revoked."""
+        infos: list[SessionInfo] = []
+        ended = []
+        for member in await self._backend.index_members(index):
+            info = await self.get(member)
+            if info is None:
+                value, _ = await self._backend.get(self._keys.session(member))
+                if value is None:
+                    ended.append(member)
+                    continue
+                info = SessionInfo(member, sub, None, None, 0.0, 0.0, 0.0, "-", "-")
+            infos.append(info)
+        await self._backend.index_remove(index, ended)
+        return sorted(infos, key=lambda i: i.created_at)
 
     async def by_user(self, sub_or_email: str) -> list[SessionInfo]:
         """Sessions of a user named by sub or (case-insensitively) by email."""
@@ -100,7 +118,7 @@ class Registry:
         return sorted(unique.values(), key=lambda i: i.created_at)
 
     async def by_sub(self, sub: str) -> list[SessionInfo]:
-        return await self._live(self._keys.by_sub(sub))
+        return await self._live(self._keys.by_sub(sub), sub)
 
     async def by_sid(self, sid: str) -> list[SessionInfo]:
         return await self._live(self._keys.by_sid(sid))
