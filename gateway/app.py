@@ -92,6 +92,7 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     app.router.add_get("/oauth2/callback", login.callback)
     app.router.add_route("GET", "/oauth2/sign_out", logout.sign_out)
     app.router.add_route("POST", "/oauth2/sign_out", logout.sign_out)
+    app.router.add_get(logout.SIGNED_OUT, logout.signed_out)
     app.router.add_post("/oauth2/backchannel_logout", logout.backchannel_logout)
     app.router.add_get("/oauth2/frontchannel_logout", logout.frontchannel_logout)
     app.router.add_get("/oauth2/userinfo", endpoints.userinfo)

@@ -49,7 +49,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         case policy.Deny(reason=reason):
             assert identity is not None
             request[USER_SUB] = identity.sub
-            raise ForbiddenError(f"route {route.name}: {reason}")
+            raise ForbiddenError(
+                f"route {route.name}: {reason}",
+                signed_in_as=identity.preferred_username or identity.email or identity.sub,
+                sign_out_by_post="POST" in rt.config.session.sign_out_methods)
         case _:
             assert_never(decision)
 

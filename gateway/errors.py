@@ -87,6 +87,14 @@ class ForbiddenError(GatewayError):
     public_message = "Your account is not allowed to access this resource."
     event = "access_denied"
 
+    def __init__(self, detail: str | None = None, *, signed_in_as: str | None = None,
+                 sign_out_by_post: bool = True) -> None:
+        """`signed_in_as`: the user's name, so the page can say who was refused and offer a
+        sign-out (to try another account)."""
+        super().__init__(detail)
+        self.signed_in_as = signed_in_as
+        self.sign_out_by_post = sign_out_by_post
+
 
 class NotFoundError(GatewayError):
     status = 404

@@ -1,9 +1,11 @@
 """Sign-out (the browser's) and back-channel logout (the IdP's).
 
 Sign-out deletes the server-side session and the cookie. With an end_session_endpoint in
-discovery, the browser then goes there (RP-Initiated Logout 1.0) with id_token_hint, client_id
-and post_logout_redirect_uri = public_url + rd (the IdP must have it registered); otherwise
-straight to rd. rd is checked like every return path.
+discovery, the browser then goes there (RP-Initiated Logout 1.0) with id_token_hint, client_id,
+post_logout_redirect_uri = public_url + /oauth2/signed_out (the one URI the IdP must have
+registered) and, when the user asked to land somewhere (rd), that path as `state`, which the
+IdP hands back; otherwise straight there. /oauth2/signed_out then redirects to the path in
+`state`, or shows a "signed out" page. rd is checked like every return path, twice.
 
 Back-channel logout (OIDC Back-Channel Logout 1.0): the IdP POSTs a signed logout token; the
 sessions it names (by sid, else every session of the sub) are deleted from the store, so every
@@ -26,12 +28,14 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.oidc import tokens
-from gateway.pages import redirect
+from gateway.pages import redirect, render
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
 
 log = logging.getLogger("gateway.logout")
+
+SIGNED_OUT = "/oauth2/signed_out"
 
 
 def _same_origin(request: web.Request, public_url: str) -> bool:
@@ -50,11 +54,12 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     # SECURITY: logout CSRF. A cross-site form must not end the user's session.
     if request.method == "POST" and not _same_origin(request, rt.config.server.public_url):
         raise ForbiddenError("sign-out POST from another origin")
-    return_to = safe_return_path(request.query.get("rd")) or "/"
+    requested = request.query.get("rd")
+    return_to = safe_return_path(requested) if requested else None
     cookie_value = request.cookies.get(rt.session_cookie)
     session = await rt.sessions.load(cookie_value)
     await rt.sessions.delete(cookie_value)
-    target = return_to
+    target = return_to or SIGNED_OUT
     if session is not None:
         request[USER_SUB] = session.identity.sub
         log.info("session_signed_out sub=%s", session.identity.sub)
@@ -63,14 +68,24 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         except (IdPError, IdPUnavailableError):
             metadata = None  # the local session is gone; the IdP session will time out itself
         if metadata is not None and metadata.end_session_endpoint:
-            target = str(URL(metadata.end_session_endpoint).update_query(
-                id_token_hint=session.tokens.id_token,
-                client_id=rt.client.client_id,
-                post_logout_redirect_uri=rt.config.server.public_url + return_to,
-            ))
+            query = {"id_token_hint": session.tokens.id_token, "client_id": rt.client.client_id,
+                     "post_logout_redirect_uri": rt.config.server.public_url + SIGNED_OUT}
+            if return_to:
+                query["state"] = return_to  # §3: the IdP passes it back to SIGNED_OUT
+            target = str(URL(metadata.end_session_endpoint).update_query(query))
     response = redirect(target)
     response.del_cookie(rt.session_cookie, path="/")
     return response
+
+
+async def signed_out(request: web.Request) -> web.StreamResponse:
+    """Where sign-out ends: the path the user asked for (the `state` the IdP handed back, or
+    rd when the IdP has no logout endpoint), else a page saying so, with a way back in."""
+    return_to = safe_return_path(request.query.get("state"))
+    if return_to is not None:
+        return redirect(return_to)
+    return render(request, 200, "Signed out", "You are signed out.", code="signed_out",
+                  as_html=True, link=("/oauth2/start", "Sign in again"))
 
 
 class LogoutTokenError(BadRequestError):

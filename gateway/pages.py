@@ -13,7 +13,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import GatewayError
+from gateway.errors import ForbiddenError, GatewayError
 
 log = logging.getLogger("gateway")
 
@@ -38,25 +38,40 @@ def wants_html(request: web.BaseRequest) -> bool:
 
 
 def render(request: web.BaseRequest, status: int, title: str, message: str, *,
-           code: str, link: tuple[str, str] | None = None,
-           as_html: bool | None = None) -> web.Response:
+           code: str, link: tuple[str, str] | None = None, as_html: bool | None = None,
+           extra_html: str = "", extra_json: dict[str, str] | None = None) -> web.Response:
+    """A short page (or JSON). `extra_html` is markup the caller built and escaped."""
     headers = {"Cache-Control": "no-store"}
     if wants_html(request) if as_html is None else as_html:
-        extra = ""
+        extra = extra_html
         if link:
-            extra = f'<p><a href="{html.escape(link[0])}">{html.escape(link[1])}</a></p>'
+            extra += f'<p><a href="{html.escape(link[0])}">{html.escape(link[1])}</a></p>'
         body = _PAGE.format(status=status, title=html.escape(title),
                             message=html.escape(message), extra=extra)
         return web.Response(status=status, text=body, content_type="text/html", headers=headers)
-    return web.json_response({"error": code, "message": message}, status=status,
-                             headers=headers)
+    return web.json_response({"error": code, "message": message, **(extra_json or {})},
+                             status=status, headers=headers)
+
+
+def _signed_in_as(exc: ForbiddenError) -> str:
+    """Who was refused, and a way to sign out and try another account."""
+    name = html.escape(exc.signed_in_as or "")
+    if exc.sign_out_by_post:  # a same-origin form: passes sign-out's CSRF check
+        action = ('<form method="post" action="/oauth2/sign_out">'
+                  '<button type="submit">Sign out</button></form>')
+    else:
+        action = '<p><a href="/oauth2/sign_out">Sign out</a></p>'
+    return f"<p>You are signed in as <strong>{name}</strong>.</p>{action}"
 
 
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     link = ("/oauth2/start", "Sign in again") if exc.status == 400 and \
         exc.event == "login_failed" else None
+    extra_html, extra_json = "", {}
+    if isinstance(exc, ForbiddenError) and exc.signed_in_as:
+        extra_html, extra_json = _signed_in_as(exc), {"signed_in_as": exc.signed_in_as}
     response = render(request, exc.status, exc.title, exc.public_message, code=exc.event,
-                      link=link)
+                      link=link, extra_html=extra_html, extra_json=extra_json)
     response.headers.update(exc.response_headers())
     return response
 

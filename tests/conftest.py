@@ -128,7 +128,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
         gw_port, idp_port = free_port(), free_port()
         gateway, idp = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{idp_port}"
         client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",),
-                            (gateway + "/", gateway + "/bye"))
+                            (gateway + "/oauth2/signed_out",))
         idp_app = create_idp_app(idp, [client], userinfo_only_claims=userinfo_only_claims,
                                  clock=clock, access_token_ttl=access_token_ttl)
         idp_app.middlewares.extend(idp_middlewares)  # tests make the IdP misbehave with these

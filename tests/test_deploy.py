@@ -61,6 +61,6 @@ def test_every_dependency_and_test_extra_is_pinned_within_its_range() -> None:
 def test_every_install_path_uses_the_pinned_set() -> None:
     readme = (ROOT / "README.md").read_text()
     first_command = readme.split("```sh\n", 1)[1].split("\n", 1)[0]
-    assert first_command == "pip install -c constraints.txt -e . && gateway demo"
+    assert "pip install -c constraints.txt -e . && gateway demo" in first_command
     assert "-c constraints.txt" in (ROOT / ".ci/run").read_text()
     assert "-c constraints.txt" in (ROOT / "deploy/Dockerfile").read_text()

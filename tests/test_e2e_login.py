@@ -215,6 +215,34 @@ async def test_user_outside_allowed_group_gets_403_page(
         text = await resp.text()
         assert "Access denied" in text
         assert "admins" not in text  # the page names no rule
+        # who was refused, and a way to try another account
+        assert "You are signed in as <strong>bob</strong>." in text
+        assert '<form method="post" action="/oauth2/sign_out">' in text
+    async with browser.get(stack.gateway + "/admin/x", headers={"Accept": "application/json"},
+                           allow_redirects=False) as resp:
+        assert (await resp.json())["signed_in_as"] == "bob"
+    async with browser.post(stack.gateway + "/oauth2/sign_out", allow_redirects=False,
+                            headers={"Origin": stack.gateway}) as resp:
+        assert resp.status == 302  # the page's form signs out
+
+
+async def test_sign_out_without_rd_ends_on_the_gateways_signed_out_page(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """It used to end on / and so straight on the IdP's login form."""
+    await login(browser, stack.gateway, "/echo")
+    async with browser.get(stack.gateway + "/oauth2/sign_out", allow_redirects=False) as resp:
+        end_session = URL(resp.headers["Location"])
+    assert "state" not in end_session.query
+    async with browser.get(end_session, allow_redirects=False) as resp:
+        landed = resp.headers["Location"]
+    assert landed == stack.gateway + "/oauth2/signed_out"
+    async with browser.get(landed, allow_redirects=False) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    assert "You are signed out." in page and 'href="/oauth2/start"' in page
+    async with browser.get(stack.gateway + "/oauth2/signed_out?state=//evil.example",
+                           allow_redirects=False) as resp:
+        assert resp.status == 200  # a hostile state is just the page, never a redirect
 
 
 async def test_dot_segments_cannot_reach_admin_under_public_policy(
@@ -264,9 +292,18 @@ async def test_sign_out_deletes_the_session_and_goes_through_the_idp_logout(
         assert resp.status == 302
         target = URL(resp.headers["Location"])
     assert str(target.origin()) == stack.idp
-    assert target.query["post_logout_redirect_uri"] == stack.gateway + "/bye"
+    # one registered URI; where the user wants to land travels as state and comes back
+    assert target.query["post_logout_redirect_uri"] == stack.gateway + "/oauth2/signed_out"
+    assert target.query["state"] == "/bye"
     assert target.query["client_id"] == "gateway-test"
     assert "id_token_hint" in target.query
+    async with browser.get(target, allow_redirects=False) as resp:  # the IdP's logout
+        assert resp.status == 302
+        back = URL(resp.headers["Location"])
+    assert (str(back.with_query(None)), back.query["state"]) == (
+        stack.gateway + "/oauth2/signed_out", "/bye")
+    async with browser.get(back, allow_redirects=False) as resp:
+        assert resp.headers["Location"] == "/bye"
     async with aiohttp.ClientSession() as attacker:  # the old cookie is dead on the server
         async with attacker.get(stack.gateway + "/echo", cookies={"gateway_session": stolen},
                                 headers={"Accept": "application/json"}) as resp:

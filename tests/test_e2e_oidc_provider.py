@@ -47,7 +47,7 @@ async def node_gateway(*, store: str = "memory://", scopes: Sequence[str] = SCOP
     gateway = f"http://127.0.0.1:{port}"
     async with start_node_op(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                              redirect_uris=[gateway + "/oauth2/callback"],
-                             post_logout_redirect_uris=[gateway + "/"],
+                             post_logout_redirect_uris=[gateway + "/oauth2/signed_out"],
                              backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
                              **op_options) as issuer:
         upstream_runner, upstream = await serve(create_upstream_app())
@@ -118,10 +118,13 @@ async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(
                            allow_redirects=False) as resp:
         assert resp.status == 302
         end_session = resp.headers["Location"]
-    assert URL(end_session).query["post_logout_redirect_uri"] == node_stack.gateway + "/"
+    signed_out = node_stack.gateway + "/oauth2/signed_out"
+    assert URL(end_session).query["post_logout_redirect_uri"] == signed_out
     # The OP asks for confirmation, then sends the browser to the registered URI.
     landed = await follow_op(browser, end_session, node_stack.issuer, {"logout": "yes"})
-    assert landed == node_stack.gateway + "/"
+    assert landed == signed_out
+    async with browser.get(landed) as resp:
+        assert resp.status == 200 and "You are signed out." in await resp.text()
     async with browser.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
         assert resp.status == 302  # no session: back into a login
         authorize = resp.headers["Location"]
@@ -144,7 +147,8 @@ async def test_logout_at_oidc_provider_ends_only_that_browsers_session_by_back_c
         # The user signs out at the OP itself (another app's sign-out button, say): the OP
         # tells the gateway by a signed logout token, not through the browser.
         end_session = URL(discovery["end_session_endpoint"]).with_query(
-            client_id=CLIENT_ID, post_logout_redirect_uri=node_stack.gateway + "/")
+            client_id=CLIENT_ID,
+            post_logout_redirect_uri=node_stack.gateway + "/oauth2/signed_out")
         await follow_op(browser, str(end_session), node_stack.issuer, {"logout": "yes"})
         async with browser.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
             assert resp.status == 302  # this browser's session is gone
@@ -180,7 +184,8 @@ async def test_back_channel_logout_by_sub_ends_every_session_of_that_user_only(
             for browser, user in zip(browsers, ("alice", "alice", "bob"), strict=True):
                 await sign_in(browser, stack, "/echo", user)
             end_session = URL(stack.issuer + "/session/end").with_query(
-                client_id=CLIENT_ID, post_logout_redirect_uri=stack.gateway + "/")
+                client_id=CLIENT_ID,
+                post_logout_redirect_uri=stack.gateway + "/oauth2/signed_out")
             await follow_op(browsers[0], str(end_session), stack.issuer, {"logout": "yes"})
             statuses = []
             for browser in browsers:

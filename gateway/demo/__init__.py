@@ -67,7 +67,7 @@ async def _serve(port: int) -> None:
     secret = secrets.token_urlsafe(32)
     config = demo_config(port, idp_url, upstream_url, secret)
     client = DemoClient("gateway-demo", secret, (config.redirect_uri,),
-                        (config.server.public_url + "/",))
+                        (config.server.public_url + "/oauth2/signed_out",))
     runners = [await _start(create_idp_app(idp_url, [client]), idp_sock),
                await _start(create_upstream_app(), upstream_sock)]
     runners.append(await _start(build_app(config), gateway_sock, GatewayRunner))
