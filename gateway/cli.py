@@ -33,27 +33,45 @@ def _parser() -> argparse.ArgumentParser:
                       help="the gateway's port on 127.0.0.1 (default 4180); the demo IdP and "
                            "sample app take two free 127.0.0.1 ports, printed at start")
     sessions = commands.add_parser("sessions", help="list or revoke sessions in the store")
-    sessions.add_argument("action", choices=("list", "revoke"))
-    sessions.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
-    sessions.add_argument("--user", help="a user's sub or email")
-    sessions.add_argument("--all", action="store_true", help="with revoke: every session")
+    actions = sessions.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="list sessions (never a token)")
+    revoking = actions.add_parser("revoke", help="end sessions at once, on every replica")
+    for sub in (listing, revoking):
+        sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    listing.add_argument("--user", help="only this user's (sub or email)")
+    listing.add_argument("--session", help="only this session (its id, or a prefix of it)")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    which = revoking.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="every session of this user (sub or email)")
+    which.add_argument("--session", help="one session (its id, or a prefix of it)")
+    which.add_argument("--all", action="store_true", help="every session")
     return parser
 
 
-def _load(path: str | None) -> config_module.Config:
+def _load(path: str | None, *, secret_needed: bool = True) -> config_module.Config:
     path = path or os.environ.get("GATEWAY_CONFIG")
     if not path:
         raise ConfigError("--config", "no config file given (or set GATEWAY_CONFIG)")
-    return config_module.load(path, os.environ)
+    return config_module.load(path, os.environ, secret_needed=secret_needed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, and usage errors (2)
+        return int(exc.code or 0)
     if args.command == "demo":
         from gateway.demo import run_demo
 
         return run_demo(port=args.port)
     try:
+        if args.command == "sessions":  # ops run these without the client secret
+            config = _load(args.config, secret_needed=False)
+            print(asyncio.run(admin.run(config, args.action, user=args.user,
+                                        session=args.session, every=getattr(args, "all", False),
+                                        as_json=getattr(args, "json", False))))
+            return 0
         config = _load(args.config)
         config.oidc.secret()  # a missing secret file is a config error, found before serving
         if args.command == "check-config":
@@ -61,12 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"warning: {note}", file=sys.stderr)
             print(f"config OK: {len(config.routes)} route(s)")
             return 0
-        if args.command == "sessions":
-            print(asyncio.run(admin.run(config, args.action, args.user, args.all)))
-            return 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
+    except admin.UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"config error: oidc.client_secret_file: {exc.strerror}", file=sys.stderr)
         return 1

@@ -447,11 +447,27 @@ def _key_of(loc: tuple[int | str, ...], raw: Mapping[str, object]) -> str:
     return ".".join(parts)
 
 
-def parse(raw: object, environ: Mapping[str, str]) -> Config:
+_SECRET_NOT_NEEDED = "not-needed-by-this-command"  # noqa: S105  (a stand-in, not a secret)
+
+
+def _without_secret(raw: Mapping[str, object], environ: Mapping[str, str]) -> Mapping[str, str]:
+    """The environment with a stand-in for the client secret's variable, for commands that
+    never talk to the IdP (the sessions admin commands): ops can run them without it."""
+    oidc = raw.get("oidc")
+    secret = oidc.get("client_secret") if isinstance(oidc, dict) else None
+    match = _ENV_REF.fullmatch(secret.strip()) if isinstance(secret, str) else None
+    if match and not environ.get(match.group(1)):
+        return {**environ, match.group(1): _SECRET_NOT_NEEDED}
+    return environ
+
+
+def parse(raw: object, environ: Mapping[str, str], *, secret_needed: bool = True) -> Config:
     """Validate an already-parsed YAML document."""
     if not isinstance(raw, dict):
         raise ConfigError("", "the configuration must be a YAML mapping")
     _check_secret_source(raw)
+    if not secret_needed:
+        environ = _without_secret(raw, environ)
     expanded = _expand(raw, environ, "")
     assert isinstance(expanded, dict)
     try:
@@ -467,7 +483,7 @@ def parse(raw: object, environ: Mapping[str, str]) -> Config:
         raise ConfigError(key or "(top level)", message) from None
 
 
-def load(path: str | Path, environ: Mapping[str, str]) -> Config:
+def load(path: str | Path, environ: Mapping[str, str], *, secret_needed: bool = True) -> Config:
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -478,4 +494,4 @@ def load(path: str | Path, environ: Mapping[str, str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError("", f"{path} is not valid YAML{where}") from None
-    return parse(raw, environ)
+    return parse(raw, environ, secret_needed=secret_needed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import signal
 import socket
 import sys
@@ -101,9 +102,7 @@ def test_check_config_refuses_an_empty_secret(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["--version"])
-    assert exited.value.code == 0
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"gateway {__version__}"
 
 
@@ -198,8 +197,9 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
         assert "alice@example.com" in out and "192.0.2.1" in out and "Firefox/1" in out
         assert "bob" not in out and "secret" not in out
         assert out.strip().endswith("1 session(s)")
-        assert await cli(["sessions", "revoke", "--config", str(path)]) == 1
-        assert "--user: name a user" in capsys.readouterr().err
+        assert await cli(["sessions", "revoke", "--config", str(path)]) == 2  # usage error
+        err = capsys.readouterr().err
+        assert "usage: gateway sessions revoke" in err and "config error" not in err
         assert await cli(["sessions", "revoke", "--config", str(path),
                           "--user", "alice@example.com"]) == 0
         assert "revoked 1 session(s)" in capsys.readouterr().out
@@ -209,6 +209,68 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
         assert await store.load(bob.value) is None
     finally:
         await backend.aclose()
+
+
+async def test_sessions_list_shows_ids_idle_expiry_and_json_and_revokes_one_by_id(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ops list and revoke without the client secret: they never talk to the IdP."""
+    from gateway import config as config_module
+    from gateway.identity import Identity
+    from gateway.sessions.backends import open_backend
+    from gateway.sessions.model import TokenSet
+    from gateway.sessions.registry import Client
+    from gateway.sessions.store import SessionStore
+
+    monkeypatch.delenv("GW_TEST_SECRET", raising=False)
+    path = redis_config(tmp_path, redis_url)
+    config = config_module.load(path, {"GW_TEST_SECRET": "s" * 32})
+    backend = open_backend(config.session, clock=time.time)
+    await backend.delete(*await backend.keys("gateway:"))
+    store = SessionStore(backend, config.store_keys, idle_timeout=600, max_lifetime=3600,
+                         clock=time.time)
+    tokens = TokenSet("secret-access-token", "secret-id-token")
+    first = await store.create(Identity("carol", "carol@example.com", True), tokens,
+                               Client("198.51.100.4", "curl/8"))
+    second = await store.create(Identity("carol", "carol@example.com", True), tokens)
+    cli = functools.partial(asyncio.get_running_loop().run_in_executor, None, main)
+    try:
+        assert await cli(["sessions", "list", "--config", str(path)]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split()[:5] == ["session", "created", "last", "seen", "idle"]
+        assert first.storage_id[:12] in "\n".join(table) and "198.51.100.4" in table[1] + table[2]
+        assert await cli(["sessions", "list", "--json", "--config", str(path)]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert {entry["session"] for entry in listed} == {first.storage_id, second.storage_id}
+        entry = next(e for e in listed if e["session"] == first.storage_id)
+        assert entry["client_ip"] == "198.51.100.4" and entry["user"] == "carol"
+        assert entry["idle_until"] < entry["expires"]  # 600 s idle, 3600 s at most
+        assert "secret" not in json.dumps(listed)
+        assert await cli(["sessions", "revoke", "--session", first.storage_id[:10],
+                          "--config", str(path)]) == 0
+        assert "revoked 1 session(s)" in capsys.readouterr().out
+        assert await store.load(first.value) is None
+        assert await store.load(second.value) is not None
+        for bad in ("", "abc", "not-hex!"):  # never 'every session' by accident
+            assert await cli(["sessions", "revoke", "--session", bad, "--config", str(path)]) == 2
+        assert await store.load(second.value) is not None
+    finally:
+        await backend.aclose()
+
+
+def test_a_session_prefix_that_names_several_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio as aio
+
+    from gateway import admin
+    from gateway.sessions.registry import SessionInfo
+
+    class Two:
+        async def all(self) -> list[SessionInfo]:
+            return [SessionInfo(f"abcdef{i}", "u", None, None, 0, 0, 0, "-", "-") for i in (1, 2)]
+
+    with pytest.raises(admin.UsageError, match="names 2 sessions"):
+        aio.run(admin._select(Two(), None, "abcdef"))  # type: ignore[arg-type]
 
 
 def test_sessions_commands_refuse_the_memory_store(tmp_path: Path,

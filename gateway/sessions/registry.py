@@ -89,6 +89,11 @@ class Registry:
         raw, _ = await self._backend.get(self._keys.meta(storage_id))
         return SessionInfo.from_bytes(raw) if raw else None
 
+    async def idle_ttl(self, storage_id: str) -> float | None:
+        """Seconds until the session ends if unused (its record's TTL); None if gone."""
+        value, ttl = await self._backend.get(self._keys.session(storage_id))
+        return ttl if value is not None else None
+
     async def touch(self, info: SessionInfo, ttl: float) -> None:
         """Keep the entry as long as its session, with the new last-seen time."""
         await self._write_beside_session(info, ttl)
