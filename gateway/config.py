@@ -58,6 +58,9 @@ class ServerConfig(_Model):
     public_url: str
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: Duration = 10.0
+    # After SIGTERM, keep serving this long (readyz says "draining") before the listener
+    # closes: Kubernetes removes a pod from its endpoints only after it signals it.
+    shutdown_delay: NonNegativeDuration = 0.0
     max_header_size: Size = 16 * 1024
     login_starts_per_minute: int = Field(default=120, ge=0)
     # Sign-ins started per minute through one trusted proxy address, all its clients together:

@@ -31,19 +31,28 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Ready when the store answers and the IdP metadata is loaded (retried here if not)."""
+    """Should this replica get traffic? Yes once the IdP metadata is loaded (retried here if
+    not), until a drain begins (server.shutdown_delay).
+
+    The store is not counted: when Redis blips, every replica sees it at once, and taking
+    them all out of the load balancer would turn the 503 pages of protected routes into
+    connection errors and take the public routes down too. `?full` counts it as well (for
+    monitoring, or for fronts that should stop sending requests while it is down)."""
     rt = runtime_from(request)
+    if rt.draining.is_set():
+        return web.json_response({"status": "draining"}, status=503, headers=_NO_STORE)
     checks: dict[str, str] = {}
-    try:
-        await rt.sessions.ping()
-        checks["store"] = "ok"
-    except GatewayError as exc:
-        checks["store"] = exc.public_message
     try:
         await rt.provider.metadata()
         checks["idp"] = "ok"
     except GatewayError as exc:
         checks["idp"] = exc.public_message
+    if "full" in request.query:
+        try:
+            await rt.sessions.ping()
+            checks["store"] = "ok"
+        except GatewayError as exc:
+            checks["store"] = exc.public_message
     ready = all(value == "ok" for value in checks.values())
     return web.json_response({"status": "ready" if ready else "not ready", **checks},
                              status=200 if ready else 503, headers=_NO_STORE)

@@ -6,6 +6,7 @@ through `runtime_from(request)`. Nothing here is module-level mutable state.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,8 +37,11 @@ class Runtime:
     stripped_headers: Stripped  # client request headers that never reach an upstream
     # Open client websockets, so shutdown can close them with 1001.
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
-    # Warnings this process has logged once already (log_once).
+    # Warnings this process has logged once already (first_time).
     warned: set[str] = field(default_factory=set)
+    # Set when SIGTERM starts the shutdown delay: readyz says "draining" while requests are
+    # still served, so the load balancer stops sending new ones before the listener closes.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     def first_time(self, warning: str) -> bool:
         """True the first time `warning` is asked about in this process."""

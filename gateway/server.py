@@ -14,6 +14,7 @@ arrives in pieces or a pipelined request line; the status is still 414 or 431, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from aiohttp.web_protocol import RequestHandler
 from gateway import pages
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URITooLongError
+from gateway.runtime import RUNTIME
 
 log = logging.getLogger("gateway")
 
@@ -105,6 +107,19 @@ class GatewayRunner(web.AppRunner):
                        loop=asyncio.get_running_loop(), **kwargs)
 
 
+async def _delay_shutdown(app: web.Application, delay: float, stop: asyncio.Event) -> None:
+    """Keep serving for `delay` after the first signal, saying "draining" on readyz, so the
+    load balancer stops sending requests before the listener closes; a second signal ends
+    the wait at once."""
+    if delay <= 0:
+        return
+    app[RUNTIME].draining.set()
+    log.info("gateway_draining delay=%s", delay)
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
 async def serve(app: web.Application, config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, close idle connections and
     WebSockets (1001), let in-flight requests finish for up to server.shutdown_timeout."""
@@ -123,6 +138,7 @@ async def serve(app: web.Application, config: Config) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await _delay_shutdown(app, config.server.shutdown_delay, stop)
         log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)
     finally:
         await runner.cleanup()

@@ -281,6 +281,28 @@ def test_sessions_commands_refuse_the_memory_store(tmp_path: Path,
     assert "need a Redis store" in capsys.readouterr().err
 
 
+async def test_shutdown_delay_keeps_serving_while_readyz_says_draining(tmp_path: Path) -> None:
+    """Kubernetes removes a pod from its endpoints only after SIGTERM: requests that arrive
+    meanwhile must still be served, not refused."""
+    path = write_config(tmp_path, shutdown_delay="1500ms")
+    port = yaml.safe_load(path.read_text())["server"]["listen"].rsplit(":", 1)[1]
+    proc = await start_gateway(path, port)
+    base = f"http://127.0.0.1:{port}/oauth2"
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as http:  # new connections, during the delay
+        async with http.get(base + "/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(base + "/readyz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"status": "draining"}
+    assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+    assert time.monotonic() - started >= 1.4
+    _, err = await proc.communicate()
+    assert b"gateway_draining" in err
+
+
 async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     """Graceful shutdown: a response being streamed when SIGTERM arrives is completed."""
     upstream_runner, upstream = await serve(create_upstream_app())

@@ -4,34 +4,92 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as canonical_name
+from yarl import URL
 
+from gateway import __version__
 from gateway import config as config_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def k8s_docs() -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((ROOT / "deploy/kubernetes/gateway-sidecar.yaml").read_text()))
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
 def test_kubernetes_example_config_is_a_valid_gateway_config() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "deploy/kubernetes/gateway-sidecar.yaml").read_text()))
-    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
-    secret = next(d for d in docs if d["kind"] == "Secret")
+    docs = k8s_docs()
+    config_map = named(docs, "ConfigMap", "gateway-config")
+    secret = named(docs, "Secret", "gateway-secrets")
     config = config_module.parse(yaml.safe_load(config_map["data"]["config.yaml"]),
                                  dict(secret["stringData"]))
     assert config.session.store.startswith("redis://")
     assert config.cookie_secure is True
+    assert config.server.shutdown_delay > 0
+    app = named(docs, "Deployment", "legacy-app")["spec"]["template"]["spec"]
+    grace = config.server.shutdown_delay + config.server.shutdown_timeout
+    assert app["terminationGracePeriodSeconds"] > grace
 
 
-def test_kubernetes_example_exposes_only_the_gateway_port() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "deploy/kubernetes/gateway-sidecar.yaml").read_text()))
-    app = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "redis")
-    containers = {c["name"]: c for c in app["spec"]["template"]["spec"]["containers"]}
-    assert containers["app"]["ports"] == []
-    assert containers["gateway"]["securityContext"]["runAsNonRoot"] is True
-    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] != "redis")
+def test_kubernetes_example_runs_the_gateway_as_a_native_sidecar_exposing_only_it() -> None:
+    docs = k8s_docs()
+    pod = named(docs, "Deployment", "legacy-app")["spec"]["template"]["spec"]
+    [gateway] = pod["initContainers"]
+    assert gateway["name"] == "gateway" and gateway["restartPolicy"] == "Always"
+    assert gateway["securityContext"]["runAsNonRoot"] is True
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/oauth2/readyz"
+    assert [c["name"] for c in pod["containers"]] == ["app"]
+    assert pod["containers"][0]["ports"] == []
+    service = named(docs, "Service", "legacy-app")
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_kubernetes_example_pins_images_and_keeps_secrets_off_command_lines() -> None:
+    docs = k8s_docs()
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            name, _, tag = container["image"].rpartition(":")
+            assert name and tag and tag != "latest", container["image"]
+            words = " ".join([*container.get("args", []), *container.get("command", [])])
+            assert "pass" not in words.lower() and "$(" not in words, words
+    assert named(docs, "Deployment", "legacy-app")["spec"]["template"]["spec"][
+        "initContainers"][0]["image"] == f"gateway:{__version__}"
+
+
+def test_kubernetes_example_lets_only_the_gateways_reach_redis() -> None:
+    policy = named(k8s_docs(), "NetworkPolicy", "redis-from-gateways-only")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app": "redis"}
+    [rule] = policy["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app": "legacy-app"}}}]
+
+
+def test_compose_runs_its_own_config_listening_beyond_loopback_on_its_redis() -> None:
+    """It used to mount config.example.yaml, which listens on 127.0.0.1 with memory://."""
+    compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
+    gateway = compose["services"]["gateway"]
+    [mount] = gateway["volumes"]
+    source, target, _ = mount.split(":")
+    assert target == "/etc/gateway/config.yaml"
+    env = {name: "x" * 32 if "SECRET" in name else "https://idp.example.com"
+           for name in gateway["environment"]}
+    config = config_module.load(ROOT / "deploy" / source, env)
+    assert config.server.host == "0.0.0.0"  # noqa: S104  (inside the container)
+    assert URL(config.session.store).host in compose["services"]  # its own Redis service
+    assert config.routes[0].upstream.removeprefix("http://").split(":")[0] in compose["services"]
+    for service in compose["services"].values():
+        assert service["image"].rpartition(":")[2] not in ("", "latest"), service["image"]
+    assert gateway["ports"] == ["127.0.0.1:4180:4180"]
 
 
 def test_dockerfile_runs_gateway_as_non_root() -> None:

@@ -369,9 +369,11 @@ async def test_store_down_fails_closed_with_503_but_public_routes_work(
                            cookies={"gateway_session": "a" * 43 + "." + "b" * 43}) as resp:
         assert resp.status == 503
         assert "Traceback" not in await resp.text()
-    async with browser.get(stack.gateway + "/oauth2/readyz") as resp:
+    async with browser.get(stack.gateway + "/oauth2/readyz?full") as resp:
         assert resp.status == 503
         assert (await resp.json())["idp"] == "ok"
+    async with browser.get(stack.gateway + "/oauth2/readyz") as resp:
+        assert resp.status == 200  # not out of the balancer: public routes still work
     async with browser.get(stack.gateway + "/public/echo") as resp:
         assert resp.status == 200
 
@@ -382,7 +384,10 @@ async def test_health_and_ready_endpoints(stack: Stack) -> None:
             assert resp.status == 200
         async with http.get(stack.gateway + "/oauth2/readyz") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"status": "ready", "store": "ok", "idp": "ok"}
+            assert await resp.json() == {"status": "ready", "idp": "ok"}
+        async with http.get(stack.gateway + "/oauth2/readyz?full") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"status": "ready", "idp": "ok", "store": "ok"}
 
 
 async def test_tokens_codes_and_cookies_never_reach_the_logs(

@@ -87,7 +87,7 @@ async def test_login_through_a_gateway_on_the_deployment(
     stack = await make_stack(session=session_section(deployment))
     resp = await login(browser, stack.gateway, "/echo?deployment=1")
     assert resp.status == 200
-    async with browser.get(stack.gateway + "/oauth2/readyz") as ready:
+    async with browser.get(stack.gateway + "/oauth2/readyz?full") as ready:
         assert (await ready.json())["store"] == "ok"
 
 
