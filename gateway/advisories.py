@@ -6,7 +6,8 @@ and what will happen at run time, so an operator finds out before the first user
 
 from __future__ import annotations
 
-from gateway.config import Config, RouteConfig
+from gateway.config import Config
+from gateway.config_routes import RouteConfig
 
 _SHORT_SECRET = 16
 

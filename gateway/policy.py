@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import AllowRules
+from gateway.config_routes import AllowRules
 from gateway.identity import Identity, email_address
 from gateway.routing import Route
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, unquote_to_bytes
 
-from gateway.config import AllowRules, RouteConfig
+from gateway.config_routes import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.identity import ascii_lower
 

@@ -20,7 +20,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.config import RouteConfig, UpstreamTLSConfig
+from gateway.config_routes import RouteConfig, UpstreamTLSConfig
 
 log = logging.getLogger("gateway.upstreams")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import AllowRules, RouteConfig
+from gateway.config_routes import AllowRules, RouteConfig
 from gateway.identity import Identity
 from gateway.policy import Allow, Challenge, Deny, decide
 from gateway.routing import Route

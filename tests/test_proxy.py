@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from gateway.config import RouteConfig
+from gateway.config_routes import RouteConfig
 from gateway.errors import BadRequestError
 from gateway.proxy import upstream_url
 from gateway.routing import Route, Target, parse_target

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import AllowRules, RouteConfig
+from gateway.config_routes import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.routing import Route, RouteTable, Target, canonical_path, parse_target
 

@@ -1,0 +1,141 @@
+"""Configuration models for routes (`routes[]` in the YAML) and what they share with the rest
+of config.py: the frozen model base and the URL check. Split from config.py to keep each module
+to one screenful of concerns; config.py re-exports these names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
+
+from gateway.identity import email_address, email_domain
+from gateway.units import Duration, Size
+
+_PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
+_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def http_url(value: str, *, require_path_free: bool = False) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if require_path_free and (url.query_string or url.fragment):
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    return value
+
+
+class FrozenModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AllowRules(FrozenModel):
+    emails: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    @field_validator("emails")
+    @classmethod
+    def _parse_emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Parsed like the users' addresses (identity.email_address), so they compare."""
+        parsed = []
+        for entry in value:
+            address = email_address(entry.strip())
+            if address is None:
+                raise ValueError(f"{entry!r} is not an email address (local@domain)")
+            parsed.append(address)
+        return tuple(parsed)
+
+    @field_validator("email_domains")
+    @classmethod
+    def _parse_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parsed = []
+        for entry in value:
+            domain = email_domain(entry.strip().removeprefix("@"))
+            if domain is None:
+                raise ValueError(f"{entry!r} is not a domain name")
+            parsed.append(domain)
+        return tuple(parsed)
+
+
+class UpstreamTLSConfig(FrozenModel):
+    """TLS to an https:// upstream: a private CA, or (loudly) no verification at all."""
+
+    ca_file: Path | None = None
+    verify: bool = True
+
+
+class RouteConfig(FrozenModel):
+    name: str = Field(min_length=1)
+    host: str | None = None
+    path_prefix: str = "/"
+    upstream: str
+    auth: Literal["required", "public"] = "required"
+    allow: AllowRules | None = None
+    strip_prefix: bool = False
+    preserve_host: bool = False
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 60.0
+    total_timeout: Duration | None = None
+    rewrite_redirects: bool = True
+    max_body_size: Size | None = None
+    retries: int = Field(default=1, ge=0, le=5)
+    upstream_tls: UpstreamTLSConfig | None = None
+    pass_access_token: bool = False
+    pass_authorization_header: bool = False
+    case_insensitive: bool = False
+    early_hints: bool = False
+    # A public route inside a route with allow rules is a hole in it; check-config and
+    # `gateway run` warn about one unless it is marked as intended.
+    allow_nested_public: bool = False
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower().rstrip(".")
+        labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"{value!r} is not a host name or *.domain wildcard")
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        # Requests are matched in canonical form (routing.py), so a prefix must be in it too.
+        segments = value.rstrip("/").split("/")[1:]
+        if not _PREFIX.fullmatch(value) or any(seg in ("", ".", "..") for seg in segments):
+            raise ValueError(f"{value!r} must be a plain ASCII path like /app: no '//', dot "
+                             "segments, ';', '%', '?', '#', '\\' or spaces")
+        if value.startswith("/oauth2") and value[7:8] in ("", "/"):
+            raise ValueError("/oauth2 is reserved for the gateway's own endpoints")
+        return value.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").startswith("/"):
+                raise ValueError(f"{value!r}: a Unix socket upstream is unix:/absolute/path")
+            return value
+        return http_url(value, require_path_free=True).rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> RouteConfig:
+        if self.upstream_tls is not None and not self.upstream.startswith("https://"):
+            raise ValueError("upstream_tls needs an https:// upstream")
+        return self
+
+    @model_validator(mode="after")
+    def _allow_needs_auth(self) -> RouteConfig:
+        if self.auth == "public" and self.allow is not None:
+            raise ValueError("allow rules need auth: required")
+        if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header):
+            raise ValueError("passing the access token needs auth: required")
+        if self.auth != "public" and self.allow_nested_public:
+            raise ValueError("allow_nested_public is for auth: public routes")
+        return self
