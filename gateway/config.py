@@ -191,6 +191,8 @@ class SessionConfig(FrozenModel):
     redis_tls: RedisTLSConfig = RedisTLSConfig()
     refresh_margin: NonNegativeDuration = 60.0
     refresh_grace: NonNegativeDuration = 0.0
+    # No session refreshes (or tries to) more often than this, whatever the IdP's tokens live.
+    refresh_min_interval: NonNegativeDuration = 10.0
     sign_out_methods: tuple[Literal["GET", "POST"], ...] = Field(
         default=("GET", "POST"), min_length=1)
     frontchannel_logout: bool = False

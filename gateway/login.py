@@ -16,7 +16,7 @@ import secrets
 
 from aiohttp import web
 
-from gateway import ratelimit
+from gateway import ratelimit, refresh
 from gateway.errors import BadRequestError, LoginError
 from gateway.headers import client_address, client_and_reporter
 from gateway.identity import Identity, wanted_claims
@@ -97,6 +97,7 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
         raise LoginError(f"ID token refused: {exc}") from exc
     claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, token_set.access_token,
                                       claims, wanted=wanted_claims(rt.config.oidc.groups_claim))
+    refresh.note_token_lifetime(rt, token_set)
     return claims, token_set
 
 

@@ -1,15 +1,17 @@
-"""Keep a session's tokens fresh: one refresh per session at a time, across every replica.
+"""Keep a session's tokens fresh: one refresh per session at a time, across every replica, and
+never more often than the IdP's token lifetimes make sensible.
 
-When the access token is within `session.refresh_margin` of expiry and a refresh token exists,
-the request that notices takes a short lock in the store (SET NX with an owner value, released
-by compare-and-delete) and refreshes; concurrent requests for the same session, on any replica,
-wait briefly for the new tokens instead of calling the IdP themselves. A lock whose holder died
-expires on its own, so a session is never wedged.
+When a refresh is due (see refresh_at) and a refresh token exists, the request that notices
+takes a short lock in the store (SET NX with an owner value, released by compare-and-delete)
+and refreshes. Concurrent requests for the same session, on any replica, go on with the old
+tokens while those are usable; only when they are not do they wait for the new ones. A lock
+whose holder died expires on its own, so a session is never wedged.
 
 Outcomes: new tokens and a current identity (a refreshed ID token is validated like the first,
 must name the same subject, and replaces the groups and claims); invalid_grant ends the session
 (the caller treats it as signed out); an IdP that is down keeps the session and uses the old
-tokens while the access token is not past `session.refresh_grace`, else the request gets 503.
+tokens while the access token is not past `session.refresh_grace`, else the request gets 503,
+and the session is not tried again in this process for `refresh_min_interval`.
 A session revoked while its refresh was in flight stays revoked (the write is conditional).
 """
 
@@ -20,22 +22,58 @@ import dataclasses
 import logging
 import secrets
 
+from gateway.config import SessionConfig
 from gateway.errors import IdPError, IdPUnavailableError
 from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
 from gateway.oidc.provider import ProviderMetadata
 from gateway.runtime import Runtime
+from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.model import Session, TokenSet
 
 log = logging.getLogger("gateway.refresh")
 
 _WAIT_STEP = 0.05  # seconds between looks at the store while another request refreshes
+LIFETIME_SHARE = 0.5  # a token is refreshed no earlier than half way through its lifetime
+_MAX_FAILURES_KEPT = 10_000  # bounds the memory of failed attempts (see _failed)
+
+
+def refresh_at(token_set: TokenSet, config: SessionConfig) -> float | None:
+    """When the tokens are due for a refresh; None if they never are (no refresh token, or
+    no expiry). Never at the start of a token's life, whatever the margin:
+    - `refresh_margin` before expiry, but no more than half the lifetime the IdP granted
+      (a 60 s token with the default 60 s margin would otherwise be due when issued);
+    - and no earlier than `refresh_min_interval` after it was issued,
+    - unless that is past expiry plus `refresh_grace`: then at that point, when the session
+      cannot go on without one."""
+    expires_at = token_set.expires_at
+    if token_set.refresh_token is None or expires_at is None:
+        return None
+    issued_at = token_set.issued_at
+    if issued_at is None:  # written by an older release: the margin alone
+        return expires_at - config.refresh_margin
+    margin = min(config.refresh_margin, max(0.0, expires_at - issued_at) * LIFETIME_SHARE)
+    due = max(expires_at - margin, issued_at + config.refresh_min_interval)
+    return min(due, expires_at + config.refresh_grace)
 
 
 def is_due(session: Session, rt: Runtime) -> bool:
-    expires_at = session.tokens.expires_at
-    return (session.tokens.refresh_token is not None and expires_at is not None
-            and rt.clock() >= expires_at - rt.config.session.refresh_margin)
+    due = refresh_at(session.tokens, rt.config.session)
+    return due is not None and rt.clock() >= due
+
+
+def note_token_lifetime(rt: Runtime, token_set: TokenSet) -> None:
+    """Say once per process when the IdP's access tokens live no longer than refresh_margin:
+    the operator should know refreshes follow the lifetime instead."""
+    if token_set.expires_at is None or token_set.issued_at is None:
+        return
+    lifetime = token_set.expires_at - token_set.issued_at
+    margin = rt.config.session.refresh_margin
+    if lifetime <= margin and rt.first_time("access_token_lifetime_short"):
+        log.warning("access_token_lifetime_short lifetime=%gs refresh_margin=%gs: sessions "
+                    "refresh half way through the token's life instead, and at most every "
+                    "%gs (session.refresh_min_interval)", lifetime, margin,
+                    rt.config.session.refresh_min_interval)
 
 
 def _usable(session: Session, rt: Runtime) -> bool:
@@ -44,12 +82,46 @@ def _usable(session: Session, rt: Runtime) -> bool:
     return expires_at is None or rt.clock() < expires_at + rt.config.session.refresh_grace
 
 
-async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
-    """The session with usable tokens; None when the IdP ended it (invalid_grant).
+def _failed_recently(rt: Runtime, cookie_value: str) -> bool:
+    at = rt.refresh_failures.get(_storage_id(cookie_value))
+    return at is not None and rt.clock() < at + rt.config.session.refresh_min_interval
 
-    Whoever holds the lock refreshes; the others watch the store for the new tokens, and take
-    the lock themselves if it is released or expires without a result (a holder that died).
+
+def _failed(rt: Runtime, cookie_value: str) -> None:
+    """Remember a failed refresh, so this process does not try that session again within
+    refresh_min_interval: an IdP in trouble gets one attempt per session per interval, not
+    one per request."""
+    failures = rt.refresh_failures
+    if len(failures) >= _MAX_FAILURES_KEPT:
+        horizon = rt.clock() - rt.config.session.refresh_min_interval
+        for key in [k for k, at in failures.items() if at < horizon]:
+            del failures[key]
+        if len(failures) >= _MAX_FAILURES_KEPT:
+            failures.clear()
+    failures[_storage_id(cookie_value)] = rt.clock()
+
+
+def _storage_id(cookie_value: str) -> str:
+    cookie = SessionCookie.parse(cookie_value)
+    assert cookie is not None, "a refresh follows a successful load()"
+    return cookie.storage_id
+
+
+class _RefreshFailed(Exception):
+    """The IdP could not refresh (down, slow, or answering badly); the cause is chained."""
+
+
+async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
+    """The session with usable tokens; None when it ended (invalid_grant, or revoked).
+
+    Whoever holds the lock refreshes. The others go on with the old tokens while those are
+    usable, else watch the store for the new ones, and take the lock themselves if it is
+    released or expires without a result (a holder that died).
     """
+    if _failed_recently(rt, cookie_value):
+        if _usable(session, rt):
+            return session
+        raise IdPUnavailableError("the last refresh failed; waiting before trying again")
     store = rt.sessions
     owner = secrets.token_bytes(16)
     lock_ttl = rt.config.oidc.timeout + 5
@@ -62,16 +134,22 @@ async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | N
                 if current is None or not is_due(current, rt):
                     return current  # another replica refreshed (or ended it) meanwhile
                 return await _refresh(rt, cookie_value, current)
+            except _RefreshFailed as failure:
+                _failed(rt, cookie_value)
+                if _usable(session, rt):
+                    return session
+                raise IdPUnavailableError("refresh failed and the access token has "
+                                          "expired") from failure.__cause__
             finally:
                 await store.release_refresh_lock(cookie_value, owner)
+        if _usable(session, rt):
+            return session  # someone else is refreshing: no need to wait for it
         if loop.time() >= deadline:
             break
         await asyncio.sleep(_WAIT_STEP)
         current = await rt.sessions.load(cookie_value)
         if current is None or current.tokens != session.tokens:
             return current
-    if _usable(session, rt):
-        return session
     raise IdPUnavailableError("a refresh by another request did not finish in time")
 
 
@@ -87,9 +165,8 @@ async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session 
         return None
     except (IdPError, IdPUnavailableError) as exc:
         log.warning("refresh_failed sub=%s detail=%s", session.identity.sub, exc.detail)
-        if _usable(session, rt):
-            return session
-        raise IdPUnavailableError("refresh failed and the access token has expired") from exc
+        raise _RefreshFailed from exc
+    note_token_lifetime(rt, new_tokens)
     refreshed = dataclasses.replace(session, identity=identity, tokens=new_tokens)
     # SECURITY: conditional on the record still being there: a sign-out or revocation that
     # landed while the token request was in flight stays in force.

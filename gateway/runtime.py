@@ -37,6 +37,8 @@ class Runtime:
     stripped_headers: Stripped  # client request headers that never reach an upstream
     # Open client websockets, so shutdown can close them with 1001.
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Sessions whose last refresh failed in this process, and when (refresh.py backs off).
+    refresh_failures: dict[str, float] = field(default_factory=dict)
     # Warnings this process has logged once already (first_time).
     warned: set[str] = field(default_factory=set)
     # Set when SIGTERM starts the shutdown delay: readyz says "draining" while requests are

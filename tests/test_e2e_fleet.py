@@ -57,8 +57,8 @@ async def fleet(redis_url: str, tmp_path: Path,
     idp = f"http://127.0.0.1:{idp_port}"
     # Behind a load balancer every replica has the same public URL; here, replica A's.
     client = DemoClient(CLIENT_ID, CLIENT_SECRET, (urls[0] + "/oauth2/callback",), (urls[0] + "/",))
-    # Access tokens live 62 s and are refreshed 60 s before expiry: due 2 s after login.
-    idp_app = create_idp_app(idp, [client], access_token_ttl=62)
+    # Access tokens live 4 s and are refreshed half way through: due 2 s after login.
+    idp_app = create_idp_app(idp, [client], access_token_ttl=4)
     idp_app.middlewares.append(token_endpoint.middleware)
     runners = [(await serve(idp_app, idp_port))[0]]
     upstream_runner, upstream = await serve(create_upstream_app())
@@ -68,7 +68,7 @@ async def fleet(redis_url: str, tmp_path: Path,
         config = {
             "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
             "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
-            "session": {"store": redis_url},
+            "session": {"store": redis_url, "refresh_min_interval": "1s"},
             "routes": [{"name": "app", "upstream": upstream}],
         }
         path = tmp_path / f"replica-{index}.yaml"

@@ -15,9 +15,12 @@ from aiohttp.typedefs import Handler
 from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, login, serve
 
 from gateway.app import build_app
+from gateway.config import SessionConfig
 from gateway.demo.idp import STATE
+from gateway.refresh import refresh_at
 from gateway.runtime import RUNTIME
 from gateway.sessions.cookies import SessionCookie
+from gateway.sessions.model import TokenSet
 
 pytestmark = pytest.mark.e2e
 
@@ -136,7 +139,10 @@ async def test_idp_down_during_refresh_keeps_the_session(
     async with browser.get(stack.gateway + "/echo") as resp:
         assert resp.status == 503
         assert "Traceback" not in await resp.text()
-    switch.failing = False  # the IdP is back: the same session refreshes and goes on
+    switch.failing = False  # the IdP is back
+    # this session was just tried: not again before refresh_min_interval (no IdP hammering)
+    assert await status_of(browser, stack.gateway + "/echo") == 503
+    clock.advance(10)  # then the same session refreshes and goes on
     assert await status_of(browser, stack.gateway + "/echo") == 200
 
 
@@ -249,3 +255,56 @@ async def test_a_session_revoked_during_its_refresh_stays_revoked(
     assert await registry.get(cookie.storage_id) is None
     for found in (await registry.by_sub("alice"), await registry.by_user("alice@example.com")):
         assert cookie.storage_id not in {i.storage_id for i in found}
+
+
+def timing(margin: float = 60, grace: float = 0, floor: float = 10) -> SessionConfig:
+    return SessionConfig(refresh_margin=f"{margin}s", refresh_grace=f"{grace}s",
+                         refresh_min_interval=f"{floor}s")
+
+
+@pytest.mark.parametrize(("lifetime", "config", "due_after"), [
+    (3600, timing(), 3540),  # long-lived: the margin before expiry
+    (60, timing(), 30),  # as long as the margin: half way, never at issue time
+    (61, timing(), 30.5),  # just above it: half way too, not every second
+    (5, timing(grace=10), 10),  # shorter than the floor: the floor, used under grace
+    (5, timing(), 5),  # ...but never past expiry plus grace
+    (120, timing(margin=0), 120),
+])
+def test_a_refresh_is_due_inside_the_tokens_life_never_at_its_start(
+        lifetime: float, config: SessionConfig, due_after: float) -> None:
+    issued = 1_000_000.0
+    token_set = TokenSet("a", "i", "r", expires_at=issued + lifetime, issued_at=issued)
+    assert refresh_at(token_set, config) == issued + due_after
+    assert refresh_at(dataclasses.replace(token_set, refresh_token=None), config) is None
+
+
+async def test_short_tokens_refresh_at_most_once_per_floor_and_the_session_keeps_working(
+        make_stack: StackFactory, clock: FakeClock, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """5-second tokens, a 10-second floor and 10 seconds of grace: one request a second for
+    40 s is served throughout, with one refresh per 10 s."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    stack = await make_stack(clock=clock, access_token_ttl=5,
+                             session={"refresh_grace": "10s", "refresh_min_interval": "10s"})
+    await login(browser, stack.gateway, "/echo")
+    before = token_requests(stack)
+    for _ in range(40):
+        clock.advance(1)
+        assert await status_of(browser, stack.gateway + "/echo") == 200
+    assert token_requests(stack) - before == 4
+    warnings = [r.getMessage() for r in caplog.records
+                if "access_token_lifetime_short" in r.getMessage()]
+    assert len(warnings) == 1 and "lifetime=5s refresh_margin=60s" in warnings[0]
+
+
+async def test_fifty_concurrent_requests_on_a_due_session_refresh_once(
+        stack: Stack, browser: aiohttp.ClientSession, clock: FakeClock,
+        switch: TokenEndpointSwitch) -> None:
+    await login(browser, stack.gateway, "/echo")
+    before = token_requests(stack)
+    switch.delay = 0.3  # every request arrives while the refresh is under way
+    clock.advance(TTL - 30)  # due, still usable: nobody waits for the refresh
+    statuses = await asyncio.gather(*(status_of(browser, stack.gateway + f"/echo/{i}")
+                                      for i in range(50)))
+    assert statuses == [200] * 50
+    assert token_requests(stack) == before + 1

@@ -122,6 +122,7 @@ async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata
         id_token=id_token,
         refresh_token=refresh if isinstance(refresh, str) else None,
         expires_at=now + expires_in if isinstance(expires_in, int | float) else None,
+        issued_at=now,
     )
 
 
