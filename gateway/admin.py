@@ -40,11 +40,19 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _shown(text: str) -> str:
+    """A value fit for a terminal: what the IdP or a browser chose may hold anything, and
+    neither a surrogate (an encoding error) nor a control sequence may reach the screen."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else "?" for c in escaped)
+
+
 def format_table(rows: Sequence[Row]) -> str:
     cells = [_COLUMNS] + [
         (r.info.storage_id[:_SHORT_ID], _when(r.info.created_at), _when(r.info.last_seen),
-         _when(r.idle_until), _when(r.info.expires_at), r.info.sub or "-", r.info.email or "-",
-         r.info.client_ip, r.info.user_agent[:40]) for r in rows]
+         _when(r.idle_until), _when(r.info.expires_at), _shown(r.info.sub or "-"),
+         _shown(r.info.email or "-"), _shown(r.info.client_ip), _shown(r.info.user_agent[:40]))
+        for r in rows]
     widths = [max(len(row[c]) for row in cells) for c in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in cells]
@@ -79,7 +87,9 @@ async def _select(registry: Registry, user: str | None, session: str | None) -> 
 
 
 async def run(config: Config, action: str, *, user: str | None = None,
-              session: str | None = None, every: bool = False, as_json: bool = False) -> str:
+              session: str | None = None, every: bool = False,
+              as_json: bool = False) -> tuple[str, int]:
+    """What to print, and how many sessions the command named."""
     if config.session.store == "memory://":
         raise ConfigError("session.store", "memory:// sessions live inside the gateway "
                                            "process; the sessions commands need a Redis store")
@@ -90,12 +100,13 @@ async def run(config: Config, action: str, *, user: str | None = None,
         registry = Registry(backend, config.store_keys, config.session.max_lifetime)
         infos = await _select(registry, user, session)
         if action == "revoke":
-            return f"revoked {await registry.revoke(infos)} session(s)"
+            revoked = await registry.revoke(infos)
+            return f"revoked {revoked} session(s)", revoked
         now = time.time()
         rows = []
         for info in infos:
             ttl = await registry.idle_ttl(info.storage_id)
             rows.append(Row(info, now + ttl if ttl is not None else None))
-        return format_json(rows) if as_json else format_table(rows)
+        return (format_json(rows) if as_json else format_table(rows)), len(rows)
     finally:
         await backend.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gateway.config import Config
 from gateway.config_routes import RouteConfig
+from gateway.routing import host_covers
 
 _SHORT_SECRET = 16
 
@@ -43,7 +44,7 @@ def _restricted_around(route: RouteConfig, routes: tuple[RouteConfig, ...]) -> R
     if route.auth != "public" or route.allow_nested_public:
         return None
     for outer in routes:
-        if outer.allow is None or outer.host not in (None, route.host):
+        if outer.allow is None or not host_covers(outer.host, route.host):
             continue
         prefix = outer.path_prefix.rstrip("/")
         inner = route.path_prefix

@@ -67,6 +67,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 await provider.metadata()
             except GatewayError as exc:
                 log.warning("discovery_failed_at_startup detail=%s (will retry)", exc.detail)
+            await app[RUNTIME].sessions.warn_if_evicting()
             yield
         finally:
             await upstreams.aclose()

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     revoking = actions.add_parser("revoke", help="end sessions at once, on every replica")
     for sub in (listing, revoking):
         sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
-    listing.add_argument("--user", help="only this user's (sub or email)")
-    listing.add_argument("--session", help="only this session (its id, or a prefix of it)")
+    only = listing.add_mutually_exclusive_group()
+    only.add_argument("--user", help="only this user's (sub or email)")
+    only.add_argument("--session", help="only this session (its id, or a prefix of it)")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     which = revoking.add_mutually_exclusive_group(required=True)
     which.add_argument("--user", help="every session of this user (sub or email)")
@@ -68,23 +69,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sessions":  # ops run these without the client secret
             config = _load(args.config, secret_needed=False)
-            print(asyncio.run(admin.run(config, args.action, user=args.user,
-                                        session=args.session, every=getattr(args, "all", False),
-                                        as_json=getattr(args, "json", False))))
-            return 0
+            text, matched = asyncio.run(admin.run(
+                config, args.action, user=args.user, session=args.session,
+                every=getattr(args, "all", False), as_json=getattr(args, "json", False)))
+            print(text)
+            # revoking nothing that was named is worth a non-zero exit to a script
+            return 1 if args.action == "revoke" and not matched and not args.all else 0
         config = _load(args.config)
         config.oidc.secret()  # a missing secret file is a config error, found before serving
         if args.command == "check-config":
             for note in advisories(config):
                 print(f"warning: {note}", file=sys.stderr)
-            print(f"config OK: {len(config.routes)} route(s)")
+            print(f"config OK: {len(config.routes)} route(s)\n"
+                  f"store namespace: {config.store_keys.prefix}:")
             return 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
     except admin.UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"gateway: error: {exc}", file=sys.stderr)
+        print(f"usage: gateway sessions {args.action} ...  (see --help)\n"
+              f"gateway sessions {args.action}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"config error: oidc.client_secret_file: {exc.strerror}", file=sys.stderr)

@@ -67,7 +67,9 @@ class ServerConfig(FrozenModel):
         http_url(value, require_path_free=True)
         if URL(value).path not in ("", "/"):
             raise ValueError(f"{value!r} must be an origin without a path (serve the gateway at /)")
-        return value.rstrip("/")
+        # The form browsers send in Origin (lower case, no default port): sign-out's CSRF
+        # check compares with it, and redirect_uri must match the IdP's registration.
+        return str(URL(value).origin())
 
     @field_validator("trusted_proxies")
     @classmethod

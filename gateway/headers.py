@@ -106,23 +106,27 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: Sequence[Ne
 
 
 def client_and_reporter(peer: str, forwarded_for: Iterable[str],
-                        trusted: Sequence[Network]) -> tuple[str, str | None]:
-    """The client's address, and the trusted hop that reported it (None: the peer is the
-    client). When that hop is in fact a client whose own address falls inside
-    trusted_proxies, the 'client' it reports is whatever it wrote: the reporter is then the
-    one address in the chain that it could not choose."""
+                        trusted: Sequence[Network]) -> tuple[str, tuple[str, ...]]:
+    """The client's address, and the trusted addresses that vouched for it: the peer and
+    every trusted hop between it and the client (none when the peer is the client).
+
+    Any of them may in fact be a client whose own address falls inside trusted_proxies, and
+    then every address left of it is whatever it wrote. Nothing here can tell which; but
+    whichever it is, its own address is among the vouchers, since the hop to its right (or
+    the connection itself) recorded it. So a limit counted against every voucher always
+    reaches the one address such a client cannot choose."""
     if not is_trusted(peer, trusted):
-        return peer, None
+        return peer, ()
     hops = [_without_port(hop.strip())
             for value in forwarded_for for hop in value.split(",") if hop.strip()]
-    reporter = peer
+    vouchers = [peer]
     for hop in reversed(hops):
         if not is_trusted(hop, trusted):
-            return hop, reporter
-        reporter = hop
+            return hop, tuple(vouchers)
+        vouchers.append(hop)
     if not hops:
-        return peer, None
-    return hops[0], (hops[1] if len(hops) > 1 else peer)
+        return peer, ()
+    return hops[0], tuple(vouchers[:-1])
 
 
 def _without_port(hop: str) -> str:

@@ -45,10 +45,10 @@ def _binding_hash(value: str) -> str:
 
 async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
     """Start a login that will come back to `return_to` (already checked by the caller)."""
-    client, reporter = client_and_reporter(request.remote or "",
+    client, vouchers = client_and_reporter(request.remote or "",
                                            request.headers.getall("X-Forwarded-For", ()),
                                            rt.config.server.trusted_networks)
-    await ratelimit.check_login_start(rt, client, via=reporter)
+    await ratelimit.check_login_start(rt, client, vouchers=vouchers)
     metadata = await rt.provider.metadata_for_login()
     auth = flow.begin(metadata, rt.client)
     binding = request.cookies.get(rt.binding_cookie, "")
@@ -140,8 +140,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise LoginError(f"claims unusable: {exc}") from exc
     await rt.sessions.delete(request.cookies.get(rt.session_cookie))
-    client = Client(_address_of(request, rt) or "-",
-                    request.headers.get("User-Agent", "-")[:200])
+    client = Client.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
     cookie = await rt.sessions.create(identity, token_set, client)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)

@@ -37,11 +37,19 @@ def wants_html(request: web.BaseRequest) -> bool:
     return "text/html" in request.headers.get("Accept", "")
 
 
+# The gateway's own pages are never framed by another site (a sign-out button, clickjacked)
+# nor sniffed into another type. (The front-channel logout page, which the IdP frames, is
+# not rendered here.)
+_PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                 "Content-Security-Policy": "frame-ancestors 'none'",
+                 "X-Content-Type-Options": "nosniff"}
+
+
 def render(request: web.BaseRequest, status: int, title: str, message: str, *,
            code: str, link: tuple[str, str] | None = None, as_html: bool | None = None,
            extra_html: str = "", extra_json: dict[str, str] | None = None) -> web.Response:
     """A short page (or JSON). `extra_html` is markup the caller built and escaped."""
-    headers = {"Cache-Control": "no-store"}
+    headers = dict(_PAGE_HEADERS)
     if wants_html(request) if as_html is None else as_html:
         extra = extra_html
         if link:

@@ -8,14 +8,15 @@ commonly holds a whole /64.
 
 A client whose own address falls inside trusted_proxies is indistinguishable from a proxy, and
 could write any X-Forwarded-For it likes, minting a fresh bucket per request. So a start whose
-address came from X-Forwarded-For is also counted against the trusted hop that reported it
-(headers.client_and_reporter), with a limit for all the clients behind that hop together
-(server.login_starts_per_minute_per_proxy, by default 20 times the per-address limit). That
-hop is the one address such a client cannot choose: its own, when it connects directly or
-stands behind the load balancer; so a forger exhausts its own budget, not everyone's. Behind
-an ordinary load balancer the reporter is the balancer, so 20 addresses starting sign-ins at
-the full rate can hold up sign-ins through it for the rest of the minute: raise the limit (or
-set it to 0) for a front with many sign-ins a minute.
+address came from X-Forwarded-For is also counted against every trusted address that vouched
+for it (headers.client_and_reporter: the peer, and the trusted hops between it and the
+client), each with a limit for all the clients behind it together
+(server.login_starts_per_minute_per_proxy, by default 20 times the per-address limit). Among
+them is always the one address such a client cannot choose, its own. The price: behind an
+ordinary load balancer the balancer is a voucher, so 20 addresses starting sign-ins at the
+full rate (or one forging client inside trusted_proxies) can hold up sign-ins through it for
+the rest of the minute. Raise the limit (or set it to 0) for a front with many sign-ins a
+minute, and list only real proxies in trusted_proxies.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def bucket(address: str) -> str:
     return str(ip)
 
 
-async def check_login_start(rt: Runtime, address: str, *, via: str | None) -> None:
-    """Count one sign-in start from `address`, and from `via`, the trusted peer that reported
-    it (None: the peer is the client); TooManyRequestsError past either limit."""
+async def check_login_start(rt: Runtime, address: str, *, vouchers: tuple[str, ...]) -> None:
+    """Count one sign-in start from `address`, and against each trusted address that vouched
+    for it; TooManyRequestsError past any limit."""
     server = rt.config.server
     await _count(rt, bucket(address), server.login_starts_per_minute, "address")
-    if via is not None and via != address:
-        await _count(rt, "proxy-" + bucket(via), server.proxy_login_starts_per_minute, "proxy")
+    for voucher in dict.fromkeys(v for v in vouchers if v != address):
+        await _count(rt, "proxy-" + bucket(voucher), server.proxy_login_starts_per_minute,
+                     "proxy")
 
 
 async def _count(rt: Runtime, name: str, limit: int, what: str) -> None:

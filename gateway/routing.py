@@ -184,7 +184,7 @@ def _match_segments(path: str) -> list[str]:
     return [unquote(name) if "%" in name else name for name in names] if "%" in path else names
 
 
-def _host_covers(outer: str | None, inner: str | None) -> bool:
+def host_covers(outer: str | None, inner: str | None) -> bool:
     """Does a route for host `outer` also take requests for `inner`'s hosts?"""
     if outer is None or outer == inner:
         return True
@@ -195,13 +195,15 @@ def _nested_in_case_insensitive(route: Route, table: tuple[Route, ...]) -> bool:
     """SECURITY: under a case_insensitive prefix the upstream ignores case, so a route nested
     in it must too, or /api/ADMIN would match the outer route and skip /api/admin's policy."""
     return any(
-        outer.case_insensitive and _host_covers(outer.host, route.host)
+        outer.case_insensitive and host_covers(outer.host, route.host)
         and route.folded_segments[: len(outer.folded_segments)] == outer.folded_segments
         for outer in table)
 
 
 _NO_MATCH, _PLAIN, _IIS_FORM = 0, 1, 2
-_SHORT_NAME = re.compile(r"([^~]{1,6})~[0-9]+(\.[^.]{0,3})?")
+_SHORT_NAME = re.compile(r"[^~.]{1,6}~[0-9]+(\.[^.]{0,3})?")
+_EIGHT_DOT_THREE = re.compile(r"[^.+,;=\[\] ]{1,8}(\.[^.+,;=\[\] ]{1,3})?")
+_NOT_IN_SHORT_NAMES = re.compile(r"[.+,;=\[\] ]")
 # ASP.NET's cookieless session and forms-auth segments, which it removes before it maps a
 # path: /(S(x))/admin is /admin there (CVE-2023-36899).
 _COOKIELESS = re.compile(r"\([A-Za-z]\(.*\)\)")
@@ -220,8 +222,18 @@ def _iis_equivalent(segment: str, folded: str) -> bool:
             not c.isascii() or ascii_lower(c) == f for c, f in zip(name, folded, strict=True)))
     if ascii_lower(name) == folded:
         return True
-    short = _SHORT_NAME.fullmatch(name)  # an 8.3 name: ADMINI~1 may be /administration
-    return short is not None and folded.startswith(ascii_lower(short.group(1)))
+    return _SHORT_NAME.fullmatch(name) is not None and _may_be_short_for(name, folded)
+
+
+def _may_be_short_for(short: str, folded: str) -> bool:
+    """Could NTFS have made `short` (ADMINI~1, or the hashed AD3F2A~1) the 8.3 alias of
+    `folded`? Only a name that is not 8.3 itself has an alias, and an alias always starts
+    with the name's first character (invalid characters read as '_'). Nothing finer is
+    checked: an alias's other characters depend on the directory's history."""
+    if _EIGHT_DOT_THREE.fullmatch(folded):
+        return False
+    base = _NOT_IN_SHORT_NAMES.sub("_", folded.lstrip(". "))
+    return bool(base) and ascii_lower(short[0]) == base[0]
 
 
 def _prefix_match(route: Route, segments: list[str]) -> int:

@@ -107,6 +107,13 @@ class GatewayRunner(web.AppRunner):
                        loop=asyncio.get_running_loop(), **kwargs)
 
 
+def _stop_now() -> None:
+    log.warning("gateway_stopping_now: a second signal during the drain; requests in flight "
+                "are cut")
+    logging.shutdown()
+    os._exit(1)
+
+
 async def _delay_shutdown(app: web.Application, delay: float, stop: asyncio.Event) -> None:
     """Keep serving for `delay` after the first signal, saying "draining" on readyz, so the
     load balancer stops sending requests before the listener closes; a second signal ends
@@ -140,5 +147,7 @@ async def serve(app: web.Application, config: Config) -> None:
         await stop.wait()
         await _delay_shutdown(app, config.server.shutdown_delay, stop)
         log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not wait
+            loop.add_signal_handler(sig, _stop_now)
     finally:
         await runner.cleanup()

@@ -87,7 +87,8 @@ def test_check_config_prints_warnings_and_still_passes(
                     " upstream: 'http://u'}]\n")
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() == "config OK: 2 route(s)"
+    assert out.out.splitlines()[0] == "config OK: 2 route(s)"
+    assert out.out.splitlines()[1].startswith("store namespace: gateway:")
     warnings = out.err.strip().splitlines()
     assert [w.split(":", 2)[1].strip() for w in warnings] == [
         "routes[admin].allow.groups", "routes[reports]"]
@@ -253,7 +254,12 @@ async def test_sessions_list_shows_ids_idle_expiry_and_json_and_revokes_one_by_i
         assert await store.load(second.value) is not None
         for bad in ("", "abc", "not-hex!"):  # never 'every session' by accident
             assert await cli(["sessions", "revoke", "--session", bad, "--config", str(path)]) == 2
+        assert "usage: gateway sessions revoke" in capsys.readouterr().err
         assert await store.load(second.value) is not None
+        assert await cli(["sessions", "revoke", "--session", first.storage_id,
+                          "--config", str(path)]) == 1  # named, but nothing left to revoke
+        assert await cli(["sessions", "list", "--user", "carol", "--session", "abcdef",
+                          "--config", str(path)]) == 2  # one or the other
     finally:
         await backend.aclose()
 
@@ -326,3 +332,45 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
             proc.kill()
         await proc.communicate()
         await upstream_runner.cleanup()
+
+
+async def test_a_second_signal_during_the_drain_stops_at_once(tmp_path: Path) -> None:
+    upstream_runner, upstream = await serve(create_upstream_app())
+    path = write_config(tmp_path, shutdown_timeout="30s")
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"][0]["upstream"] = upstream
+    path.write_text(yaml.safe_dump(raw))
+    port = raw["server"]["listen"].rsplit(":", 1)[1]
+    proc = await start_gateway(path, port)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/stream?chunks=100&delay=0.5") as resp:
+                await resp.content.readline()
+                proc.send_signal(signal.SIGTERM)  # drain: up to 30 s for this stream
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)  # enough
+                assert await asyncio.wait_for(proc.wait(), timeout=5) == 1
+                assert time.monotonic() - started < 3
+        _, err = await proc.communicate()
+        assert b"gateway_stopping_now" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await upstream_runner.cleanup()
+
+
+def test_the_table_shows_no_control_sequence_and_survives_any_value() -> None:
+    """A browser chooses its User-Agent: a surrogate made `sessions list` crash on a UTF-8
+    terminal, and a C1 CSI would have reached the screen."""
+    from gateway.admin import Row, format_table
+    from gateway.sessions.registry import Client, SessionInfo
+
+    hostile = "a\udc9bb\x9b2J\x1b[31m\u202e"
+    info = SessionInfo("ab" * 32, hostile, hostile, None, 0, 0, 0, hostile, hostile)
+    table = format_table([Row(info, None)])
+    table.encode("ascii")  # nothing but ASCII, so any terminal encoding takes it
+    assert "\x9b" not in table and "\x1b" not in table
+    seen = Client.seen("10.0.0.1\x9b", "Mozilla\x1b[2J\udc9b" + "x" * 300)
+    assert seen.ip == "10.0.0.1?" and seen.user_agent.startswith("Mozilla?[2J?")
+    assert len(seen.user_agent) == 200

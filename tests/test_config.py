@@ -354,6 +354,10 @@ def test_group_rules_without_a_groups_scope_are_flagged() -> None:
        "allow": {"groups": ["admins"]}},
       {"name": "public", "path_prefix": "/public", "auth": "public",
        "host": "b.example.com"}), False),
+    (({"name": "admin", "path_prefix": "/admin", "host": "*.example.com",
+       "allow": {"groups": ["admins"]}},
+      {"name": "reports", "path_prefix": "/admin/reports", "auth": "public",
+       "host": "app.example.com"}), True),
 ])
 def test_a_public_route_inside_a_restricted_one_is_flagged_unless_intended(
         routes: tuple[dict[str, Any], ...], flagged: bool) -> None:
@@ -367,3 +371,16 @@ def test_a_short_client_secret_is_flagged() -> None:
     notes = advisories(config_with_routes({"name": "app"}, secret="short"))
     assert notes == ["oidc.client_secret: shorter than 16 characters; a confidential "
                      "client's secret should be long and random"]
+
+
+@pytest.mark.parametrize(("written", "canonical"), [
+    ("https://App.Example.com:443/", "https://app.example.com"),
+    ("HTTP://127.0.0.1:80", "http://127.0.0.1"),
+    ("https://app.example.com:8443", "https://app.example.com:8443"),
+])
+def test_public_url_is_kept_in_the_form_browsers_send_as_origin(written: str,
+                                                                canonical: str) -> None:
+    """Sign-out's POST check compares Origin with it: https://app.example.com:443 refused
+    every POST sign-out (the 403 page's button included)."""
+    config = parse(with_change("server.public_url", written), ENV)
+    assert config.server.public_url == canonical

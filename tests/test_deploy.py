@@ -35,7 +35,8 @@ def test_kubernetes_example_config_is_a_valid_gateway_config() -> None:
     assert config.cookie_secure is True
     assert config.server.shutdown_delay > 0
     app = named(docs, "Deployment", "legacy-app")["spec"]["template"]["spec"]
-    grace = config.server.shutdown_delay + config.server.shutdown_timeout
+    pre_stop = app["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = pre_stop + config.server.shutdown_delay + config.server.shutdown_timeout
     assert app["terminationGracePeriodSeconds"] > grace
 
 
@@ -49,7 +50,11 @@ def test_kubernetes_example_runs_the_gateway_as_a_native_sidecar_exposing_only_i
     assert [c["name"] for c in pod["containers"]] == ["app"]
     assert pod["containers"][0]["ports"] == []
     service = named(docs, "Service", "legacy-app")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    # a number: Services resolve native sidecars' named ports only from Kubernetes 1.32
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [
+        gateway["ports"][0]["containerPort"]]
+    [app] = pod["containers"]
+    assert app["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5  # endpoints go first
 
 
 def test_kubernetes_example_pins_images_and_keeps_secrets_off_command_lines() -> None:

@@ -235,14 +235,24 @@ def test_client_address_trusts_only_the_hops_our_proxies_added(
 
 
 @pytest.mark.parametrize(("peer", "forwarded_for", "expected"), [
-    ("203.0.113.9", ["198.51.100.1"], ("203.0.113.9", None)),  # the peer is the client
-    ("10.0.0.2", [], ("10.0.0.2", None)),
-    ("10.0.0.2", ["198.51.100.1"], ("198.51.100.1", "10.0.0.2")),  # reported by the LB
-    # a client inside the trusted range, behind the LB: what it wrote is reported by its own
-    # address, the one it cannot choose
-    ("10.0.0.2", ["1.2.3.4, 10.9.9.9"], ("1.2.3.4", "10.9.9.9")),
-    ("10.0.0.2", ["10.0.0.5, 10.0.0.6"], ("10.0.0.5", "10.0.0.6")),
+    ("203.0.113.9", ["198.51.100.1"], ("203.0.113.9", ())),  # the peer is the client
+    ("10.0.0.2", [], ("10.0.0.2", ())),
+    ("10.0.0.2", ["198.51.100.1"], ("198.51.100.1", ("10.0.0.2",))),  # reported by the LB
+    # a client inside the trusted range, behind the LB: its own address is a voucher
+    ("10.0.0.2", ["1.2.3.4, 10.9.9.9"], ("1.2.3.4", ("10.0.0.2", "10.9.9.9"))),
+    ("10.0.0.2", ["10.0.0.5, 10.0.0.6"], ("10.0.0.5", ("10.0.0.2", "10.0.0.6"))),
 ])
-def test_the_reporter_is_the_trusted_hop_that_vouched_for_the_client(
-        peer: str, forwarded_for: list[str], expected: tuple[str, str | None]) -> None:
+def test_every_trusted_address_that_vouched_for_the_client_is_named(
+        peer: str, forwarded_for: list[str], expected: tuple[str, tuple[str, ...]]) -> None:
     assert client_and_reporter(peer, forwarded_for, LB) == expected
+
+
+@pytest.mark.parametrize("peer", ["10.5.5.5", "10.0.0.1"])
+def test_a_forging_client_cannot_choose_every_voucher(peer: str) -> None:
+    """Directly (peer 10.5.5.5, the client itself) or behind the balancer (peer 10.0.0.1,
+    which appends the client's 10.5.5.5): the client's own address vouches every time,
+    whatever it writes further left."""
+    chains = [f"9.9.9.{n}, 10.77.0.{n}" + (", 10.5.5.5" if peer == "10.0.0.1" else "")
+              for n in range(5)]
+    vouchers = [set(client_and_reporter(peer, [chain], LB)[1]) for chain in chains]
+    assert "10.5.5.5" in set.intersection(*vouchers)

@@ -45,6 +45,8 @@ async def test_every_error_renders_html_for_browsers_and_json_for_api_clients(
     assert resp.content_type == "text/html"
     assert cls.title in text
     assert "token=abc" not in text
+    assert resp.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert resp.headers["X-Frame-Options"] == "DENY"
     resp = await client.get("/x", headers={"Accept": "application/json"})
     assert resp.status == cls.status
     assert (await resp.json())["error"] == cls.event

@@ -224,13 +224,27 @@ def test_odd_segments_that_cannot_equal_a_prefix_still_pass(path: str, expected:
     assert matched is not None and matched.name == expected
 
 
-def test_an_8_3_short_name_of_a_case_insensitive_prefix_is_refused() -> None:
+@pytest.mark.parametrize(("prefix", "path"), [
+    ("/administration", "/ADMINI~1/x"),
+    ("/administration", "/admini~2"),
+    ("/administration", "/AD3F2A~1/x"),  # the hashed form NTFS uses after a few collisions
+    ("/admin.panel.old", "/ADMINP~1.OLD/x"),
+    ("/web+admin", "/WEB_AD~1/x"),  # '+' is not allowed in an 8.3 name: '_'
+])
+def test_an_8_3_short_name_of_a_case_insensitive_prefix_is_refused(prefix: str,
+                                                                    path: str) -> None:
     table = RouteTable((route("public", auth="public"),
-                        route("admin", "/administration", case_insensitive=True)))
-    for path in ("/ADMINI~1/x", "/admini~2"):
-        with pytest.raises(BadRequestError):
-            table.match("gw", canonical_path(path))
-    assert table.match("gw", "/ADMINX~1").name == "public"  # type: ignore[union-attr]
+                        route("admin", prefix, case_insensitive=True)))
+    with pytest.raises(BadRequestError):
+        table.match("gw", canonical_path(path))
+
+
+def test_a_short_name_cannot_stand_for_an_8_3_name_or_another_first_letter() -> None:
+    table = RouteTable((route("public", auth="public"),
+                        route("admin", "/administration", case_insensitive=True),
+                        route("tools", "/tools", case_insensitive=True)))
+    for path in ("/XDMINI~1", "/TOOLS~1", "/files~2024/x"):
+        assert table.match("gw", path).name == "public", path  # type: ignore[union-attr]
 
 
 def test_routes_nested_under_a_wildcard_host_case_insensitive_route_ignore_case_too() -> None:

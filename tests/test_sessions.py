@@ -405,3 +405,64 @@ async def test_delete_if_releases_only_a_lock_we_still_own(backend: Backend) -> 
     assert (await backend.get("{l}lock"))[0] == b"me"
     await backend.delete_if("{l}lock", b"me")
     assert (await backend.get("{l}lock"))[0] is None
+
+
+async def test_revoke_all_reaches_a_session_whose_entry_was_evicted(
+        backend: Backend, clock: FakeClock) -> None:
+    store = make_store(backend, clock)
+    cookie = await store.create(dataclasses.replace(ALICE, sub="carol"), TOKENS)
+    await backend.delete(KEYS.meta(cookie.storage_id))
+    await store.registry.revoke(await store.registry.all())
+    assert await store.load(cookie.value) is None
+
+
+async def test_a_touch_restores_lost_indexes(backend: Backend, clock: FakeClock) -> None:
+    """An evicted sid index left back-channel logout blind until the next refresh."""
+    store = make_store(backend, clock)
+    cookie = await store.create(ALICE, TOKENS)
+    await backend.delete(KEYS.by_sid("sid-1"), KEYS.by_sub("alice"))
+    assert await store.registry.by_sid("sid-1") == []
+    clock.advance(120)
+    await backend.expire(KEYS.session(cookie.storage_id), IDLE - 120)  # Redis's own clock
+    assert await store.load(cookie.value) is not None  # the touch
+    assert [i.storage_id for i in await store.registry.by_sid("sid-1")] == [cookie.storage_id]
+    assert [i.storage_id for i in await store.registry.by_sub("alice")] == [cookie.storage_id]
+
+
+async def test_a_namespace_shared_by_mistake_keeps_listings_apart(
+        backend: Backend, clock: FakeClock) -> None:
+    """Cookies never crossed (AEAD); now `sessions list` and `revoke --all` don't either."""
+    app_a = make_store(backend, clock, keys=Keys("shared", "https://idp.example.com", "app-a"))
+    app_b = make_store(backend, clock, keys=Keys("shared", "https://idp.example.com", "app-b"))
+    cookie = await app_a.create(ALICE, TOKENS)
+    assert await app_b.registry.all() == []
+    await app_b.registry.revoke(await app_b.registry.all())
+    assert await app_a.load(cookie.value) is not None
+
+
+@pytest.mark.parametrize("email", ["Mallory@Example.com", "\u212aim@example.com"])
+async def test_only_verified_emails_are_found_by_email(store: SessionStore, email: str) -> None:
+    """`revoke --user ceo@corp.com` must not reach whoever merely claimed that address."""
+    claimed = await store.create(Identity("mallory", email, False), TOKENS)
+    verified = await store.create(Identity("kim", "KIM@example.com", True), TOKENS)
+    assert await store.registry.by_user(email) == []
+    assert [i.storage_id for i in await store.registry.by_user("kim@EXAMPLE.com")] == [
+        verified.storage_id]
+    assert await store.registry.by_user("kim@example.com") != await store.registry.by_user(
+        "\u212aim@example.com")
+    assert claimed
+
+
+async def test_a_store_that_evicts_keys_is_warned_about_at_start(
+        redis_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    client = aioredis.Redis.from_url(redis_url)  # our own test server (conftest)
+    store = make_store(RedisBackend(client), clock)
+    try:
+        await store.warn_if_evicting()
+        assert "store_evicts_keys" not in caplog.text
+        await client.config_set("maxmemory-policy", "volatile-lru")
+        await store.warn_if_evicting()
+        assert "store_evicts_keys maxmemory-policy=volatile-lru" in caplog.text
+    finally:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.aclose()

@@ -60,6 +60,10 @@ class Backend(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def eviction_policy(self) -> str | None:
+        """The store's policy when it runs out of memory, if it will say (None: it will not,
+        or it never evicts on its own)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -162,6 +166,9 @@ class MemoryBackend:
         return [k for k in list(self._data) if k.startswith(prefix) and self._live(k)]
 
     async def ping(self) -> None:
+        return None
+
+    async def eviction_policy(self) -> str | None:
         return None
 
     async def aclose(self) -> None:

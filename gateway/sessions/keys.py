@@ -58,14 +58,27 @@ class Keys:
     def meta_prefix(self) -> str:
         return f"{self.prefix}:meta:"
 
+    @property
+    def session_prefix(self) -> str:
+        return f"{self.prefix}:session:"
+
     def storage_id_of_meta(self, key: str) -> str:
         return key.removeprefix(self.meta_prefix).strip("{}")
+
+    def storage_id_of_session(self, key: str) -> str:
+        return key.removeprefix(self.session_prefix).strip("{}")
+
+    @property
+    def deployment_tag(self) -> str:
+        """Names the deployment in its registry entries, without naming issuer or client."""
+        return _hex(self.issuer, self.client_id)[:16]
 
     def by_sub(self, sub: str) -> str:
         return f"{self.prefix}:sub:{{{_hex(self.issuer, self.client_id, sub)}}}"
 
     def by_email(self, email: str) -> str:
-        return f"{self.prefix}:email:{{{_hex(self.issuer, self.client_id, email.lower())}}}"
+        """`email` as identity.email_address parsed it (the caller's job)."""
+        return f"{self.prefix}:email:{{{_hex(self.issuer, self.client_id, email)}}}"
 
     def by_sid(self, sid: str) -> str:
         return f"{self.prefix}:sid:{{{_hex(self.issuer, self.client_id, sid)}}}"

@@ -175,6 +175,20 @@ class RedisBackend:
     async def ping(self) -> None:
         await self._call("PING", self._client.ping())
 
+    async def eviction_policy(self) -> str | None:
+        try:
+            answer = await self._client.config_get("maxmemory-policy")
+        except (RedisError, OSError, TimeoutError):  # managed services often refuse CONFIG
+            return None
+        if isinstance(answer, dict) and answer:
+            # A Cluster answers per node ({node: {name: value}}); any node's will do.
+            value = answer.get("maxmemory-policy", next(iter(answer.values())))
+            if isinstance(value, dict):
+                value = value.get("maxmemory-policy")
+            return value.decode() if isinstance(value, bytes) else value \
+                if isinstance(value, str) else None
+        return None
+
     async def aclose(self) -> None:
         await self._client.aclose()
         for helper in self._helpers:

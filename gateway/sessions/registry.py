@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from gateway.identity import Identity
+from gateway.identity import Identity, email_address
 from gateway.sessions.backends import Backend
 from gateway.sessions.keys import Keys
 
@@ -30,13 +30,24 @@ class SessionInfo:
     expires_at: float
     client_ip: str
     user_agent: str
+    email_verified: bool = False  # only a verified email is indexed (revoke --user EMAIL)
+    deployment: str = ""  # keys.deployment_tag: listings in a shared namespace keep apart
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SessionInfo:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{name: data[name] for name in _INFO_FIELDS if name in data})
+
+    @classmethod
+    def bare(cls, storage_id: str, sub: str = "") -> SessionInfo:
+        """A session whose entry is lost (evicted, say): enough to revoke it."""
+        return cls(storage_id, sub, None, None, 0.0, 0.0, 0.0, "-", "-")
+
+
+_INFO_FIELDS = tuple(SessionInfo.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +56,16 @@ class Client:
 
     ip: str = "-"
     user_agent: str = "-"
+
+    @classmethod
+    def seen(cls, ip: str, user_agent: str) -> Client:
+        """From request values (the user's to choose): printable ASCII only, bounded, so a
+        listing can neither break on them nor send control sequences to a terminal."""
+        return cls(_printable(ip, 64) or "-", _printable(user_agent, 200) or "-")
+
+
+def _printable(text: str, limit: int) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 UNKNOWN_CLIENT = Client()
@@ -75,15 +96,18 @@ class Registry:
             self._keys.meta(info.storage_id), info.to_bytes(), ttl,
             anchor=self._keys.session(info.storage_id))
 
-    async def _index(self, info: SessionInfo, identity: Identity) -> None:
-        await self._backend.index_add(self._keys.by_sub(identity.sub), info.storage_id,
-                                      self._max)
-        if identity.email:
-            await self._backend.index_add(self._keys.by_email(identity.email), info.storage_id,
+    async def _index(self, info: SessionInfo, identity: Identity | None = None) -> None:
+        """Index the session by sub, verified email and sid. Repeated on every touch, so an
+        index lost to eviction is restored within a touch interval."""
+        sub, sid = (identity.sub, identity.sid) if identity else (info.sub, info.sid)
+        verified = identity.email_verified if identity else info.email_verified
+        email = email_address(info.email) if info.email and verified else None
+        await self._backend.index_add(self._keys.by_sub(sub), info.storage_id, self._max)
+        if email:
+            await self._backend.index_add(self._keys.by_email(email), info.storage_id,
                                           self._max)
-        if identity.sid:
-            await self._backend.index_add(self._keys.by_sid(identity.sid), info.storage_id,
-                                          self._max)
+        if sid:
+            await self._backend.index_add(self._keys.by_sid(sid), info.storage_id, self._max)
 
     async def get(self, storage_id: str) -> SessionInfo | None:
         raw, _ = await self._backend.get(self._keys.meta(storage_id))
@@ -96,7 +120,8 @@ class Registry:
 
     async def touch(self, info: SessionInfo, ttl: float) -> None:
         """Keep the entry as long as its session, with the new last-seen time."""
-        await self._write_beside_session(info, ttl)
+        if await self._write_beside_session(info, ttl):
+            await self._index(info)
 
     async def _live(self, index: str, sub: str = "") -> list[SessionInfo]:
         """The sessions an index names that still live. A member whose session ended is
@@ -111,14 +136,15 @@ class Registry:
                 if value is None:
                     ended.append(member)
                     continue
-                info = SessionInfo(member, sub, None, None, 0.0, 0.0, 0.0, "-", "-")
+                info = SessionInfo.bare(member, sub)
             infos.append(info)
         await self._backend.index_remove(index, ended)
         return sorted(infos, key=lambda i: i.created_at)
 
     async def by_user(self, sub_or_email: str) -> list[SessionInfo]:
-        """Sessions of a user named by sub or (case-insensitively) by email."""
-        by_email = await self._live(self._keys.by_email(sub_or_email))
+        """Sessions of a user named by sub or by verified email (compared as addresses)."""
+        email = email_address(sub_or_email)
+        by_email = await self._live(self._keys.by_email(email)) if email else []
         unique = {info.storage_id: info for info in (*await self.by_sub(sub_or_email), *by_email)}
         return sorted(unique.values(), key=lambda i: i.created_at)
 
@@ -129,11 +155,19 @@ class Registry:
         return await self._live(self._keys.by_sid(sid))
 
     async def all(self) -> list[SessionInfo]:
+        """Every session of this deployment: by its entries, and by the session records
+        themselves for any whose entry was lost (so --all and --session still reach them)."""
+        keys = self._keys
+        entries = [keys.storage_id_of_meta(k) for k in await self._backend.keys(keys.meta_prefix)]
+        sessions = [keys.storage_id_of_session(k)
+                    for k in await self._backend.keys(keys.session_prefix)]
         infos = []
-        for key in await self._backend.keys(self._keys.meta_prefix):
-            info = await self.get(self._keys.storage_id_of_meta(key))
-            if info is not None:
+        for storage_id in entries:
+            info = await self.get(storage_id)
+            # a namespace shared by mistake: another deployment's entries are not ours
+            if info is not None and info.deployment in ("", keys.deployment_tag):
                 infos.append(info)
+        infos += [SessionInfo.bare(s) for s in sorted(set(sessions) - set(entries))]
         return sorted(infos, key=lambda i: i.created_at)
 
     async def revoke(self, infos: list[SessionInfo]) -> int:

@@ -22,6 +22,7 @@ flight is never undone.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session, TokenSet
 from gateway.sessions.registry import UNKNOWN_CLIENT, Client, Registry, SessionInfo
+
+log = logging.getLogger("gateway.store")
 
 ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
 _NONCE_BYTES = 12
@@ -82,7 +85,8 @@ class SessionStore:
         identity = session.identity
         return SessionInfo(cookie.storage_id, identity.sub, identity.email, identity.sid,
                            session.created_at, self._clock(), session.created_at + self._max,
-                           session.client_ip, session.user_agent)
+                           session.client_ip, session.user_agent, identity.email_verified,
+                           self.keys.deployment_tag)
 
     def _ttl(self, created_at: float) -> float:
         return min(self._idle, created_at + self._max - self._clock())
@@ -176,3 +180,12 @@ class SessionStore:
 
     async def ping(self) -> None:
         await self.backend.ping()
+
+    async def warn_if_evicting(self) -> None:
+        """Evicted registry entries and indexes leave sessions that no revocation finds: say
+        so at start when the store shows a policy that evicts."""
+        policy = await self.backend.eviction_policy()
+        if policy not in (None, "noeviction"):
+            log.warning("store_evicts_keys maxmemory-policy=%s: evicted registry entries and "
+                        "indexes leave sessions that no revocation finds; set "
+                        "maxmemory-policy noeviction", policy)
