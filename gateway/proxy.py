@@ -112,7 +112,7 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
             response.headers.extend(_response_headers(route, upstream_to, upstream.headers))
             try:
                 await response.prepare(request)
-            except ConnectionResetError:  # the client left; not the upstream's failure
+            except ConnectionError:  # the client left; not the upstream's failure
                 log.info("client_went_away route=%s", route.name)
                 return response
             await _stream_body(request, upstream, response, route)
@@ -193,12 +193,16 @@ def _limited(request: web.Request, route: Route) -> AsyncIterator[bytes] | Strea
 
 async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,
                        response: web.StreamResponse, route: Route) -> None:
-    """Copy the body; once headers are sent an error can only cut the connection."""
+    """Copy the body; once headers are sent an error can only cut the connection.
+
+    A client that leaves shows up as some ConnectionError on our writes (a reset, or
+    "Connection lost" from a drain): that is the client going away, logged as such, with the
+    status already sent; an error reading the upstream is the upstream's."""
     try:
         async for chunk in upstream.content.iter_chunked(_CHUNK):
             await response.write(chunk)
         await response.write_eof()
-    except ConnectionResetError:
+    except ConnectionError:
         log.info("client_went_away route=%s", route.name)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream_stream_aborted route=%s error=%s", route.name, type(exc).__name__)

@@ -8,6 +8,8 @@ import io
 import logging
 import os
 import resource
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -520,3 +522,31 @@ async def test_upstream_that_resets_connections_gives_502_and_is_not_retried(
         assert hits == 1  # it may have acted on the request: never sent twice
     finally:
         await runner.cleanup()
+
+
+async def test_clients_leaving_mid_download_are_logged_as_leaving_not_as_500s(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """Seen in a soak: aiohttp's 'Connection lost' from a drain was not a
+    ConnectionResetError, so it came out as unhandled_error with a traceback, status 500."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    port = URL(stack.gateway).port
+    loop = asyncio.get_running_loop()
+    for linger in (False, True, False, True, False, True):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+        if linger:  # a reset, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /public/download?bytes=200000000 HTTP/1.1\r\n"
+                                      b"Host: x\r\nConnection: close\r\n\r\n")
+        assert (await loop.sock_recv(sock, 1024)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.2)  # the gateway is waiting on drain: the client is slow
+        sock.close()
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], lines
+    access = [line for line in lines if line.startswith("GET /public/download")]
+    assert len(access) == 6 and all("status=200" in line for line in access), access
+    assert sum("client_went_away" in line for line in lines) == 6

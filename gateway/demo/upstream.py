@@ -110,10 +110,13 @@ async def _download(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     block = b"x" * _CHUNK
     remaining = size if request.method != "HEAD" else 0
-    while remaining > 0:
-        await response.write(block[: min(_CHUNK, remaining)])
-        remaining -= _CHUNK
-    await response.write_eof()
+    try:
+        while remaining > 0:
+            await response.write(block[: min(_CHUNK, remaining)])
+            remaining -= _CHUNK
+        await response.write_eof()
+    except ConnectionError:  # the reader left (the gateway, when its client did): no error
+        pass
     return response
 
 
