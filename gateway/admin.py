@@ -97,7 +97,7 @@ async def run(config: Config, action: str, *, user: str | None = None,
         raise UsageError("name what to revoke: --user, --session or --all")
     backend = open_backend(config.session, clock=time.time)
     try:
-        registry = Registry(backend, config.store_keys, config.session.max_lifetime)
+        registry = Registry(backend, config.store_keys)
         infos = await _select(registry, user, session)
         if action == "revoke":
             revoked = await registry.revoke(infos)

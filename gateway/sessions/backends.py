@@ -7,7 +7,7 @@ contract test suite covers every backend. `open_backend(config)` picks one from 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from gateway.config import SessionConfig
@@ -49,11 +49,21 @@ class Backend(Protocol):
         created, however often it is counted (fixed-window rate limits)."""
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
-        """Add to a set that lives at least `ttl` more seconds (indexes: user -> sessions)."""
+        """Add `member` to an index (user -> sessions) for `ttl` seconds from now; a member's
+        time only ever grows (a touch renews it). The same call drops the members whose time
+        has passed, and the index lives as long as its longest member: nothing keeps a dead
+        member, and the index does not grow with logins."""
 
-    async def index_members(self, key: str) -> builtins.set[str]: ...
+    async def index_members(self, key: str) -> builtins.set[str]:
+        """The members whose time has not passed."""
 
     async def index_remove(self, key: str, members: Iterable[str]) -> None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of several keys in one round trip (None where absent)."""
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys exist, in one round trip; reads nothing and touches nothing."""
 
     async def keys(self, prefix: str) -> list[str]:
         """Every live key starting with `prefix` (admin listing; not for the request path)."""
@@ -73,7 +83,7 @@ class MemoryBackend:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}
-        self._sets: dict[str, tuple[builtins.set[str], float]] = {}
+        self._sets: dict[str, dict[str, float]] = {}  # index -> member -> until
         self._next_sweep = clock() + _SWEEP_INTERVAL
 
     def _live(self, key: str) -> tuple[bytes, float] | None:
@@ -87,7 +97,8 @@ class MemoryBackend:
         now = self._clock()
         if now >= self._next_sweep:
             self._data = {k: v for k, v in self._data.items() if v[1] > now}
-            self._sets = {k: v for k, v in self._sets.items() if v[1] > now}
+            self._sets = {k: live for k, members in self._sets.items()
+                          if (live := {m: t for m, t in members.items() if t > now})}
             self._next_sweep = now + _SWEEP_INTERVAL
 
     async def get(self, key: str) -> tuple[bytes | None, float | None]:
@@ -143,24 +154,36 @@ class MemoryBackend:
         self._data[key] = (str(value).encode(), entry[1] if entry else self._clock() + ttl)
         return value
 
-    def _live_set(self, key: str) -> builtins.set[str]:
-        entry = self._sets.get(key)
-        if entry is None or entry[1] <= self._clock():
+    def _live_set(self, key: str) -> dict[str, float]:
+        now = self._clock()
+        members = {m: t for m, t in self._sets.get(key, {}).items() if t > now}
+        if members:
+            self._sets[key] = members
+        else:
             self._sets.pop(key, None)
-            return set()
-        return entry[0]
+        return members
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         self._sweep()
-        members = self._live_set(key) | {member}
-        expires = max(self._clock() + ttl, self._sets.get(key, (set(), 0.0))[1])
-        self._sets[key] = (members, expires)
+        members = self._live_set(key)
+        members[member] = max(self._clock() + ttl, members.get(member, 0.0))
+        self._sets[key] = members
 
     async def index_members(self, key: str) -> builtins.set[str]:
         return set(self._live_set(key))
 
     async def index_remove(self, key: str, members: Iterable[str]) -> None:
-        self._live_set(key).difference_update(members)
+        live = self._live_set(key)
+        for member in members:
+            live.pop(member, None)
+        if not live:
+            self._sets.pop(key, None)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [entry[0] if (entry := self._live(key)) else None for key in keys]
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        return [self._live(key) is not None for key in keys]
 
     async def keys(self, prefix: str) -> list[str]:
         return [k for k in list(self._data) if k.startswith(prefix) and self._live(k)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import builtins
 import logging
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -71,6 +72,10 @@ def _sentinel_clients(location: StoreLocation,
 
 def _ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class RedisBackend:
@@ -145,25 +150,53 @@ class RedisBackend:
         return int(value)
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
+        # A sorted set scored by each member's end (this host's clock, in ms): the
+        # same pipeline drops the ended members, and the key lives as long as its last one.
+        now = _now_ms()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.sadd(key, member)
-                # GT: never shorten the index below the longest session it points to.
-                pipe.pexpire(key, _ms(ttl), gt=True)
+                pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # an end only moves later
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest member
                 pipe.pexpire(key, _ms(ttl), nx=True)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis SADD failed: {type(exc).__name__}") from exc
+            raise StoreUnavailableError(f"redis ZADD failed: {type(exc).__name__}") from exc
 
     async def index_members(self, key: str) -> builtins.set[str]:
-        members = await self._call("SMEMBERS", self._client.smembers(key))
-        assert isinstance(members, set)
+        members = await self._call("ZRANGEBYSCORE",
+                                   self._client.zrangebyscore(key, f"({_now_ms()}", "+inf"))
+        assert isinstance(members, list)
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     async def index_remove(self, key: str, members: Iterable[str]) -> None:
         values = list(members)
         if values:
-            await self._call("SREM", self._client.srem(key, *values))
+            await self._call("ZREM", self._client.zrem(key, *values))
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                answers = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"redis EXISTS failed: {type(exc).__name__}") from exc
+        return [bool(answer) for answer in answers]
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                values = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"redis GET failed: {type(exc).__name__}") from exc
+        return [value if isinstance(value, bytes) else None for value in values]
 
     async def keys(self, prefix: str) -> list[str]:
         try:

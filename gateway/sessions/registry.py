@@ -72,22 +72,25 @@ UNKNOWN_CLIENT = Client()
 
 
 class Registry:
-    def __init__(self, backend: Backend, keys: Keys, max_lifetime: float) -> None:
+    """Entries and indexes. An index member lives as long as its session would if unused
+    (each touch renews it), and is removed when its session ends by sign-out or revocation;
+    so the store holds the same after any number of logins and sign-outs."""
+
+    def __init__(self, backend: Backend, keys: Keys) -> None:
         self._backend = backend
         self._keys = keys
-        self._max = max_lifetime
 
     async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A new session's entry and its indexes."""
         await self._backend.set(self._keys.meta(info.storage_id), info.to_bytes(), ttl)
-        await self._index(info, identity)
+        await self._index(info, ttl, identity)
 
     async def update(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A live session's entry after its identity was refreshed (the email may differ)."""
         if await self._write_beside_session(info, ttl):
             # A revocation between these two steps leaves at most an index member without
-            # a session, which every lookup drops.
-            await self._index(info, identity)
+            # a session, which every lookup drops, and whose time runs out with it.
+            await self._index(info, ttl, identity)
 
     async def _write_beside_session(self, info: SessionInfo, ttl: float) -> bool:
         """Only while the session lives: never recreates a revoked session's entry, and
@@ -96,18 +99,30 @@ class Registry:
             self._keys.meta(info.storage_id), info.to_bytes(), ttl,
             anchor=self._keys.session(info.storage_id))
 
-    async def _index(self, info: SessionInfo, identity: Identity | None = None) -> None:
-        """Index the session by sub, verified email and sid. Repeated on every touch, so an
-        index lost to eviction is restored within a touch interval."""
+    def _indexes(self, info: SessionInfo, identity: Identity | None = None) -> list[str]:
+        """The indexes that name the session: its sub, its verified email, its IdP sid."""
         sub, sid = (identity.sub, identity.sid) if identity else (info.sub, info.sid)
         verified = identity.email_verified if identity else info.email_verified
         email = email_address(info.email) if info.email and verified else None
-        await self._backend.index_add(self._keys.by_sub(sub), info.storage_id, self._max)
+        names = [self._keys.by_sub(sub)] if sub else []
         if email:
-            await self._backend.index_add(self._keys.by_email(email), info.storage_id,
-                                          self._max)
+            names.append(self._keys.by_email(email))
         if sid:
-            await self._backend.index_add(self._keys.by_sid(sid), info.storage_id, self._max)
+            names.append(self._keys.by_sid(sid))
+        return names
+
+    async def _index(self, info: SessionInfo, ttl: float,
+                     identity: Identity | None = None) -> None:
+        """Index the session for as long as it lives unused. Repeated on every touch, which
+        renews the members' time and restores an index lost to eviction."""
+        for index in self._indexes(info, identity):
+            await self._backend.index_add(index, info.storage_id, ttl)
+
+    async def forget(self, infos: list[SessionInfo]) -> None:
+        """Take ended sessions out of their indexes (sign-out, revocation, expiry)."""
+        for info in infos:
+            for index in self._indexes(info):
+                await self._backend.index_remove(index, [info.storage_id])
 
     async def get(self, storage_id: str) -> SessionInfo | None:
         raw, _ = await self._backend.get(self._keys.meta(storage_id))
@@ -119,27 +134,28 @@ class Registry:
         return ttl if value is not None else None
 
     async def touch(self, info: SessionInfo, ttl: float) -> None:
-        """Keep the entry as long as its session, with the new last-seen time."""
+        """Keep the entry and the index members as long as their session, with the new
+        last-seen time."""
         if await self._write_beside_session(info, ttl):
-            await self._index(info)
+            await self._index(info, ttl)
 
     async def _live(self, index: str, sub: str = "") -> list[SessionInfo]:
-        """The sessions an index names that still live. A member whose session ended is
-        dropped; one whose entry alone was lost (evicted) stays, as a bare entry, so it can
-        still be revoked."""
-        infos: list[SessionInfo] = []
-        ended = []
-        for member in await self._backend.index_members(index):
-            info = await self.get(member)
-            if info is None:
-                value, _ = await self._backend.get(self._keys.session(member))
-                if value is None:
-                    ended.append(member)
-                    continue
-                info = SessionInfo.bare(member, sub)
-            infos.append(info)
-        await self._backend.index_remove(index, ended)
-        return sorted(infos, key=lambda i: i.created_at)
+        """The sessions an index names that still live, in two round trips whatever their
+        number (members, then their entries). A member whose session ended is dropped; one
+        whose entry alone was lost (evicted) stays, as a bare entry, so it can still be
+        revoked."""
+        members = sorted(await self._backend.index_members(index))
+        entries = await self._backend.get_many([self._keys.meta(m) for m in members])
+        infos = {m: SessionInfo.from_bytes(raw) for m, raw in zip(members, entries, strict=True)
+                 if raw}
+        lost = [m for m in members if m not in infos]
+        if lost:
+            records = await self._backend.get_many([self._keys.session(m) for m in lost])
+            for member, record in zip(lost, records, strict=True):
+                if record is not None:
+                    infos[member] = SessionInfo.bare(member, sub)
+            await self._backend.index_remove(index, [m for m in lost if m not in infos])
+        return sorted(infos.values(), key=lambda i: i.created_at)
 
     async def by_user(self, sub_or_email: str) -> list[SessionInfo]:
         """Sessions of a user named by sub or by verified email (compared as addresses)."""
@@ -176,4 +192,5 @@ class Registry:
         names = [name for info in infos
                  for name in (keys.session(info.storage_id), keys.meta(info.storage_id))]
         await self._backend.delete(*names)
+        await self.forget(infos)
         return len(infos)

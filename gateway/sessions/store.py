@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -54,7 +54,7 @@ class SessionStore:
                  max_lifetime: float, clock: Callable[[], float]) -> None:
         self.backend = backend
         self.keys = keys
-        self.registry = Registry(backend, keys, max_lifetime)
+        self.registry = Registry(backend, keys)
         self._idle = idle_timeout
         self._max = max_lifetime
         self._clock = clock
@@ -120,7 +120,7 @@ class SessionStore:
             return None  # written by an incompatible release: treat as signed out
         remaining = self._ttl(session.created_at)
         if remaining <= 0:
-            await self.backend.delete(name, self.keys.meta(cookie.storage_id))
+            await self.registry.revoke([self._info(cookie, session)])
             return None
         if ttl is None or remaining - ttl >= self._touch_interval:
             await self.backend.expire(name, remaining)  # a no-op on a record deleted meanwhile
@@ -141,9 +141,13 @@ class SessionStore:
         return True
 
     async def delete(self, cookie_value: str | None) -> None:
+        """Sign-out: the record, its entry and its index members (a session whose entry was
+        lost leaves members that run out with its time)."""
         cookie = SessionCookie.parse(cookie_value)
-        if cookie is not None:
-            await self.backend.delete(self._name(cookie), self.keys.meta(cookie.storage_id))
+        if cookie is None:
+            return
+        info = await self.registry.get(cookie.storage_id)
+        await self.registry.revoke([info or SessionInfo.bare(cookie.storage_id)])
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name = self.keys.attempt(state)
@@ -177,6 +181,13 @@ class SessionStore:
     async def count_login_start(self, bucket: str, window: int, ttl: float) -> int:
         """One more sign-in start in `bucket` during fixed window number `window`."""
         return await self.backend.count(self.keys.login_starts(bucket, window), ttl)
+
+    async def alive(self, storage_ids: Collection[str]) -> set[str]:
+        """Which of these sessions still exist, in one round trip. Only existence: nothing is
+        read or decrypted, and the idle timeout does not slide (watching is not using)."""
+        ids = list(storage_ids)
+        found = await self.backend.exists_many([self.keys.session(i) for i in ids])
+        return {i for i, exists in zip(ids, found, strict=True) if exists}
 
     async def ping(self) -> None:
         await self.backend.ping()
