@@ -48,6 +48,9 @@ def _runtime_context(config: Config, clock: Callable[[], float]
         backend = open_backend(config.session, clock=clock)
         upstreams = Upstreams(config.routes)
         idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        sessions = SessionStore(backend, config.store_keys,
+                                idle_timeout=config.session.idle_timeout,
+                                max_lifetime=config.session.max_lifetime, clock=clock)
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
                                 clock=clock)
@@ -57,12 +60,11 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                                 leeway=config.oidc.clock_skew, clock=clock)
             app[RUNTIME] = Runtime(
                 config=config, routes=RouteTable(config.routes),
-                sessions=SessionStore(backend, config.store_keys,
-                                      idle_timeout=config.session.idle_timeout,
-                                      max_lifetime=config.session.max_lifetime, clock=clock),
+                sessions=sessions,
                 provider=provider, verifier=verifier, client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock,
-                stripped_headers=Stripped.with_extra(config.server.strip_request_headers))
+                stripped_headers=Stripped.with_extra(config.server.strip_request_headers),
+                sockets=websocket.SocketWatch(sessions.alive))
             try:
                 await provider.metadata()
             except GatewayError as exc:
@@ -78,7 +80,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
 
 
 async def _close_websockets(app: web.Application) -> None:
-    await websocket.close_all(app[RUNTIME])
+    await app[RUNTIME].sockets.close_all()
 
 
 def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:

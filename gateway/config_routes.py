@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from yarl import URL
 
 from gateway.identity import email_address, email_domain
-from gateway.units import Duration, Size
+from gateway.units import Duration, NonNegativeDuration, Size
 
 _PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -88,6 +88,10 @@ class RouteConfig(FrozenModel):
     pass_authorization_header: bool = False
     case_insensitive: bool = False
     early_hints: bool = False
+    # WebSockets: close one that carried no frame either way for this long (None: never), and
+    # ping the client this often so half-open connections are found (0: no pings).
+    websocket_idle_timeout: Duration | None = None
+    websocket_ping_interval: NonNegativeDuration = 30.0
     # A public route inside a route with allow rules is a hole in it; check-config and
     # `gateway run` warn about one unless it is marked as intended.
     allow_nested_public: bool = False

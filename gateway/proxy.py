@@ -31,6 +31,7 @@ from gateway.errors import (
 from gateway.identity import Identity
 from gateway.routing import Route, Target
 from gateway.runtime import Runtime
+from gateway.sessions.cookies import SessionCookie
 from gateway.upstreams import Upstream, relaying_interim
 
 log = logging.getLogger("gateway.proxy")
@@ -98,8 +99,10 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
     upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
         url = upstream_url(upstream_to, route, target, websocket=True)
-        return await websocket.forward(request, rt, route, upstream_to, url, upstream_headers,
-                                       watch_session=identity is not None)
+        cookie = SessionCookie.parse(request.cookies.get(rt.session_cookie))
+        session = cookie.storage_id if identity is not None and cookie is not None else None
+        return await websocket.forward(request, rt.sockets, route, upstream_to, url,
+                                       upstream_headers, session=session)
     body = _limited(request, route) if request.body_exists else None
     url = upstream_url(upstream_to, route, target)
     relay = (relaying_interim(functools.partial(_relay_early_hints, request, route, upstream_to))

@@ -82,6 +82,8 @@ class Route:
     pass_authorization_header: bool
     case_insensitive: bool
     early_hints: bool
+    websocket_idle_timeout: float | None
+    websocket_ping_interval: float
     prefix_segments: tuple[str, ...]  # computed once: matching runs on every request
     folded_segments: tuple[str, ...]  # the same, ASCII lower case
 
@@ -92,7 +94,8 @@ class Route:
                    rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
                    rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries,
                    rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive,
-                   rc.early_hints, segments, tuple(ascii_lower(s) for s in segments))
+                   rc.early_hints, rc.websocket_idle_timeout, rc.websocket_ping_interval,
+                   segments, tuple(ascii_lower(s) for s in segments))
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: with strip_prefix, minus the segments the prefix matched

@@ -21,6 +21,7 @@ from gateway.oidc.verifier import Verifier
 from gateway.routing import RouteTable
 from gateway.sessions.store import SessionStore
 from gateway.upstreams import Upstreams
+from gateway.websocket import SocketWatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +36,7 @@ class Runtime:
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
     stripped_headers: Stripped  # client request headers that never reach an upstream
-    # Open client websockets, so shutdown can close them with 1001.
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    sockets: SocketWatch  # open client websockets, watched for their session's end
     # Sessions whose last refresh failed in this process, and when (refresh.py backs off).
     refresh_failures: dict[str, float] = field(default_factory=dict)
     # Warnings this process has logged once already (first_time).

@@ -1,8 +1,14 @@
 """Proxy an upgraded WebSocket both ways, for as long as its session lives.
 
-Frames (text, binary, ping, pong) and close codes pass through unchanged. On a protected
-route the session is re-checked every WS_RECHECK_INTERVAL seconds: a session revoked anywhere
-(sign-out, back-channel logout, admin) closes its sockets with 1008. On shutdown every open
+Frames (text, binary, ping, pong) and close codes pass through unchanged. One watch per
+process (SocketWatch) looks after every open socket, every WS_RECHECK_INTERVAL seconds:
+- a socket whose session ended (sign-out, back-channel logout, admin revoke, or idle expiry)
+  is closed with 1008; the check asks the store whether the sessions exist, all of them in
+  one round trip, and does not count as use (it never slides a session's idle timeout);
+- a socket that carried no frame either way for its route's websocket_idle_timeout is closed
+  with 1001.
+Half-open clients are found by pings: the gateway pings the client every
+websocket_ping_interval and closes a socket whose pong does not come. On shutdown every open
 socket is closed with 1001 (going away). aiohttp errors are translated here.
 """
 
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,7 +27,6 @@ from yarl import URL
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.routing import Route
-from gateway.runtime import Runtime
 from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.websocket")
@@ -28,11 +35,82 @@ WS_RECHECK_INTERVAL = 2.0  # seconds; bounds how long a revoked session keeps a 
 _HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
               "sec-websocket-protocol", "sec-websocket-accept")
 
+Alive = Callable[[Collection[str]], Awaitable[Collection[str]]]
 
-async def forward(request: web.Request, rt: Runtime, route: Route, upstream_to: Upstream,
-                  url: URL,
-                  upstream_headers: CIMultiDict[str], *,
-                  watch_session: bool) -> web.StreamResponse:
+
+@dataclass(eq=False)
+class _Socket:
+    client: web.WebSocketResponse
+    session: str | None  # the session's storage id; None on a public route
+    idle_timeout: float | None
+    last_frame: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+
+class SocketWatch:
+    """Every open client socket of this process, and the one task that watches them."""
+
+    def __init__(self, alive: Alive, interval: float = WS_RECHECK_INTERVAL) -> None:
+        self._alive = alive  # which of these sessions still exist (one store round trip)
+        self._interval = interval
+        self._sockets: set[_Socket] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[bool]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def add(self, socket: _Socket) -> None:
+        self._sockets.add(socket)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._watch())
+
+    def discard(self, socket: _Socket) -> None:
+        self._sockets.discard(socket)
+
+    async def close_all(self) -> None:
+        """on_shutdown: tell every client we are going away (1001), so they reconnect."""
+        for socket in list(self._sockets):
+            await socket.client.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._sockets:
+            await asyncio.sleep(self._interval)
+            now = loop.time()
+            for socket in list(self._sockets):
+                if socket.idle_timeout is not None and \
+                        now - socket.last_frame >= socket.idle_timeout:
+                    log.info("websocket_closed_idle")
+                    self._close(socket, WSCloseCode.GOING_AWAY, b"idle")
+            sessions = {s.session for s in self._sockets if s.session is not None}
+            if not sessions:
+                continue
+            try:
+                alive = await self._alive(sessions)
+            except GatewayError as exc:  # store down: keep the sockets, check again next time
+                log.warning("websocket_session_check_failed detail=%s", exc.detail)
+                continue
+            for socket in list(self._sockets):
+                if socket.session is not None and socket.session not in alive:
+                    log.info("websocket_closed_session_ended")
+                    self._close(socket, WSCloseCode.POLICY_VIOLATION, b"session ended")
+
+    def _close(self, socket: _Socket, code: int, message: bytes) -> None:
+        """Closing waits for the client's close frame: not in the watch's own loop."""
+        self._sockets.discard(socket)
+        task = asyncio.create_task(socket.client.close(code=code, message=message))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+async def forward(request: web.Request, watch: SocketWatch, route: Route, upstream_to: Upstream,
+                  url: URL, upstream_headers: CIMultiDict[str], *,
+                  session: str | None) -> web.StreamResponse:
+    """Proxy the socket; `session` (its storage id) is watched for its end."""
     for name in _HANDSHAKE:
         upstream_headers.popall(name, None)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
@@ -50,48 +128,22 @@ async def forward(request: web.Request, rt: Runtime, route: Route, upstream_to: 
                             f"{type(exc).__name__}") from exc
     async with upstream:
         client = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False)
+            protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False,
+            heartbeat=route.websocket_ping_interval or None)
         await client.prepare(request)
-        rt.websockets.add(client)
-        watcher = None
-        if watch_session:
-            cookie = request.cookies.get(rt.session_cookie, "")
-            watcher = asyncio.create_task(_close_when_revoked(rt, cookie, client))
+        socket = _Socket(client, session, route.websocket_idle_timeout)
+        watch.add(socket)
         try:
-            await _pump_both_ways(client, upstream)
+            await _pump_both_ways(socket, upstream)
         finally:
-            rt.websockets.discard(client)
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            watch.discard(socket)
     return client
 
 
-async def _close_when_revoked(rt: Runtime, cookie: str, client: web.WebSocketResponse) -> None:
-    while not client.closed:
-        await asyncio.sleep(WS_RECHECK_INTERVAL)
-        try:
-            session = await rt.sessions.load(cookie)
-        except GatewayError as exc:  # store down: keep the socket, check again next time
-            log.warning("websocket_session_check_failed detail=%s", exc.detail)
-            continue
-        if session is None:
-            log.info("websocket_closed_session_revoked")
-            await client.close(code=WSCloseCode.POLICY_VIOLATION, message=b"session ended")
-            return
-
-
-async def close_all(rt: Runtime) -> None:
-    """on_shutdown: tell every client we are going away (1001), so they reconnect elsewhere."""
-    for client in list(rt.websockets):
-        await client.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-
-
-async def _pump_both_ways(client: web.WebSocketResponse,
-                          upstream: aiohttp.ClientWebSocketResponse) -> None:
-    to_upstream = asyncio.create_task(_pump(client, upstream))
-    to_client = asyncio.create_task(_pump(upstream, client))
+async def _pump_both_ways(socket: _Socket, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    client = socket.client
+    to_upstream = asyncio.create_task(_pump(client, upstream, socket))
+    to_client = asyncio.create_task(_pump(upstream, client, socket))
     done, pending = await asyncio.wait({to_upstream, to_client},
                                        return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
@@ -103,9 +155,12 @@ async def _pump_both_ways(client: web.WebSocketResponse,
 
 
 async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> int:
+                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                socket: _Socket) -> int:
     """Relay frames until one side closes; returns the close code to pass on."""
+    loop = asyncio.get_running_loop()
     async for message in source:
+        socket.last_frame = loop.time()
         if message.type == WSMsgType.TEXT:
             await sink.send_str(message.data)
         elif message.type == WSMsgType.BINARY:

@@ -96,6 +96,8 @@ def raw_config(public_url: str, issuer: str, upstream: str, *, store: str = "mem
             {"name": "app", "path_prefix": "/", "upstream": upstream},
         ],
     }
+    for route in raw["routes"]:
+        route.setdefault("upstream", upstream)  # tests name only what differs
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return raw
