@@ -273,6 +273,11 @@ class Config(FrozenModel):
         return Keys.for_deployment(self.oidc.issuer, self.oidc.client_id, self.session.key_prefix)
 
     @property
+    def public_host(self) -> str:
+        """public_url's host[:port], the Host upstreams get by default."""
+        return str(URL(self.server.public_url).host_port_subcomponent)
+
+    @property
     def redirect_uri(self) -> str:
         return self.server.public_url + "/oauth2/callback"
 

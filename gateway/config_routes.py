@@ -76,16 +76,26 @@ class RouteConfig(FrozenModel):
     auth: Literal["required", "public"] = "required"
     allow: AllowRules | None = None
     strip_prefix: bool = False
-    preserve_host: bool = False
+    # The Host the upstream gets: public_url's (default: absolute URLs it builds point at the
+    # gateway, and no client can choose it), the client's own, or the upstream URL's.
+    host_header: Literal["public", "client", "upstream"] = "public"
+    preserve_host: bool = False  # the older spelling of host_header: client
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
     total_timeout: Duration | None = None
-    rewrite_redirects: bool = True
+    rewrite_redirects: bool = True  # Location/Content-Location on the upstream's origin
+    rewrite_cookie_paths: bool = True  # Set-Cookie Path under strip_prefix, and its Domain
     max_body_size: Size | None = None
     retries: int = Field(default=1, ge=0, le=5)
     upstream_tls: UpstreamTLSConfig | None = None
     pass_access_token: bool = False
     pass_authorization_header: bool = False
+    # Authorization on a protected route: the client's is dropped (servers map Basic auth to
+    # REMOTE_USER, which the client could then choose), unless pass_client_authorization;
+    # pass_basic_auth sends Basic base64(<user>:) for the signed-in user instead.
+    pass_client_authorization: bool = False
+    pass_basic_auth: bool = False
+    basic_auth_user: Literal["preferred_username", "email", "sub"] = "preferred_username"
     case_insensitive: bool = False
     early_hints: bool = False
     # WebSockets: close one that carried no frame either way for this long (None: never), and
@@ -138,8 +148,16 @@ class RouteConfig(FrozenModel):
     def _allow_needs_auth(self) -> RouteConfig:
         if self.auth == "public" and self.allow is not None:
             raise ValueError("allow rules need auth: required")
-        if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header):
-            raise ValueError("passing the access token needs auth: required")
+        if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header
+                                      or self.pass_basic_auth):
+            raise ValueError("passing the access token or the user needs auth: required")
+        given = [name for name in ("pass_authorization_header", "pass_basic_auth",
+                                   "pass_client_authorization") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} each set Authorization: choose one")
+        if self.preserve_host and self.host_header != "public":
+            raise ValueError("preserve_host is the older spelling of host_header: client; "
+                             "set only host_header")
         if self.auth != "public" and self.allow_nested_public:
             raise ValueError("allow_nested_public is for auth: public routes")
         return self

@@ -13,6 +13,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── NotFoundError          404  no route matches
      ├── PayloadTooLargeError   413  the body is over the route's max_body_size
      ├── MethodNotAllowedError  405  a gateway endpoint called with a disabled method
+     ├── RequestTimeoutError    408  the client went silent while sending its body
      ├── URITooLongError        414  the request line is over the parser's limit
      ├── TooManyRequestsError   429  too many sign-ins started from one client address
      ├── HeadersTooLargeError   431  a header line over server.max_header_size, or too many
@@ -108,6 +109,13 @@ class PayloadTooLargeError(GatewayError):
     title = "Request too large"
     public_message = "The request body is larger than this application accepts."
     event = "payload_too_large"
+
+
+class RequestTimeoutError(GatewayError):
+    status = 408
+    title = "Request timed out"
+    public_message = "The request body stopped arriving before it was complete."
+    event = "request_body_timeout"
 
 
 class URITooLongError(GatewayError):

@@ -11,6 +11,7 @@ lists in server.strip_request_headers.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway.identity import Identity, ascii_lower, email_address
+from gateway.routing import Route
 
 # RFC 9110 §7.6.1: hop-by-hop fields, plus any field named in Connection.
 HOP_BY_HOP = frozenset({
@@ -49,7 +51,7 @@ _IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-", "x-amzn-oidc-",
                       "x-goog-authenticated-user-", "x-goog-iap-", "cf-access-",
                       "x-ms-client-principal")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                         "x-real-ip", "forwarded"})
+                         "x-forwarded-prefix", "x-forwarded-port", "x-real-ip", "forwarded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,21 +167,26 @@ def for_upstream(
     client: ClientInfo,
     *,
     gateway_cookies: frozenset[str],
-    preserve_host: bool,
+    host: str | None = None,
     injected: Mapping[str, str | None] | None = None,
     stripped: Stripped = DEFAULT_STRIPPED,
     unverified_email: bool = False,
+    forwarded_prefix: str | None = None,
 ) -> CIMultiDict[str]:
-    """Request headers to send upstream; `injected` (token headers) replace any the client
-    sent under those names (a None value: removed, nothing sent)."""
-    injected = injected or {}
+    """Request headers to send upstream; `injected` (credentials) replace any the client
+    sent under those names (a None value: removed, nothing sent). `host`: the Host to send
+    (None: the upstream URL's, which the client library adds). `forwarded_prefix`: the
+    prefix stripped from the path, as X-Forwarded-Prefix."""
+    injected = {**(injected or {})}
+    if host is not None:
+        injected["Host"] = host
+    if forwarded_prefix is not None:
+        injected["X-Forwarded-Prefix"] = forwarded_prefix
     # Expect is answered by the gateway itself (after the session check), not by the upstream.
-    drop = (HOP_BY_HOP | _connection_listed(headers) | {"cookie", "expect"}
+    drop = (HOP_BY_HOP | _connection_listed(headers) | {"cookie", "expect", "host"}
             | {_normalise(name) for name in injected})
     if not client.trusted:
         drop |= _FORWARDING
-    if not preserve_host:
-        drop |= {"host"}
     out: CIMultiDict[str] = CIMultiDict(
         (name, value) for name, value in headers.items()
         if (normalised := _normalise(name)) not in drop and normalised not in stripped
@@ -197,17 +204,37 @@ def for_upstream(
     return out
 
 
-def token_headers(access_token: str | None, *, as_access_token_header: bool,
-                  as_authorization: bool) -> dict[str, str | None]:
-    """The access token, for upstreams that call APIs as the user. A route that passes it
-    claims the header names even when there is no token, so a client's own Authorization or
-    X-Forwarded-Access-Token never gets through."""
+def credential_headers(route: Route, identity: Identity | None, access_token: str | None, *,
+                       unverified_email: bool = False) -> dict[str, str | None]:
+    """What a route sends as the user's credentials; a None value removes the client's.
+
+    SECURITY: on a protected route the client's own Authorization is dropped unless the
+    route asks to pass it: nginx and Apache set REMOTE_USER from any Basic header, unchecked,
+    so `curl -u admin:x` would name its own user to an app that trusts REMOTE_USER. A route
+    that passes a credential claims the header names even when there is none to send."""
     out: dict[str, str | None] = {}
-    if as_authorization:
+    if route.pass_authorization_header:
         out["Authorization"] = f"Bearer {access_token}" if access_token else None
-    if as_access_token_header:
+    elif route.pass_basic_auth:
+        out["Authorization"] = _basic(identity, route.basic_auth_user, unverified_email)
+    elif route.auth == "required" and not route.pass_client_authorization:
+        out["Authorization"] = None
+    if route.pass_access_token:
         out[ACCESS_TOKEN] = access_token
     return out
+
+
+def _basic(identity: Identity | None, claim: str, unverified_email: bool) -> str | None:
+    """Basic base64(<user>:) for servers that map Basic auth to REMOTE_USER (RFC 7617: the
+    user-id has no ':'); none when the identity lacks the claim, or when it is an email the
+    IdP does not say is verified (as for X-Forwarded-Email)."""
+    if identity is None or (claim == "email" and not identity.email_verified
+                            and not unverified_email):
+        return None
+    user = getattr(identity, claim, None)
+    if not isinstance(user, str) or not user or ":" in user:
+        return None
+    return "Basic " + base64.b64encode(f"{user}:".encode()).decode()
 
 
 def identity_headers(identity: Identity, *, unverified_email: bool = False) -> Mapping[str, str]:
@@ -239,14 +266,23 @@ _LOCATIONS = frozenset({"location", "content-location"})
 _PROTOCOL_RELATIVE = re.compile(r"[\t\n\r]*/[\t\n\r]*[/\\]")
 
 
-def _rewrite_location(value: str, upstream_origin: str, prefix: str) -> str:
-    """An absolute URL on the upstream's own origin becomes a path on ours (nginx's
-    proxy_redirect default), with the stripped route prefix put back."""
-    rest = value[len(upstream_origin):]
-    if not value.lower().startswith(upstream_origin.lower()) or rest[:1] not in ("", "/", "?"):
+def _under(path: str, prefix: str) -> bool:
+    """Is `path` (perhaps with a query) already at or under `prefix`?"""
+    return prefix == "/" or path == prefix or path.startswith((prefix + "/", prefix + "?"))
+
+
+def _rewrite_location(value: str, origins: tuple[str, ...], prefix: str) -> str:
+    """An absolute URL on the app's own origin (its upstream address, or the public one it
+    built from the Host it was sent) becomes a path on ours, as nginx's proxy_redirect does,
+    with the stripped route prefix put back unless the app already put it there (an app told
+    its base path)."""
+    origin = next((o for o in origins if value.lower().startswith(o.lower())
+                   and value[len(o):len(o) + 1] in ("", "/", "?")), None)
+    if origin is None:
         return value
+    rest = value[len(origin):]
     path = rest if rest.startswith("/") else "/" + rest
-    rewritten = (prefix.rstrip("/") + path) if prefix != "/" else path
+    rewritten = path if _under(path, prefix) else prefix.rstrip("/") + path
     # SECURITY: "http://internal//evil.example/x" is harmless as sent, but "//evil.example/x"
     # (or "/\evil.example", also with a tab or newline inside, which browsers drop) is another
     # origin: such a value is kept as the upstream sent it.
@@ -260,12 +296,16 @@ _COOKIE_DOMAIN = re.compile(r";\s*domain\s*=\s*([^;]*)", re.IGNORECASE)
 
 
 def _prefixed(prefix: str, path: str) -> str:
-    return (prefix + path.strip()).rstrip("/") or "/"
+    path = path.strip()
+    if _under(path.rstrip("/") or "/", prefix):  # the app knows its base path: as it is
+        return path
+    return (prefix + path).rstrip("/") or "/"
 
 
 def _rewrite_set_cookie(value: str, upstream_host: str | None, prefix: str) -> str:
     """Scope an upstream's cookie to where the browser sees the app (nginx's proxy_cookie_path
-    and proxy_cookie_domain): under the stripped prefix, and on the gateway's host."""
+    and proxy_cookie_domain): under the stripped prefix (unless it already is), and on the
+    gateway's host."""
     if prefix != "/":
         if _COOKIE_PATH.search(value):
             value = _COOKIE_PATH.sub(lambda m: m.group(1) + _prefixed(prefix, m.group(2))
@@ -279,26 +319,27 @@ def _rewrite_set_cookie(value: str, upstream_host: str | None, prefix: str) -> s
     return value
 
 
-def from_upstream(headers: MultiMapping[str], *, upstream_origin: str | None = None,
-                  prefix: str = "/") -> CIMultiDict[str]:
+def from_upstream(headers: MultiMapping[str], *, origins: tuple[str, ...] = (),
+                  prefix: str = "/", cookies_from: str | None = None) -> CIMultiDict[str]:
     """Response headers to send back to the client (duplicates such as Set-Cookie kept).
 
-    With `upstream_origin`, Location and Content-Location pointing at the upstream itself are
-    rewritten to the gateway (legacy apps redirect to their internal address), and Set-Cookie
-    is scoped to the stripped prefix and stripped of the upstream's own Domain.
+    Location and Content-Location on one of `origins` (the app's upstream address, and the
+    public one) are rewritten to paths on the gateway (legacy apps redirect to their internal
+    address). With `cookies_from` (the upstream's origin), Set-Cookie is scoped to the
+    stripped prefix and stripped of the upstream's own Domain.
     """
     # Server: the gateway answers with its own, as nginx does (the upstream's names its
     # software and version, which is nobody's business).
     drop = HOP_BY_HOP | _connection_listed(headers) | {"server"}
-    upstream_host = URL(upstream_origin).host if upstream_origin else None
+    upstream_host = URL(cookies_from).host if cookies_from else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in drop:
             continue
-        if upstream_origin and lowered in _LOCATIONS:
-            value = _rewrite_location(value, upstream_origin, prefix)
-        elif upstream_origin and lowered == "set-cookie":
+        if origins and lowered in _LOCATIONS:
+            value = _rewrite_location(value, origins, prefix)
+        elif cookies_from and lowered == "set-cookie":
             value = _rewrite_set_cookie(value, upstream_host, prefix)
         out.add(name, value)
     return out

@@ -32,7 +32,8 @@ class _JSONFormatter(logging.Formatter):
 
 class RedactParserErrors(logging.Filter):
     """aiohttp logs a request it cannot parse with the offending bytes (a Cookie header, say)
-    and a traceback. Keep the fact, drop the bytes: cookies and tokens never reach a log."""
+    and a traceback, as an ERROR. Keep the fact, drop the bytes: cookies and tokens never
+    reach a log. It is the client's mistake (answered 400), not the gateway's: INFO."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
@@ -41,6 +42,7 @@ class RedactParserErrors(logging.Filter):
             record.args = (error.code, type(error).__name__)
             record.exc_info = None
             record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
 

@@ -17,19 +17,22 @@ import re
 from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import StreamReader, web
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import headers, websocket
 from gateway.errors import (
     BadRequestError,
+    GatewayError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UpstreamError,
     UpstreamTimeoutError,
 )
 from gateway.identity import Identity
-from gateway.routing import Route, Target
+from gateway.routing import Route, Target, host_name
 from gateway.runtime import Runtime
 from gateway.sessions.cookies import SessionCookie
 from gateway.upstreams import Upstream, relaying_interim
@@ -70,6 +73,22 @@ def upstream_url(upstream_to: Upstream, route: Route, target: Target, *,
     return url
 
 
+def _host_header(request: web.Request, rt: Runtime, route: Route) -> str | None:
+    """The Host the upstream gets (routes[].host_header); None: the upstream URL's.
+    "public" is the name the route matched (the client's Host, normalised, with its port
+    if it gave a number) on a route for a host, public_url's on any other."""
+    if route.host_header == "public":
+        if route.host is None:
+            return rt.config.public_host
+        given = request.headers.get("Host", "")
+        port = given.rsplit(":", 1)[1] if ":" in given and not given.endswith("]") else ""
+        name = host_name(given)
+        return f"{name}:{port}" if port.isdigit() else name
+    if route.host_header == "client":
+        return request.headers.get("Host")
+    return None
+
+
 def _target_of(url: URL) -> str:
     """The upstream URL for a log line: which app failed, without the query (it may carry
     tokens or personal data)."""
@@ -90,12 +109,13 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         request.writer.output_size = 0
     upstream_headers = headers.for_upstream(
         request.headers, identity, _client_info(request, rt),
-        gateway_cookies=rt.gateway_cookies, preserve_host=route.preserve_host,
-        injected=headers.token_headers(access_token,
-                                       as_access_token_header=route.pass_access_token,
-                                       as_authorization=route.pass_authorization_header),
+        gateway_cookies=rt.gateway_cookies, host=_host_header(request, rt, route),
+        injected=headers.credential_headers(
+            route, identity, access_token,
+            unverified_email=rt.config.oidc.allow_unverified_email),
         stripped=rt.stripped_headers,
-        unverified_email=rt.config.oidc.allow_unverified_email)
+        unverified_email=rt.config.oidc.allow_unverified_email,
+        forwarded_prefix=route.prefix if route.strip_prefix and route.prefix != "/" else None)
     upstream_to = rt.upstreams.by_route[route.name]
     if _is_websocket(request):
         url = upstream_url(upstream_to, route, target, websocket=True)
@@ -103,16 +123,18 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         session = cookie.storage_id if identity is not None and cookie is not None else None
         return await websocket.forward(request, rt.sockets, route, upstream_to, url,
                                        upstream_headers, session=session)
-    body = _limited(request, route) if request.body_exists else None
+    body = _client_body(request, route) if request.body_exists else None
     url = upstream_url(upstream_to, route, target)
-    relay = (relaying_interim(functools.partial(_relay_early_hints, request, route, upstream_to))
+    relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route,
+                                                upstream_to))
              if route.early_hints else contextlib.nullcontext())
     try:
         with relay:
             upstream = await _send(upstream_to, request, route, url, upstream_headers, body)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(_response_headers(route, upstream_to, upstream.headers))
+            response.headers.extend(_response_headers(rt, route, upstream_to,
+                                                      upstream.headers))
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left; not the upstream's failure
@@ -123,19 +145,25 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"route {route.name}: {_target_of(url)} timed out") from exc
     except aiohttp.ClientError as exc:
-        if isinstance(exc.__cause__, PayloadTooLargeError):
+        if isinstance(exc.__cause__, GatewayError):  # raised reading the client's body
             raise exc.__cause__ from exc
+        if isinstance(exc.__cause__, _ClientLeft):
+            log.info("client_went_away route=%s", route.name)
+            return web.Response(status=499)  # nginx's "client closed request", for the log
         raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
-def _response_headers(route: Route, upstream_to: Upstream,
+def _response_headers(rt: Runtime, route: Route, upstream_to: Upstream,
                       upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return headers.from_upstream(
         upstream_headers, prefix=route.prefix if route.strip_prefix else "/",
-        upstream_origin=upstream_to.base if route.rewrite_redirects else None)
+        origins=(upstream_to.base, rt.config.server.public_url) if route.rewrite_redirects
+        else (),
+        cookies_from=upstream_to.base if route.rewrite_cookie_paths else None)
 
 
-async def _relay_early_hints(request: web.Request, route: Route, upstream_to: Upstream,
+async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
+                             upstream_to: Upstream,
                              status: int, reason: str,
                              upstream_headers: CIMultiDictProxy[str]) -> None:
     """Pass a 103 Early Hints on before the final response; never to an HTTP/1.0 client,
@@ -144,7 +172,7 @@ async def _relay_early_hints(request: web.Request, route: Route, upstream_to: Up
     parser let through with a control character; the reason phrase is our own."""
     if request.version < (1, 1):
         return
-    hints = _response_headers(route, upstream_to, upstream_headers)
+    hints = _response_headers(rt, route, upstream_to, upstream_headers)
     lines = ["HTTP/1.1 103 Early Hints"] + [
         f"{name}: {value}" for name, value in hints.items()
         if name.lower() not in _FRAMING and not _CONTROL_CHARS.search(name + value)]
@@ -156,7 +184,7 @@ async def _relay_early_hints(request: web.Request, route: Route, upstream_to: Up
 
 async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: URL,
                 upstream_headers: CIMultiDict[str],
-                body: AsyncIterator[bytes] | StreamReader | None) -> aiohttp.ClientResponse:
+                body: AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
     """Send the request; retry only what is safe to: an idempotent request without a body
     whose connection attempt failed, so it certainly never reached the upstream."""
     timeout = aiohttp.ClientTimeout(total=route.total_timeout, connect=route.connect_timeout,
@@ -175,23 +203,48 @@ async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: 
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _limited(request: web.Request, route: Route) -> AsyncIterator[bytes] | StreamReader:
-    """The request body as a stream, refused (413) once past the route's max_body_size."""
+class _ClientLeft(Exception):
+    """The client's request body broke off: it went away mid-upload."""
+
+
+def _client_body(request: web.Request, route: Route) -> AsyncIterator[bytes]:
+    """The request body as a stream, refused (413) once past the route's max_body_size, and
+    (408) once the client has been silent for the route's read_timeout, as nginx's
+    client_body_timeout: a client that trickles its body, or whose chunk framing aiohttp's
+    C parser rejects mid-body (it then never ends the body), would hold an upstream
+    connection for as long as it liked.
+
+    Errors reading it are the client's and are raised as such (aiohttp hands them back as
+    the __cause__ of its own error): a client that leaves mid-upload (a browser cancels
+    a POST when it navigates away) is not an upstream failure, and a malformed chunked body
+    is a bad request."""
     limit = route.max_body_size
-    if limit is None:
-        return request.content
-    if request.content_length is not None and request.content_length > limit:
+    if limit is not None and request.content_length is not None \
+            and request.content_length > limit:
         raise PayloadTooLargeError(f"route {route.name}: Content-Length over {limit}")
 
-    async def counted() -> AsyncIterator[bytes]:
+    async def read() -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            seen += len(chunk)
-            if seen > limit:  # chunked bodies have no Content-Length to check up front
-                raise PayloadTooLargeError(f"route {route.name}: body over {limit}")
-            yield chunk
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(route.read_timeout):
+                        chunk = await request.content.read(_CHUNK)
+                except TimeoutError as exc:  # an OSError: aiohttp would blame the upstream
+                    raise RequestTimeoutError(
+                        f"route {route.name}: no body for {route.read_timeout:g}s") from exc
+                if not chunk:
+                    return
+                seen += len(chunk)
+                if limit is not None and seen > limit:  # chunked: no Content-Length to check
+                    raise PayloadTooLargeError(f"route {route.name}: body over {limit}")
+                yield chunk
+        except ConnectionError as exc:
+            raise _ClientLeft() from exc
+        except HttpProcessingError as exc:
+            raise BadRequestError(f"route {route.name}: malformed request body") from exc
 
-    return counted()
+    return read()
 
 
 async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,

@@ -71,15 +71,19 @@ class Route:
     auth: Literal["required", "public"]
     allow: AllowRules | None
     strip_prefix: bool
-    preserve_host: bool
+    host_header: Literal["public", "client", "upstream"]
     connect_timeout: float
     read_timeout: float
     total_timeout: float | None
     rewrite_redirects: bool
+    rewrite_cookie_paths: bool
     max_body_size: int | None
     retries: int
     pass_access_token: bool
     pass_authorization_header: bool
+    pass_client_authorization: bool
+    pass_basic_auth: bool
+    basic_auth_user: Literal["preferred_username", "email", "sub"]
     case_insensitive: bool
     early_hints: bool
     websocket_idle_timeout: float | None
@@ -91,9 +95,12 @@ class Route:
     def from_config(cls, rc: RouteConfig) -> Route:
         segments = tuple(rc.path_prefix.split("/")[1:]) if rc.path_prefix != "/" else ()
         return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
-                   rc.strip_prefix, rc.preserve_host, rc.connect_timeout, rc.read_timeout,
-                   rc.total_timeout, rc.rewrite_redirects, rc.max_body_size, rc.retries,
-                   rc.pass_access_token, rc.pass_authorization_header, rc.case_insensitive,
+                   rc.strip_prefix, "client" if rc.preserve_host else rc.host_header,
+                   rc.connect_timeout, rc.read_timeout, rc.total_timeout, rc.rewrite_redirects,
+                   rc.rewrite_cookie_paths, rc.max_body_size, rc.retries,
+                   rc.pass_access_token, rc.pass_authorization_header,
+                   rc.pass_client_authorization, rc.pass_basic_auth, rc.basic_auth_user,
+                   rc.case_insensitive,
                    rc.early_hints, rc.websocket_idle_timeout, rc.websocket_ping_interval,
                    segments, tuple(ascii_lower(s) for s in segments))
 
@@ -269,6 +276,12 @@ def _host_rank(route_host: str | None, host: str) -> int:
     return 0 if host == route_host else -1
 
 
+def host_name(host: str) -> str:
+    """A Host header's name as routes match it: lower case, no port, no trailing dot."""
+    host = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host.lower()
+    return host.rstrip(".")
+
+
 class RouteTable:
     """Routes grouped by host specificity; within the best group, the longest prefix wins."""
 
@@ -281,8 +294,7 @@ class RouteTable:
             for route in table)
 
     def match(self, host: str, path: str) -> Route | None:
-        host = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host.lower()
-        host = host.rstrip(".")
+        host = host_name(host)
         segments = _match_segments(path)
         best: tuple[int, int, int] | None = None
         chosen: Route | None = None

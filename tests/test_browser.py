@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -13,22 +12,6 @@ import pytest
 from conftest import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-CHROMIUM = "/usr/bin/chromium"
-# Without these flags Chromium tries to reach Google services, which this sandbox refuses.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def _skip_reason() -> str | None:
-    if not os.path.exists(CHROMIUM):
-        return f"{CHROMIUM} is not installed (CI installs Debian's chromium)"
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        return "python playwright is not installed"
-    return None
 
 
 @contextlib.asynccontextmanager
@@ -50,22 +33,6 @@ async def running_demo(port: int) -> AsyncIterator[str]:
             code = await proc.wait()
         await proc.communicate()
         assert code == 0, f"demo exited with {code} on SIGTERM"
-
-
-@pytest.fixture
-async def page() -> AsyncIterator[object]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context()
-            yield await context.new_page()
-        finally:
-            await browser.close()
 
 
 async def test_demo_login_in_chromium_lands_on_the_upstream_with_identity(page: object) -> None:

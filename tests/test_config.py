@@ -169,7 +169,18 @@ def test_missing_required_keys_are_named() -> None:
 def test_token_passing_on_a_public_route_is_refused() -> None:
     raw = minimal()
     raw["routes"][0].update(auth="public", pass_authorization_header=True)
-    assert "passing the access token needs auth: required" in error_of(raw)
+    assert "passing the access token or the user needs auth: required" in error_of(raw)
+
+
+@pytest.mark.parametrize("options", [
+    {"pass_basic_auth": True, "pass_authorization_header": True},
+    {"pass_basic_auth": True, "pass_client_authorization": True},
+    {"host_header": "upstream", "preserve_host": True},
+])
+def test_options_that_contradict_each_other_are_refused(options: dict[str, Any]) -> None:
+    raw = minimal()
+    raw["routes"][0].update(options)
+    assert error_of(raw).startswith("routes[app]: ")
 
 
 @pytest.mark.parametrize(("first", "second"), [

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
+from gateway.config_routes import RouteConfig
 from gateway.headers import (
     ClientInfo,
     Stripped,
     client_address,
     client_and_reporter,
+    credential_headers,
     for_upstream,
     from_upstream,
-    token_headers,
 )
 from gateway.identity import Identity
+from gateway.routing import Route
 
 CLIENT = ClientInfo(ip="203.0.113.9", scheme="https", host="app.example.com", trusted=False)
 PROXY = ClientInfo(ip="10.0.0.2", scheme="http", host="internal:4180", trusted=True)
@@ -25,9 +29,13 @@ GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_session_login"})
 
 
 def upstream(headers: list[tuple[str, str]], identity: Identity | None = None,
-             client: ClientInfo = CLIENT, preserve_host: bool = False) -> CIMultiDict[str]:
+             client: ClientInfo = CLIENT, host: str | None = None) -> CIMultiDict[str]:
     return for_upstream(CIMultiDict(headers), identity, client, gateway_cookies=GATEWAY_COOKIES,
-                        preserve_host=preserve_host)
+                        host=host)
+
+
+def route(**options: Any) -> Route:
+    return Route.from_config(RouteConfig(name="r", upstream="http://u", **options))
 
 
 def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
@@ -64,19 +72,54 @@ def test_client_identity_headers_are_stripped_in_every_spelling(
                                   "X-Forwarded-Access-Token", "x_forwarded_access_token"])
 @pytest.mark.parametrize("token", ["real-token", None])
 def test_passed_tokens_replace_every_client_spelling(name: str, token: str | None) -> None:
-    injected = token_headers(token, as_access_token_header=True, as_authorization=True)
+    injected = credential_headers(
+        route(pass_access_token=True, pass_authorization_header=True), BOB, token)
     out = for_upstream(CIMultiDict([(name, "forged"), (name, "forged2")]), BOB, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES, preserve_host=False, injected=injected)
+                       gateway_cookies=GATEWAY_COOKIES, injected=injected)
     assert "forged" not in " ".join(out.values())
     assert out.getall("Authorization", []) == ([f"Bearer {token}"] if token else [])
     assert out.getall("X-Forwarded-Access-Token", []) == ([token] if token else [])
 
 
-def test_client_authorization_is_kept_when_the_route_passes_no_token() -> None:
-    injected = token_headers("t", as_access_token_header=True, as_authorization=False)
+@pytest.mark.parametrize(("options", "sent"), [
+    ({}, None),  # protected: the client's Basic user would become REMOTE_USER upstream
+    ({"pass_client_authorization": True}, "Basic eDp5"),  # the app's own Basic auth
+    ({"auth": "public"}, "Basic eDp5"),
+    ({"pass_basic_auth": True}, "Basic " + base64.b64encode(b"bobby:").decode()),
+    ({"pass_basic_auth": True, "basic_auth_user": "email"},
+     "Basic " + base64.b64encode(b"bob@example.com:").decode()),
+    ({"pass_basic_auth": True, "basic_auth_user": "sub"},
+     "Basic " + base64.b64encode(b"bob:").decode()),
+])
+def test_the_clients_authorization_reaches_a_protected_upstream_only_when_asked(
+        options: dict[str, Any], sent: str | None) -> None:
     out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), BOB, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES, preserve_host=False, injected=injected)
-    assert out["Authorization"] == "Basic eDp5" and out["X-Forwarded-Access-Token"] == "t"
+                       gateway_cookies=GATEWAY_COOKIES,
+                       injected=credential_headers(route(**options), BOB, "t"))
+    assert out.getall("Authorization", []) == ([sent] if sent else [])
+
+
+@pytest.mark.parametrize("user", [None, "a:b", ""])
+def test_basic_auth_names_no_user_it_cannot(user: str | None) -> None:
+    """No claim, or a user-id with ':' (RFC 7617): no Authorization at all."""
+    identity = Identity("u", preferred_username=user)
+    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), identity, CLIENT,
+                       gateway_cookies=GATEWAY_COOKIES,
+                       injected=credential_headers(route(pass_basic_auth=True), identity, "t"))
+    assert "Authorization" not in out
+
+
+@pytest.mark.parametrize(("allow_unverified", "sent"), [
+    (False, []), (True, ["Basic " + base64.b64encode(b"eve@example.com:").decode()])])
+def test_basic_auth_by_email_names_only_a_verified_one(allow_unverified: bool,
+                                                       sent: list[str]) -> None:
+    """Same rule as X-Forwarded-Email: an unverified address may be anybody's."""
+    eve = Identity("eve", "eve@example.com", False)
+    injected = credential_headers(route(pass_basic_auth=True, basic_auth_user="email"), eve,
+                                  "t", unverified_email=allow_unverified)
+    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), eve, CLIENT,
+                       gateway_cookies=GATEWAY_COOKIES, injected=injected)
+    assert out.getall("Authorization", []) == sent
 
 
 def test_identity_headers_come_from_the_session() -> None:
@@ -116,9 +159,18 @@ def test_trusted_proxy_forwarding_headers_are_appended_and_kept() -> None:
     assert out["X-Forwarded-Host"] == "app.example.com"
 
 
-def test_host_is_dropped_unless_preserved() -> None:
-    assert "Host" not in upstream([("Host", "app.example.com")])
-    assert upstream([("Host", "app.example.com")], preserve_host=True)["Host"] == "app.example.com"
+def test_the_host_sent_is_the_one_chosen_never_the_clients_by_itself() -> None:
+    assert "Host" not in upstream([("Host", "evil.example")])  # the upstream URL's
+    assert upstream([("Host", "evil.example")], host="app.example.com").getall("Host") == [
+        "app.example.com"]
+
+
+def test_a_stripped_prefix_is_sent_as_x_forwarded_prefix_and_never_forged() -> None:
+    forged = CIMultiDict([("X-Forwarded-Prefix", "/admin")])
+    out = for_upstream(forged, None, CLIENT, gateway_cookies=GATEWAY_COOKIES,
+                       forwarded_prefix="/wiki")
+    assert out.getall("X-Forwarded-Prefix") == ["/wiki"]
+    assert "X-Forwarded-Prefix" not in upstream([("X-Forwarded-Prefix", "/admin")])
 
 
 def test_the_upstreams_server_header_is_not_passed_on() -> None:
@@ -130,7 +182,7 @@ def test_operator_names_and_prefixes_are_stripped_in_every_spelling() -> None:
     stripped = Stripped.with_extra(["X-Corp-*", "X-App-User"])
     out = for_upstream(CIMultiDict([("x_corp_role", "a"), ("X-CORP-ID", "1"), ("x-app_user", "r"),
                                     ("X-Corporate", "kept"), ("OIDC_CLAIM_sub", "x")]),
-                       None, CLIENT, gateway_cookies=GATEWAY_COOKIES, preserve_host=False,
+                       None, CLIENT, gateway_cookies=GATEWAY_COOKIES,
                        stripped=stripped)
     assert [name for name in out if name.lower().startswith(("x-c", "x_c", "x-a", "oidc"))] == [
         "X-Corporate"]
@@ -154,7 +206,7 @@ def test_the_email_header_needs_a_verified_email_unless_allowed() -> None:
     unverified = Identity("bob", "bob@example.com", False)
     assert "X-Forwarded-Email" not in upstream([], unverified)
     allowed = for_upstream(CIMultiDict(), unverified, CLIENT, gateway_cookies=GATEWAY_COOKIES,
-                           preserve_host=False, unverified_email=True)
+                           unverified_email=True)
     assert allowed["X-Forwarded-Email"] == "bob@example.com"
     assert upstream([], BOB)["X-Forwarded-Email"] == "bob@example.com"
 
@@ -183,11 +235,20 @@ def test_response_headers_keep_duplicates_and_drop_hop_by_hop() -> None:
      "http://app.internal:8080/\\evil.example/x"),
     ("http://app.internal:8080/\t/evil.example", "/", "http://app.internal:8080/\t/evil.example"),
     ("http://app.internal:8080//evil.example/x", "/app", "/app//evil.example/x"),
+    # an app told its base path: already under the prefix, not prefixed again
+    ("http://app.internal:8080/app/doku.php", "/app", "/app/doku.php"),
+    ("http://app.internal:8080/app?x=1", "/app", "/app?x=1"),
+    ("http://app.internal:8080/application", "/app", "/app/application"),
+    # the public origin (an app building URLs from the Host it was sent) is the app's too
+    ("https://gw.example.com/doku.php", "/app", "/app/doku.php"),
+    ("https://gw.example.com/app/doku.php", "/app", "/app/doku.php"),
+    ("https://gw.example.com.evil/x", "/", "https://gw.example.com.evil/x"),
 ])
 def test_upstream_self_redirects_are_rewritten_to_the_gateway(
         location: str, prefix: str, expected: str) -> None:
     out = from_upstream(CIMultiDict([("Location", location), ("Content-Location", location)]),
-                        upstream_origin="http://app.internal:8080", prefix=prefix)
+                        origins=("http://app.internal:8080", "https://gw.example.com"),
+                        prefix=prefix)
     assert out["Location"] == expected
     assert out["Content-Location"] == expected
 
@@ -205,11 +266,15 @@ def test_redirects_are_left_alone_without_rewriting() -> None:
     ("sid=1; Domain=app.internal; Path=/", "/", "sid=1; Path=/"),
     ("sid=1; Domain=.APP.internal", "/", "sid=1"),
     ("sid=1; Domain=example.com", "/", "sid=1; Domain=example.com"),
+    # an app told its base path: not /app/app
+    ("sid=1; path=/app/", "/app", "sid=1; path=/app/"),
+    ("sid=1; Path=/app", "/app", "sid=1; Path=/app"),
+    ("sid=1; Path=/application", "/app", "sid=1; Path=/app/application"),
 ])
 def test_upstream_cookies_are_scoped_to_where_the_browser_sees_the_app(
         cookie: str, prefix: str, expected: str) -> None:
     out = from_upstream(CIMultiDict([("Set-Cookie", cookie), ("Set-Cookie", "b=2")]),
-                        upstream_origin="http://app.internal:8080", prefix=prefix)
+                        cookies_from="http://app.internal:8080", prefix=prefix)
     assert out.getall("Set-Cookie")[0] == expected
     assert len(out.getall("Set-Cookie")) == 2
 
