@@ -46,7 +46,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                      ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         backend = open_backend(config.session, clock=clock)
-        upstreams = Upstreams(config.routes)
+        upstreams = Upstreams()
         idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         sessions = SessionStore(backend, config.store_keys,
                                 idle_timeout=config.session.idle_timeout,
@@ -59,7 +59,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                                 client_secret=client.client_secret,
                                 leeway=config.oidc.clock_skew, clock=clock)
             app[RUNTIME] = Runtime(
-                config=config, routes=RouteTable(config.routes),
+                config=config, routes=RouteTable.build(config.routes, upstreams.for_route),
                 sessions=sessions,
                 provider=provider, verifier=verifier, client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock,

@@ -138,6 +138,10 @@ class RouteConfig(FrozenModel):
             return value
         return http_url(value, require_path_free=True).rstrip("/")
 
+    @property
+    def effective_host_header(self) -> Literal["public", "client", "upstream"]:
+        return "client" if self.preserve_host else self.host_header
+
     @model_validator(mode="after")
     def _tls_needs_https(self) -> RouteConfig:
         if self.upstream_tls is not None and not self.upstream.startswith("https://"):

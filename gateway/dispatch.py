@@ -31,13 +31,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise NotFoundError(f"no route for host={request.host!r} path={path}")
     request[ROUTE_NAME] = route.name
     session = None
-    if route.auth == "required":
+    if not route.access.public:
         cookie = request.cookies.get(rt.session_cookie)
         session = await rt.sessions.load(cookie)
         if session is not None and cookie is not None and refresh.is_due(session, rt):
             session = await refresh.fresh(rt, cookie, session)
     identity = session.identity if session else None
-    decision = policy.decide(route, identity)
+    decision = policy.decide(route.access, identity)
     match decision:
         case policy.Allow(identity=allowed):
             if allowed is not None:

@@ -213,13 +213,13 @@ def credential_headers(route: Route, identity: Identity | None, access_token: st
     so `curl -u admin:x` would name its own user to an app that trusts REMOTE_USER. A route
     that passes a credential claims the header names even when there is none to send."""
     out: dict[str, str | None] = {}
-    if route.pass_authorization_header:
+    if route.config.pass_authorization_header:
         out["Authorization"] = f"Bearer {access_token}" if access_token else None
-    elif route.pass_basic_auth:
-        out["Authorization"] = _basic(identity, route.basic_auth_user, unverified_email)
-    elif route.auth == "required" and not route.pass_client_authorization:
+    elif route.config.pass_basic_auth:
+        out["Authorization"] = _basic(identity, route.config.basic_auth_user, unverified_email)
+    elif not route.access.public and not route.config.pass_client_authorization:
         out["Authorization"] = None
-    if route.pass_access_token:
+    if route.config.pass_access_token:
         out[ACCESS_TOKEN] = access_token
     return out
 

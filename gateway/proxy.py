@@ -35,7 +35,7 @@ from gateway.identity import Identity
 from gateway.routing import Route, Target, host_name
 from gateway.runtime import Runtime
 from gateway.sessions.cookies import SessionCookie
-from gateway.upstreams import Upstream, relaying_interim
+from gateway.upstreams import relaying_interim
 
 log = logging.getLogger("gateway.proxy")
 
@@ -54,15 +54,14 @@ def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
     return headers.ClientInfo(ip=peer, scheme=request.scheme, host=request.host, trusted=trusted)
 
 
-def upstream_url(upstream_to: Upstream, route: Route, target: Target, *,
-                 websocket: bool = False) -> URL:
+def upstream_url(route: Route, target: Target, *, websocket: bool = False) -> URL:
     """The URL the upstream is sent, derived from the canonical target that was authorized.
 
     SECURITY: the boundary check. Whatever the URL library makes of the string (a '#' read as
     a fragment, dot segments resolved, characters re-quoted), the request target that will be
     sent must be exactly the derived one, or nothing is sent."""
-    expected = target.with_path(upstream_to.base_path + route.upstream_path(target.path))
-    origin = upstream_to.origin
+    expected = target.with_path(route.upstream.base_path + route.upstream_path(target.path))
+    origin = route.upstream.origin
     if websocket:
         origin = "ws" + origin.removeprefix("http")
     url = URL(origin + expected, encoded=True)
@@ -77,14 +76,14 @@ def _host_header(request: web.Request, rt: Runtime, route: Route) -> str | None:
     """The Host the upstream gets (routes[].host_header); None: the upstream URL's.
     "public" is the name the route matched (the client's Host, normalised, with its port
     if it gave a number) on a route for a host, public_url's on any other."""
-    if route.host_header == "public":
+    if route.config.effective_host_header == "public":
         if route.host is None:
             return rt.config.public_host
         given = request.headers.get("Host", "")
         port = given.rsplit(":", 1)[1] if ":" in given and not given.endswith("]") else ""
         name = host_name(given)
         return f"{name}:{port}" if port.isdigit() else name
-    if route.host_header == "client":
+    if route.config.effective_host_header == "client":
         return request.headers.get("Host")
     return None
 
@@ -107,34 +106,23 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-    upstream_headers = headers.for_upstream(
-        request.headers, identity, _client_info(request, rt),
-        gateway_cookies=rt.gateway_cookies, host=_host_header(request, rt, route),
-        injected=headers.credential_headers(
-            route, identity, access_token,
-            unverified_email=rt.config.oidc.allow_unverified_email),
-        stripped=rt.stripped_headers,
-        unverified_email=rt.config.oidc.allow_unverified_email,
-        forwarded_prefix=route.prefix if route.strip_prefix and route.prefix != "/" else None)
-    upstream_to = rt.upstreams.by_route[route.name]
+    upstream_headers = _request_headers(request, rt, route, identity, access_token)
     if _is_websocket(request):
-        url = upstream_url(upstream_to, route, target, websocket=True)
+        url = upstream_url(route, target, websocket=True)
         cookie = SessionCookie.parse(request.cookies.get(rt.session_cookie))
         session = cookie.storage_id if identity is not None and cookie is not None else None
-        return await websocket.forward(request, rt.sockets, route, upstream_to, url,
-                                       upstream_headers, session=session)
+        return await websocket.forward(request, rt.sockets, route, url, upstream_headers,
+                                       session=session)
     body = _client_body(request, route) if request.body_exists else None
-    url = upstream_url(upstream_to, route, target)
-    relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route,
-                                                upstream_to))
-             if route.early_hints else contextlib.nullcontext())
+    url = upstream_url(route, target)
+    relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route))
+             if route.config.early_hints else contextlib.nullcontext())
     try:
         with relay:
-            upstream = await _send(upstream_to, request, route, url, upstream_headers, body)
+            upstream = await _send(request, route, url, upstream_headers, body)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(_response_headers(rt, route, upstream_to,
-                                                      upstream.headers))
+            response.headers.extend(_response_headers(rt, route, upstream.headers))
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left; not the upstream's failure
@@ -153,17 +141,30 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
-def _response_headers(rt: Runtime, route: Route, upstream_to: Upstream,
+def _request_headers(request: web.Request, rt: Runtime, route: Route, identity: Identity | None,
+                     access_token: str | None) -> CIMultiDict[str]:
+    stripped = route.prefix if route.config.strip_prefix and route.prefix != "/" else None
+    return headers.for_upstream(
+        request.headers, identity, _client_info(request, rt),
+        gateway_cookies=rt.gateway_cookies, host=_host_header(request, rt, route),
+        injected=headers.credential_headers(
+            route, identity, access_token,
+            unverified_email=rt.config.oidc.allow_unverified_email),
+        stripped=rt.stripped_headers,
+        unverified_email=rt.config.oidc.allow_unverified_email,
+        forwarded_prefix=stripped)
+
+
+def _response_headers(rt: Runtime, route: Route,
                       upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    options, base = route.config, route.upstream.base
     return headers.from_upstream(
-        upstream_headers, prefix=route.prefix if route.strip_prefix else "/",
-        origins=(upstream_to.base, rt.config.server.public_url) if route.rewrite_redirects
-        else (),
-        cookies_from=upstream_to.base if route.rewrite_cookie_paths else None)
+        upstream_headers, prefix=route.prefix if options.strip_prefix else "/",
+        origins=(base, rt.config.server.public_url) if options.rewrite_redirects else (),
+        cookies_from=base if options.rewrite_cookie_paths else None)
 
 
 async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
-                             upstream_to: Upstream,
                              status: int, reason: str,
                              upstream_headers: CIMultiDictProxy[str]) -> None:
     """Pass a 103 Early Hints on before the final response; never to an HTTP/1.0 client,
@@ -172,7 +173,7 @@ async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
     parser let through with a control character; the reason phrase is our own."""
     if request.version < (1, 1):
         return
-    hints = _response_headers(rt, route, upstream_to, upstream_headers)
+    hints = _response_headers(rt, route, upstream_headers)
     lines = ["HTTP/1.1 103 Early Hints"] + [
         f"{name}: {value}" for name, value in hints.items()
         if name.lower() not in _FRAMING and not _CONTROL_CHARS.search(name + value)]
@@ -182,18 +183,19 @@ async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
     request.writer.output_size = 0  # the final response (or an error page) is still to come
 
 
-async def _send(upstream_to: Upstream, request: web.Request, route: Route, url: URL,
+async def _send(request: web.Request, route: Route, url: URL,
                 upstream_headers: CIMultiDict[str],
                 body: AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
     """Send the request; retry only what is safe to: an idempotent request without a body
     whose connection attempt failed, so it certainly never reached the upstream."""
-    timeout = aiohttp.ClientTimeout(total=route.total_timeout, connect=route.connect_timeout,
-                                    sock_read=route.read_timeout)
-    retries = route.retries if request.method in _IDEMPOTENT and body is None else 0
+    options, upstream = route.config, route.upstream
+    timeout = aiohttp.ClientTimeout(total=options.total_timeout, connect=options.connect_timeout,
+                                    sock_read=options.read_timeout)
+    retries = options.retries if request.method in _IDEMPOTENT and body is None else 0
     for attempt in range(retries + 1):
         try:
-            return await upstream_to.session.request(
-                request.method, url, headers=upstream_headers, data=body, ssl=upstream_to.ssl,
+            return await upstream.session.request(
+                request.method, url, headers=upstream_headers, data=body, ssl=upstream.ssl,
                 allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO)
         except aiohttp.ClientConnectorError:
             if attempt == retries:
@@ -218,7 +220,7 @@ def _client_body(request: web.Request, route: Route) -> AsyncIterator[bytes]:
     the __cause__ of its own error): a client that leaves mid-upload (a browser cancels
     a POST when it navigates away) is not an upstream failure, and a malformed chunked body
     is a bad request."""
-    limit = route.max_body_size
+    limit = route.config.max_body_size
     if limit is not None and request.content_length is not None \
             and request.content_length > limit:
         raise PayloadTooLargeError(f"route {route.name}: Content-Length over {limit}")
@@ -228,11 +230,11 @@ def _client_body(request: web.Request, route: Route) -> AsyncIterator[bytes]:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(route.read_timeout):
+                    async with asyncio.timeout(route.config.read_timeout):
                         chunk = await request.content.read(_CHUNK)
                 except TimeoutError as exc:  # an OSError: aiohttp would blame the upstream
                     raise RequestTimeoutError(
-                        f"route {route.name}: no body for {route.read_timeout:g}s") from exc
+                        f"route {route.name}: no body for {route.config.read_timeout:g}s") from exc
                 if not chunk:
                     return
                 seen += len(chunk)

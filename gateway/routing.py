@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import unquote, unquote_to_bytes
 
-from gateway.config_routes import AllowRules, RouteConfig
+from gateway.config_routes import RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.identity import ascii_lower
+from gateway.policy import Access, Rules
+from gateway.upstreams import Upstream
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
 # RFC 3986 §3.3: path = *( "/" / pchar ); pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
@@ -62,52 +64,41 @@ class Target:
         return path + ("?" + self.query if self.query else "")
 
 
+def access_of(rc: RouteConfig) -> Access:
+    """The route's access rules as the policy's own types."""
+    allow = rc.allow
+    rules = Rules(frozenset(allow.emails), frozenset(allow.email_domains),
+                  frozenset(allow.groups)) if allow is not None else None
+    return Access(public=rc.auth == "public", rules=rules)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A route built once at startup: what it matches, who may use it (compiled for the
+    policy) and the upstream it goes to (its pooled client session). Every other setting is
+    read from its frozen config, never copied."""
+
     name: str
     host: str | None
     prefix: str
-    upstream: str
-    auth: Literal["required", "public"]
-    allow: AllowRules | None
-    strip_prefix: bool
-    host_header: Literal["public", "client", "upstream"]
-    connect_timeout: float
-    read_timeout: float
-    total_timeout: float | None
-    rewrite_redirects: bool
-    rewrite_cookie_paths: bool
-    max_body_size: int | None
-    retries: int
-    pass_access_token: bool
-    pass_authorization_header: bool
-    pass_client_authorization: bool
-    pass_basic_auth: bool
-    basic_auth_user: Literal["preferred_username", "email", "sub"]
-    case_insensitive: bool
-    early_hints: bool
-    websocket_idle_timeout: float | None
-    websocket_ping_interval: float
     prefix_segments: tuple[str, ...]  # computed once: matching runs on every request
     folded_segments: tuple[str, ...]  # the same, ASCII lower case
+    case_insensitive: bool  # also true when nested under a case-insensitive route
+    access: Access
+    upstream: Upstream
+    config: RouteConfig
 
     @classmethod
-    def from_config(cls, rc: RouteConfig) -> Route:
+    def build(cls, rc: RouteConfig, upstream: Upstream) -> Route:
         segments = tuple(rc.path_prefix.split("/")[1:]) if rc.path_prefix != "/" else ()
-        return cls(rc.name, rc.host, rc.path_prefix, rc.upstream, rc.auth, rc.allow,
-                   rc.strip_prefix, "client" if rc.preserve_host else rc.host_header,
-                   rc.connect_timeout, rc.read_timeout, rc.total_timeout, rc.rewrite_redirects,
-                   rc.rewrite_cookie_paths, rc.max_body_size, rc.retries,
-                   rc.pass_access_token, rc.pass_authorization_header,
-                   rc.pass_client_authorization, rc.pass_basic_auth, rc.basic_auth_user,
-                   rc.case_insensitive,
-                   rc.early_hints, rc.websocket_idle_timeout, rc.websocket_ping_interval,
-                   segments, tuple(ascii_lower(s) for s in segments))
+        return cls(rc.name, rc.host, rc.path_prefix, segments,
+                   tuple(ascii_lower(s) for s in segments), rc.case_insensitive,
+                   access_of(rc), upstream, rc)
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: with strip_prefix, minus the segments the prefix matched
         (their `;params` included, since matching ignored them)."""
-        if not self.strip_prefix or self.prefix == "/":
+        if not self.config.strip_prefix or self.prefix == "/":
             return path
         rest = path.split("/")[1 + len(self.prefix_segments):]
         return "/" + "/".join(rest)
@@ -285,13 +276,18 @@ def host_name(host: str) -> str:
 class RouteTable:
     """Routes grouped by host specificity; within the best group, the longest prefix wins."""
 
-    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        table = tuple(Route.from_config(rc) for rc in routes)
+    def __init__(self, routes: Iterable[Route]) -> None:
+        table = tuple(routes)
         self._routes = tuple(
             dataclasses.replace(route, case_insensitive=True)
             if not route.case_insensitive and _nested_in_case_insensitive(route, table)
             else route
             for route in table)
+
+    @classmethod
+    def build(cls, configs: Iterable[RouteConfig],
+              upstream_for: Callable[[RouteConfig], Upstream]) -> RouteTable:
+        return cls(Route.build(rc, upstream_for(rc)) for rc in configs)
 
     def match(self, host: str, path: str) -> Route | None:
         host = host_name(host)

@@ -32,7 +32,7 @@ class Runtime:
     provider: Provider
     verifier: Verifier  # every token from the IdP is checked here
     client: Client
-    upstreams: Upstreams  # per route: pooled client session, base URL, TLS
+    upstreams: Upstreams  # the pooled client sessions the routes' upstreams use
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
     stripped_headers: Stripped  # client request headers that never reach an upstream

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -113,16 +113,16 @@ def _ssl_context(route: str, tls: UpstreamTLSConfig) -> ssl.SSLContext:
 
 
 class Upstreams:
-    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+    """The pooled client sessions: one shared by every http(s) upstream, one per Unix
+    socket. They live as long as the process; routes hold the Upstream built for them."""
+
+    def __init__(self) -> None:
         self._shared = _client_session(aiohttp.TCPConnector(
             limit=0, limit_per_host=0, enable_cleanup_closed=True,
             keepalive_timeout=KEEPALIVE_TIMEOUT))
         self._sessions = [self._shared]
-        self._by_route: dict[str, Upstream] = {}
-        for route in routes:
-            self._by_route[route.name] = self._build(route)
 
-    def _build(self, route: RouteConfig) -> Upstream:
+    def for_route(self, route: RouteConfig) -> Upstream:
         if route.upstream.startswith("unix:"):
             session = _client_session(aiohttp.UnixConnector(route.upstream.removeprefix("unix:")))
             self._sessions.append(session)
@@ -131,10 +131,6 @@ class Upstreams:
         if route.upstream_tls is not None:
             tls = _ssl_context(route.name, route.upstream_tls)
         return Upstream.at(self._shared, route.upstream, tls)
-
-    @property
-    def by_route(self) -> Mapping[str, Upstream]:
-        return self._by_route
 
     async def aclose(self) -> None:
         for session in self._sessions:

@@ -27,7 +27,6 @@ from yarl import URL
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.routing import Route
-from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.websocket")
 
@@ -107,7 +106,7 @@ class SocketWatch:
         task.add_done_callback(self._closing.discard)
 
 
-async def forward(request: web.Request, watch: SocketWatch, route: Route, upstream_to: Upstream,
+async def forward(request: web.Request, watch: SocketWatch, route: Route,
                   url: URL, upstream_headers: CIMultiDict[str], *,
                   session: str | None) -> web.StreamResponse:
     """Proxy the socket; `session` (its storage id) is watched for its end."""
@@ -116,9 +115,10 @@ async def forward(request: web.Request, watch: SocketWatch, route: Route, upstre
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
     try:
-        upstream = await upstream_to.session.ws_connect(
-            url, headers=upstream_headers, protocols=protocols, autoping=False, ssl=upstream_to.ssl,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=route.read_timeout),
+        upstream = await route.upstream.session.ws_connect(
+            url, headers=upstream_headers, protocols=protocols, autoping=False,
+            ssl=route.upstream.ssl,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=route.config.read_timeout),
         )
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"route {route.name}: websocket {url.with_query(None)} "
@@ -129,9 +129,9 @@ async def forward(request: web.Request, watch: SocketWatch, route: Route, upstre
     async with upstream:
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False,
-            heartbeat=route.websocket_ping_interval or None)
+            heartbeat=route.config.websocket_ping_interval or None)
         await client.prepare(request)
-        socket = _Socket(client, session, route.websocket_idle_timeout)
+        socket = _Socket(client, session, route.config.websocket_idle_timeout)
         watch.add(socket)
         try:
             await _pump_both_ways(socket, upstream)

@@ -10,9 +10,9 @@ import html.parser
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -24,9 +24,12 @@ from yarl import URL
 
 from gateway import config as config_module
 from gateway.app import build_app
+from gateway.config_routes import RouteConfig
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
+from gateway.routing import Route, RouteTable
 from gateway.server import GatewayRunner
+from gateway.upstreams import Upstream
 
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-secret-" + "s" * 32
@@ -36,6 +39,21 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+
+
+def unpooled_upstream(rc: RouteConfig) -> Upstream:
+    """The route's upstream without a client session, for tests that never send anything
+    (routing, policy, headers, the boundary check only read its base URL)."""
+    return Upstream.at(cast(aiohttp.ClientSession, None), rc.upstream, True)
+
+
+def built_route(rc: RouteConfig) -> Route:
+    """A route as the app builds it, minus the connection pool."""
+    return Route.build(rc, unpooled_upstream(rc))
+
+
+def route_table(configs: Iterable[RouteConfig]) -> RouteTable:
+    return RouteTable.build(configs, unpooled_upstream)
 
 
 @dataclass

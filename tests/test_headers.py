@@ -7,6 +7,7 @@ import ipaddress
 from typing import Any
 
 import pytest
+from conftest import built_route
 from multidict import CIMultiDict
 
 from gateway.config_routes import RouteConfig
@@ -35,7 +36,7 @@ def upstream(headers: list[tuple[str, str]], identity: Identity | None = None,
 
 
 def route(**options: Any) -> Route:
-    return Route.from_config(RouteConfig(name="r", upstream="http://u", **options))
+    return built_route(RouteConfig(name="r", upstream="http://u", **options))
 
 
 def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:

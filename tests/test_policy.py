@@ -8,16 +8,17 @@ import pytest
 
 from gateway.config_routes import AllowRules, RouteConfig
 from gateway.identity import Identity
-from gateway.policy import Allow, Challenge, Deny, decide
-from gateway.routing import Route
+from gateway.policy import Access, Allow, Challenge, Deny, decide
+from gateway.routing import access_of
 
 ALICE = Identity("alice", "Alice@Example.COM", True, "alice", ("admins", "staff"))
 
 
-def route(auth: str = "required", **allow: Any) -> Route:
+def route(auth: str = "required", **allow: Any) -> Access:
+    """A route's access, compiled from its config as the app does."""
     rules = AllowRules(**allow) if allow else None
-    return Route.from_config(RouteConfig(name="r", upstream="http://u", auth=auth,  # type: ignore[arg-type]
-                                         allow=rules))
+    return access_of(RouteConfig(name="r", upstream="http://u", auth=auth,  # type: ignore[arg-type]
+                                 allow=rules))
 
 
 def test_public_route_allows_anyone_without_identity() -> None:

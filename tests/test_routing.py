@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import built_route, route_table
 
 from gateway.config_routes import AllowRules, RouteConfig
 from gateway.errors import BadRequestError, URITooLongError
-from gateway.routing import Route, RouteTable, Target, canonical_path, parse_target
+from gateway.routing import Target, canonical_path, parse_target
 
 
 @pytest.mark.parametrize(("raw", "canonical"), [
@@ -94,7 +95,7 @@ def route(name: str, prefix: str = "/", host: str | None = None, **kw: object) -
     return RouteConfig(name=name, path_prefix=prefix, host=host, upstream="http://u", **kw)
 
 
-TABLE = RouteTable((
+TABLE = route_table((
     route("root"),
     route("app", "/app"),
     route("app-admin", "/app/admin"),
@@ -127,28 +128,28 @@ def test_route_matching(host: str, path: str, expected: str) -> None:
 
 
 def test_no_match_is_none() -> None:
-    table = RouteTable((route("app", "/app"), route("h", "/", "only.example.com")))
+    table = route_table((route("app", "/app"), route("h", "/", "only.example.com")))
     assert table.match("gw", "/other") is None
     assert table.match("gw", "/") is None
 
 
 def test_strip_prefix_forwards_the_rest_of_the_path() -> None:
-    stripped = Route.from_config(route("s", "/api", strip_prefix=True))
+    stripped = built_route(route("s", "/api", strip_prefix=True))
     assert stripped.upstream_path("/api/v1/x") == "/v1/x"
     assert stripped.upstream_path("/api") == "/"
-    kept = Route.from_config(route("k", "/api"))
+    kept = built_route(route("k", "/api"))
     assert kept.upstream_path("/api/v1") == "/api/v1"
 
 
 def test_strip_prefix_drops_the_params_of_the_stripped_segments() -> None:
     """Matching ignored `;params`, so stripping must remove the whole matched segments."""
-    stripped = Route.from_config(route("s", "/api/v1", strip_prefix=True))
+    stripped = built_route(route("s", "/api/v1", strip_prefix=True))
     assert stripped.upstream_path("/api;jsessionid=1/v1/x") == "/x"
     assert stripped.upstream_path("/api/v1/") == "/"
 
 
 def test_case_insensitive_route_claims_every_spelling_of_its_prefix() -> None:
-    table = RouteTable((route("public", auth="public"),
+    table = route_table((route("public", auth="public"),
                         route("admin", "/admin", case_insensitive=True),
                         route("api", "/api", strip_prefix=True, case_insensitive=True)))
     for path in ("/admin/x", "/ADMIN/x", "/Admin", "/aDmIn;x=1/y"):
@@ -159,7 +160,7 @@ def test_case_insensitive_route_claims_every_spelling_of_its_prefix() -> None:
 
 def test_routes_nested_in_a_case_insensitive_route_ignore_case_too() -> None:
     """/api on an IIS app is case-insensitive, so /api/ADMIN is /api/admin there."""
-    table = RouteTable((route("api", "/api", auth="public", case_insensitive=True),
+    table = route_table((route("api", "/api", auth="public", case_insensitive=True),
                         route("admin", "/api/admin")))
     for path in ("/api/ADMIN/x", "/API/Admin", "/api/admin"):
         assert table.match("gw", path).name == "admin", path  # type: ignore[union-attr]
@@ -169,7 +170,7 @@ def test_case_folding_is_ascii_only() -> None:
     """str.lower() maps the Kelvin sign to 'k'; .NET maps other letters (a dotless i to 'I'). A
     non-ASCII look-alike of a case-insensitive prefix is neither taken for it nor left to
     another route: it is refused."""
-    table = RouteTable((route("root"), route("k", "/kpublic", auth="public",
+    table = route_table((route("root"), route("k", "/kpublic", auth="public",
                                              case_insensitive=True)))
     assert table.match("gw", "/KPUBLIC").name == "k"  # type: ignore[union-attr]
     with pytest.raises(BadRequestError):
@@ -178,11 +179,11 @@ def test_case_folding_is_ascii_only() -> None:
 
 
 def test_case_sensitive_route_leaves_other_spellings_to_other_routes() -> None:
-    table = RouteTable((route("public", auth="public"), route("admin", "/admin")))
+    table = route_table((route("public", auth="public"), route("admin", "/admin")))
     assert table.match("gw", "/ADMIN/x").name == "public"  # type: ignore[union-attr]
 
 
-IIS = RouteTable((route("public", auth="public"),
+IIS = route_table((route("public", auth="public"),
                   route("admin", "/admin", case_insensitive=True),
                   route("docs", "/docs", auth="public", case_insensitive=True)))
 
@@ -233,14 +234,14 @@ def test_odd_segments_that_cannot_equal_a_prefix_still_pass(path: str, expected:
 ])
 def test_an_8_3_short_name_of_a_case_insensitive_prefix_is_refused(prefix: str,
                                                                     path: str) -> None:
-    table = RouteTable((route("public", auth="public"),
+    table = route_table((route("public", auth="public"),
                         route("admin", prefix, case_insensitive=True)))
     with pytest.raises(BadRequestError):
         table.match("gw", canonical_path(path))
 
 
 def test_a_short_name_cannot_stand_for_an_8_3_name_or_another_first_letter() -> None:
-    table = RouteTable((route("public", auth="public"),
+    table = route_table((route("public", auth="public"),
                         route("admin", "/administration", case_insensitive=True),
                         route("tools", "/tools", case_insensitive=True)))
     for path in ("/XDMINI~1", "/TOOLS~1", "/files~2024/x"):
@@ -248,7 +249,7 @@ def test_a_short_name_cannot_stand_for_an_8_3_name_or_another_first_letter() -> 
 
 
 def test_routes_nested_under_a_wildcard_host_case_insensitive_route_ignore_case_too() -> None:
-    table = RouteTable((route("iis-all", "/api", "*.example.com", auth="public",
+    table = route_table((route("iis-all", "/api", "*.example.com", auth="public",
                               case_insensitive=True),
                         route("iis-admin", "/api/admin", "app.example.com",
                               allow=AllowRules(groups=("admins",)))))
@@ -263,6 +264,6 @@ def test_routes_nested_under_a_wildcard_host_case_insensitive_route_ignore_case_
 def test_prefixes_with_sub_delims_match_their_percent_encoded_spellings(
         path: str, expected: str) -> None:
     """Every upstream decodes %40 to '@' before it maps the path: so must matching."""
-    table = RouteTable((route("root", auth="public"), route("at", "/@admin"),
+    table = route_table((route("root", auth="public"), route("at", "/@admin"),
                         route("odata", "/odata/Items(1)"), route("plus", "/a+b")))
     assert table.match("gw", canonical_path(path)).name == expected  # type: ignore[union-attr]
