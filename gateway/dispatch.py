@@ -30,20 +30,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route is None:
         raise NotFoundError(f"no route for host={request.host!r} path={path}")
     request[ROUTE_NAME] = route.name
-    session = None
+    loaded = None
     if not route.access.public:
-        cookie = request.cookies.get(rt.session_cookie)
-        session = await rt.sessions.load(cookie)
-        if session is not None and cookie is not None and refresh.is_due(session, rt):
-            session = await refresh.fresh(rt, cookie, session)
-    identity = session.identity if session else None
+        loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+        if loaded is not None and refresh.is_due(loaded.session, rt):
+            loaded = await refresh.fresh(rt, loaded)
+    identity = loaded.session.identity if loaded else None
     decision = policy.decide(route.access, identity)
     match decision:
         case policy.Allow(identity=allowed):
             if allowed is not None:
                 request[USER_SUB] = allowed.sub
-            access_token = session.tokens.access_token if session else None
-            return await proxy.forward(request, rt, route, target, allowed, access_token)
+            if loaded is None:
+                return await proxy.forward(request, rt, route, target, None)
+            return await proxy.forward(request, rt, route, target, allowed,
+                                       loaded.session.tokens.access_token,
+                                       session_id=loaded.storage_id)
         case policy.Challenge():
             return await _challenge(request, rt, target)
         case policy.Deny(reason=reason):

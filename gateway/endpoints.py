@@ -12,10 +12,10 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
-    session = await rt.sessions.load(request.cookies.get(rt.session_cookie))
-    if session is None:
+    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    if loaded is None:
         raise NotAuthenticatedError("userinfo without a session")
-    identity = session.identity
+    identity = loaded.session.identity
     request[USER_SUB] = identity.sub
     return web.json_response({
         "user": identity.sub,

@@ -21,10 +21,11 @@ from gateway.errors import BadRequestError, LoginError
 from gateway.headers import client_address, client_and_reporter
 from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
+from gateway.oidc.token_set import TokenSet
 from gateway.pages import redirect
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
-from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.model import LoginAttempt
 from gateway.sessions.registry import Client
 from gateway.sessions.store import ATTEMPT_TTL
 
@@ -139,7 +140,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
         identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
     except ValueError as exc:
         raise LoginError(f"claims unusable: {exc}") from exc
-    await rt.sessions.delete(request.cookies.get(rt.session_cookie))
+    previous = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    if previous is not None:  # a new login ends this browser's old session
+        await rt.sessions.delete(previous)
     client = Client.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
     cookie = await rt.sessions.create(identity, token_set, client)
     request[USER_SUB] = identity.sub

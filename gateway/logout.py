@@ -56,11 +56,11 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         raise ForbiddenError("sign-out POST from another origin")
     requested = request.query.get("rd")
     return_to = safe_return_path(requested) if requested else None
-    cookie_value = request.cookies.get(rt.session_cookie)
-    session = await rt.sessions.load(cookie_value)
-    await rt.sessions.delete(cookie_value)
+    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
     target = return_to or SIGNED_OUT
-    if session is not None:
+    if loaded is not None:
+        await rt.sessions.delete(loaded)
+        session = loaded.session
         request[USER_SUB] = session.identity.sub
         log.info("session_signed_out sub=%s", session.identity.sub)
         try:

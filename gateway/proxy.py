@@ -34,7 +34,6 @@ from gateway.errors import (
 from gateway.identity import Identity
 from gateway.routing import Route, Target, host_name
 from gateway.runtime import Runtime
-from gateway.sessions.cookies import SessionCookie
 from gateway.upstreams import relaying_interim
 
 log = logging.getLogger("gateway.proxy")
@@ -100,8 +99,10 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 async def forward(request: web.Request, rt: Runtime, route: Route, target: Target,
-                  identity: Identity | None,
-                  access_token: str | None = None) -> web.StreamResponse:
+                  identity: Identity | None, access_token: str | None = None, *,
+                  session_id: str | None = None) -> web.StreamResponse:
+    """Send the request to the route's upstream and stream the answer back; `session_id`
+    (the storage id of the session it came with) is watched while a WebSocket is open."""
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -109,10 +110,8 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
     upstream_headers = _request_headers(request, rt, route, identity, access_token)
     if _is_websocket(request):
         url = upstream_url(route, target, websocket=True)
-        cookie = SessionCookie.parse(request.cookies.get(rt.session_cookie))
-        session = cookie.storage_id if identity is not None and cookie is not None else None
         return await websocket.forward(request, rt.sockets, route, url, upstream_headers,
-                                       session=session)
+                                       session=session_id)
     body = _client_body(request, route) if request.body_exists else None
     url = upstream_url(route, target)
     relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route))

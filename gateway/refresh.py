@@ -27,9 +27,10 @@ from gateway.errors import IdPError, IdPUnavailableError
 from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
 from gateway.oidc.provider import ProviderMetadata
+from gateway.oidc.token_set import TokenSet
 from gateway.runtime import Runtime
-from gateway.sessions.cookies import SessionCookie
-from gateway.sessions.model import Session, TokenSet
+from gateway.sessions.model import Session
+from gateway.sessions.store import Loaded
 
 log = logging.getLogger("gateway.refresh")
 
@@ -82,12 +83,12 @@ def _usable(session: Session, rt: Runtime) -> bool:
     return expires_at is None or rt.clock() < expires_at + rt.config.session.refresh_grace
 
 
-def _failed_recently(rt: Runtime, cookie_value: str) -> bool:
-    at = rt.refresh_failures.get(_storage_id(cookie_value))
+def _failed_recently(rt: Runtime, loaded: Loaded) -> bool:
+    at = rt.refresh_failures.get(loaded.storage_id)
     return at is not None and rt.clock() < at + rt.config.session.refresh_min_interval
 
 
-def _failed(rt: Runtime, cookie_value: str) -> None:
+def _failed(rt: Runtime, loaded: Loaded) -> None:
     """Remember a failed refresh, so this process does not try that session again within
     refresh_min_interval: an IdP in trouble gets one attempt per session per interval, not
     one per request."""
@@ -98,29 +99,24 @@ def _failed(rt: Runtime, cookie_value: str) -> None:
             del failures[key]
         if len(failures) >= _MAX_FAILURES_KEPT:
             failures.clear()
-    failures[_storage_id(cookie_value)] = rt.clock()
-
-
-def _storage_id(cookie_value: str) -> str:
-    cookie = SessionCookie.parse(cookie_value)
-    assert cookie is not None, "a refresh follows a successful load()"
-    return cookie.storage_id
+    failures[loaded.storage_id] = rt.clock()
 
 
 class _RefreshFailed(Exception):
     """The IdP could not refresh (down, slow, or answering badly); the cause is chained."""
 
 
-async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
+async def fresh(rt: Runtime, loaded: Loaded) -> Loaded | None:
     """The session with usable tokens; None when it ended (invalid_grant, or revoked).
 
     Whoever holds the lock refreshes. The others go on with the old tokens while those are
     usable, else watch the store for the new ones, and take the lock themselves if it is
     released or expires without a result (a holder that died).
     """
-    if _failed_recently(rt, cookie_value):
+    session = loaded.session
+    if _failed_recently(rt, loaded):
         if _usable(session, rt):
-            return session
+            return loaded
         raise IdPUnavailableError("the last refresh failed; waiting before trying again")
     store = rt.sessions
     owner = secrets.token_bytes(16)
@@ -128,32 +124,33 @@ async def fresh(rt: Runtime, cookie_value: str, session: Session) -> Session | N
     loop = asyncio.get_running_loop()
     deadline = loop.time() + lock_ttl  # real time: other requests really are running
     while True:
-        if await store.take_refresh_lock(cookie_value, owner, lock_ttl):
+        if await store.take_refresh_lock(loaded, owner, lock_ttl):
             try:
-                current = await rt.sessions.load(cookie_value)
-                if current is None or not is_due(current, rt):
+                current = await store.load(loaded.cookie.value)
+                if current is None or not is_due(current.session, rt):
                     return current  # another replica refreshed (or ended it) meanwhile
-                return await _refresh(rt, cookie_value, current)
+                return await _refresh(rt, current)
             except _RefreshFailed as failure:
-                _failed(rt, cookie_value)
+                _failed(rt, loaded)
                 if _usable(session, rt):
-                    return session
+                    return loaded
                 raise IdPUnavailableError("refresh failed and the access token has "
                                           "expired") from failure.__cause__
             finally:
-                await store.release_refresh_lock(cookie_value, owner)
+                await store.release_refresh_lock(loaded, owner)
         if _usable(session, rt):
-            return session  # someone else is refreshing: no need to wait for it
+            return loaded  # someone else is refreshing: no need to wait for it
         if loop.time() >= deadline:
             break
         await asyncio.sleep(_WAIT_STEP)
-        current = await rt.sessions.load(cookie_value)
-        if current is None or current.tokens != session.tokens:
+        current = await store.load(loaded.cookie.value)
+        if current is None or current.session.tokens != session.tokens:
             return current
     raise IdPUnavailableError("a refresh by another request did not finish in time")
 
 
-async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session | None:
+async def _refresh(rt: Runtime, loaded: Loaded) -> Loaded | None:
+    session = loaded.session
     try:
         metadata = await rt.provider.metadata()
         new_tokens = await flow.refresh(rt.idp_http, metadata, rt.client, session.tokens,
@@ -161,7 +158,7 @@ async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session 
         identity = await _refreshed_identity(rt, metadata, session, new_tokens)
     except flow.InvalidGrantError:
         log.info("refresh_refused sub=%s (session ended)", session.identity.sub)
-        await rt.sessions.delete(cookie_value)
+        await rt.sessions.delete(loaded)
         return None
     except (IdPError, IdPUnavailableError) as exc:
         log.warning("refresh_failed sub=%s detail=%s", session.identity.sub, exc.detail)
@@ -170,12 +167,13 @@ async def _refresh(rt: Runtime, cookie_value: str, session: Session) -> Session 
     refreshed = dataclasses.replace(session, identity=identity, tokens=new_tokens)
     # SECURITY: conditional on the record still being there: a sign-out or revocation that
     # landed while the token request was in flight stays in force.
-    if not await rt.sessions.replace(cookie_value, refreshed):
+    stored = await rt.sessions.replace(loaded, refreshed)
+    if stored is None:
         log.info("refresh_discarded sub=%s (the session ended meanwhile)", identity.sub)
         return None
     log.info("session_refreshed sub=%s identity_changed=%s", identity.sub,
              identity != session.identity)
-    return refreshed
+    return stored
 
 
 async def _refreshed_identity(rt: Runtime, metadata: ProviderMetadata, session: Session,

@@ -173,8 +173,8 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from gateway import config as config_module
     from gateway.identity import Identity
+    from gateway.oidc.token_set import TokenSet
     from gateway.sessions.backends import open_backend
-    from gateway.sessions.model import TokenSet
     from gateway.sessions.registry import Client
     from gateway.sessions.store import SessionStore
 
@@ -218,8 +218,8 @@ async def test_sessions_list_shows_ids_idle_expiry_and_json_and_revokes_one_by_i
     """Ops list and revoke without the client secret: they never talk to the IdP."""
     from gateway import config as config_module
     from gateway.identity import Identity
+    from gateway.oidc.token_set import TokenSet
     from gateway.sessions.backends import open_backend
-    from gateway.sessions.model import TokenSet
     from gateway.sessions.registry import Client
     from gateway.sessions.store import SessionStore
 

@@ -17,10 +17,10 @@ from conftest import BROWSER_HEADERS, FakeClock, Stack, StackFactory, login, ser
 from gateway.app import build_app
 from gateway.config import SessionConfig
 from gateway.demo.idp import STATE
+from gateway.oidc.token_set import TokenSet
 from gateway.refresh import refresh_at
 from gateway.runtime import RUNTIME
 from gateway.sessions.cookies import SessionCookie
-from gateway.sessions.model import TokenSet
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +170,9 @@ async def test_a_lock_left_by_a_dead_replica_does_not_wedge_the_session(
     await login(browser, stack.gateway, "/echo")
     cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
     store = stack.runners[-1].app[RUNTIME].sessions
-    assert await store.take_refresh_lock(cookie, b"a replica that died", 0.3)
+    loaded = await store.load(cookie)
+    assert loaded is not None
+    assert await store.take_refresh_lock(loaded, b"a replica that died", 0.3)
     before = token_requests(stack)
     clock.advance(TTL + 5)  # expired: the request must refresh, not use the old token
     assert await status_of(browser, stack.gateway + "/echo") == 200

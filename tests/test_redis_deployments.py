@@ -23,9 +23,10 @@ from redis_servers import (
 
 from gateway import config as config_module
 from gateway.identity import Identity
+from gateway.oidc.token_set import TokenSet
 from gateway.sessions.backends import open_backend
 from gateway.sessions.keys import Keys
-from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.model import LoginAttempt
 from gateway.sessions.store import SessionStore
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +63,7 @@ async def test_store_operations_work_on_the_deployment(deployment: Deployment) -
                             sid="sid-" + deployment.url[-6:])
         cookie = await store.create(identity, TokenSet("at", "it", "rt", time.time() + 60))
         loaded = await store.load(cookie.value)
-        assert loaded is not None and loaded.identity == identity
+        assert loaded is not None and loaded.session.identity == identity
         assert [i.storage_id for i in await store.registry.by_sid(identity.sid or "")] == [
             cookie.storage_id]
         assert cookie.storage_id in {i.storage_id for i in await store.registry.all()}

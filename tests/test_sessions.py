@@ -20,10 +20,11 @@ from conftest import FakeClock
 
 from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
+from gateway.oidc.token_set import TokenSet
 from gateway.sessions.backends import Backend, MemoryBackend
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
-from gateway.sessions.model import LoginAttempt, TokenSet
+from gateway.sessions.model import LoginAttempt
 from gateway.sessions.redis import RedisBackend
 from gateway.sessions.store import ATTEMPT_TTL, SessionStore
 
@@ -113,12 +114,18 @@ def test_non_canonical_base64_is_refused() -> None:
     assert SessionCookie.parse(twin) is None
 
 
+async def sign_out(store: SessionStore, cookie: SessionCookie) -> None:
+    loaded = await store.load(cookie.value)
+    assert loaded is not None
+    await store.delete(loaded)
+
+
 async def test_created_session_loads_with_identity_and_tokens(store: SessionStore) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    session = await store.load(cookie.value)
-    assert session is not None
-    assert session.identity == ALICE
-    assert session.tokens == TOKENS
+    loaded = await store.load(cookie.value)
+    assert loaded is not None and loaded.cookie == cookie
+    assert loaded.session.identity == ALICE
+    assert loaded.session.tokens == TOKENS
 
 
 async def test_unknown_and_tampered_cookies_load_nothing(store: SessionStore) -> None:
@@ -156,7 +163,7 @@ async def test_record_moved_to_another_name_does_not_decrypt(store: SessionStore
 
 async def test_delete_ends_the_session(store: SessionStore) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    await store.delete(cookie.value)
+    await sign_out(store, cookie)
     assert await store.load(cookie.value) is None
 
 
@@ -289,7 +296,7 @@ async def test_registry_entries_hold_no_tokens(store: SessionStore, backend: Bac
 
 async def test_signing_out_removes_the_registry_entry(store: SessionStore) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    await store.delete(cookie.value)
+    await sign_out(store, cookie)
     assert await store.registry.all() == []
 
 
@@ -318,21 +325,23 @@ async def test_replace_writes_only_while_the_key_exists(backend: Backend) -> Non
 async def test_new_tokens_for_a_deleted_session_are_not_written(store: SessionStore) -> None:
     """The refresh race: a revocation lands between the load and the write of new tokens."""
     cookie = await store.create(ALICE, TOKENS)
-    session = await store.load(cookie.value)
-    assert session is not None
-    await store.delete(cookie.value)
-    refreshed = dataclasses.replace(session, tokens=dataclasses.replace(TOKENS, access_token="n"))
-    assert await store.replace(cookie.value, refreshed) is False
+    loaded = await store.load(cookie.value)
+    assert loaded is not None
+    await store.delete(loaded)
+    refreshed = dataclasses.replace(loaded.session,
+                                    tokens=dataclasses.replace(TOKENS, access_token="n"))
+    assert await store.replace(loaded, refreshed) is None
     assert await store.load(cookie.value) is None
     assert await store.registry.get(cookie.storage_id) is None
 
 
 async def test_replace_updates_the_registry_when_the_identity_changed(store: SessionStore) -> None:
     cookie = await store.create(ALICE, TOKENS)
-    session = await store.load(cookie.value)
-    assert session is not None
+    loaded = await store.load(cookie.value)
+    assert loaded is not None
     moved = dataclasses.replace(ALICE, email="alice@new.example.com")
-    assert await store.replace(cookie.value, dataclasses.replace(session, identity=moved))
+    stored = await store.replace(loaded, dataclasses.replace(loaded.session, identity=moved))
+    assert stored is not None and stored.session.identity == moved
     found = await store.registry.by_user("alice@new.example.com")
     assert [info.storage_id for info in found] == [cookie.storage_id]
     assert found[0].email == "alice@new.example.com"
@@ -495,7 +504,7 @@ async def test_the_store_does_not_grow_with_logins_and_sign_outs(
         if n % 3 == 2:  # revoked by an admin, or a back-channel logout
             await store.registry.revoke(await store.registry.by_sid(f"sid-{n}"))
         else:
-            await store.delete(cookie.value)  # signed out
+            await sign_out(store, cookie)
     assert await footprint(backend) == before
 
 

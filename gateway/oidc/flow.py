@@ -19,7 +19,7 @@ from yarl import URL
 
 from gateway.errors import IdPError, LoginError
 from gateway.oidc.provider import ProviderMetadata, fetch_json
-from gateway.sessions.model import TokenSet
+from gateway.oidc.token_set import TokenSet
 
 _TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,16384}$")
 

@@ -10,36 +10,9 @@ import json
 from dataclasses import dataclass
 
 from gateway.identity import Identity
+from gateway.oidc.token_set import TokenSet
 
 _VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class TokenSet:
-    access_token: str
-    id_token: str
-    refresh_token: str | None = None
-    expires_at: float | None = None
-    issued_at: float | None = None  # when the token response came: expires_at - issued_at is
-    # the lifetime the IdP granted (refresh timing depends on it)
-
-    def to_dict(self) -> dict[str, object]:
-        return {"access_token": self.access_token, "id_token": self.id_token,
-                "refresh_token": self.refresh_token, "expires_at": self.expires_at,
-                "issued_at": self.issued_at}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> TokenSet:
-        expires_at = data.get("expires_at")
-        issued_at = data.get("issued_at")
-        refresh = data.get("refresh_token")
-        return cls(
-            access_token=str(data["access_token"]),
-            id_token=str(data["id_token"]),
-            refresh_token=refresh if isinstance(refresh, str) else None,
-            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
-            issued_at=float(issued_at) if isinstance(issued_at, int | float) else None,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -32,10 +33,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.identity import Identity
+from gateway.oidc.token_set import TokenSet
 from gateway.sessions.backends import Backend
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
-from gateway.sessions.model import LoginAttempt, Session, TokenSet
+from gateway.sessions.model import LoginAttempt, Session
 from gateway.sessions.registry import UNKNOWN_CLIENT, Client, Registry, SessionInfo
 
 log = logging.getLogger("gateway.store")
@@ -47,6 +49,20 @@ _NONCE_BYTES = 12
 def _attempt_key(state: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=b"gateway login attempt").derive(state.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A live session and the cookie that named it, as load() found them. What follows a
+    load (replace, delete, the refresh lock, the WebSocket watch) takes this, so a request's
+    cookie string is parsed once."""
+
+    cookie: SessionCookie
+    session: Session
+
+    @property
+    def storage_id(self) -> str:
+        return self.cookie.storage_id
 
 
 class SessionStore:
@@ -102,7 +118,7 @@ class SessionStore:
         await self.registry.record(self._info(cookie, session), ttl, identity)
         return cookie
 
-    async def load(self, cookie_value: str | None) -> Session | None:
+    async def load(self, cookie_value: str | None) -> Loaded | None:
         """The live session named by the cookie, or None (absent, expired, tampered)."""
         cookie = SessionCookie.parse(cookie_value)
         if cookie is None:
@@ -125,29 +141,25 @@ class SessionStore:
         if ttl is None or remaining - ttl >= self._touch_interval:
             await self.backend.expire(name, remaining)  # a no-op on a record deleted meanwhile
             await self.registry.touch(self._info(cookie, session), remaining)
-        return session
+        return Loaded(cookie, session)
 
-    async def replace(self, cookie_value: str, session: Session) -> bool:
-        """Store new tokens and identity for a live session, under the same cookie; False
+    async def replace(self, loaded: Loaded, session: Session) -> Loaded | None:
+        """Store new tokens and identity for a live session, under the same cookie; None
         (and nothing written) when the session was deleted since it was loaded."""
-        cookie = SessionCookie.parse(cookie_value)
-        assert cookie is not None, "replace() follows a successful load()"
+        cookie = loaded.cookie
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
         sealed = self._seal(cookie.key, name, session.to_bytes())
         if not await self.backend.replace(name, sealed, ttl):
-            return False
+            return None
         await self.registry.update(self._info(cookie, session), ttl, session.identity)
-        return True
+        return Loaded(cookie, session)
 
-    async def delete(self, cookie_value: str | None) -> None:
+    async def delete(self, loaded: Loaded) -> None:
         """Sign-out: the record, its entry and its index members (a session whose entry was
         lost leaves members that run out with its time)."""
-        cookie = SessionCookie.parse(cookie_value)
-        if cookie is None:
-            return
-        info = await self.registry.get(cookie.storage_id)
-        await self.registry.revoke([info or SessionInfo.bare(cookie.storage_id)])
+        info = await self.registry.get(loaded.storage_id)
+        await self.registry.revoke([info or SessionInfo.bare(loaded.storage_id)])
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name = self.keys.attempt(state)
@@ -161,18 +173,14 @@ class SessionStore:
         plain = self._open(_attempt_key(state), name, sealed) if sealed is not None else None
         return LoginAttempt.from_bytes(plain) if plain is not None else None
 
-    async def take_refresh_lock(self, cookie_value: str, owner: bytes, ttl: float) -> bool:
+    async def take_refresh_lock(self, loaded: Loaded, owner: bytes, ttl: float) -> bool:
         """The one refresh of a session at a time, across replicas (SET NX PX)."""
-        return await self.backend.add_once(self._lock(cookie_value), ttl, owner)
+        return await self.backend.add_once(self.keys.refresh_lock(loaded.storage_id), ttl,
+                                           owner)
 
-    async def release_refresh_lock(self, cookie_value: str, owner: bytes) -> None:
+    async def release_refresh_lock(self, loaded: Loaded, owner: bytes) -> None:
         """Only while we still own it: a lock that expired and was taken over stays."""
-        await self.backend.delete_if(self._lock(cookie_value), owner)
-
-    def _lock(self, cookie_value: str) -> str:
-        cookie = SessionCookie.parse(cookie_value)
-        assert cookie is not None, "a refresh follows a successful load()"
-        return self.keys.refresh_lock(cookie.storage_id)
+        await self.backend.delete_if(self.keys.refresh_lock(loaded.storage_id), owner)
 
     async def first_use_of_logout_jti(self, jti: str, ttl: float) -> bool:
         """False when a logout token with this jti was seen within `ttl` (a replay)."""
