@@ -1,8 +1,6 @@
-"""The catch-all handler: route -> session -> policy -> proxy, challenge or deny.
+"""The catch-all handler: it acts on what pipeline.resolve decided: proxy, challenge or deny.
 
-The whole per-request path reads top to bottom here. One store round trip (the session load, on
-protected routes only; a token refresh, when due, adds a few); public routes never touch the
-store, so they keep working when it is down, and never carry identity headers.
+The whole per-request path reads top to bottom here and in pipeline.py.
 """
 
 from __future__ import annotations
@@ -11,52 +9,35 @@ from typing import assert_never
 
 from aiohttp import web
 
-from gateway import policy, proxy, refresh
-from gateway.errors import ForbiddenError, NotAuthenticatedError, NotFoundError
+from gateway import pipeline, policy, proxy
+from gateway.errors import ForbiddenError, NotAuthenticatedError
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
 from gateway.redirects import safe_return_path
 from gateway.routing import Target, parse_target
-from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime, runtime_from
+from gateway.runtime import Runtime, runtime_from
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
-    target = parse_target(request.raw_path)
-    path = target.path
-    if path == "/oauth2" or path.startswith("/oauth2/"):
-        raise NotFoundError(f"no gateway endpoint {path}")
-    route = rt.routes.match(request.host, path)
-    if route is None:
-        raise NotFoundError(f"no route for host={request.host!r} path={path}")
-    request[ROUTE_NAME] = route.name
-    loaded = None
-    if not route.access.public:
-        loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
-        if loaded is not None and refresh.is_due(loaded.session, rt):
-            loaded = await refresh.fresh(rt, loaded)
-    identity = loaded.session.identity if loaded else None
-    decision = policy.decide(route.access, identity)
-    match decision:
+    resolved = await pipeline.resolve(request, rt, request.host,
+                                      parse_target(request.raw_path))
+    route, principal = resolved.route, resolved.principal
+    match resolved.decision:
         case policy.Allow(identity=allowed):
-            if allowed is not None:
-                request[USER_SUB] = allowed.sub
-            if loaded is None:
-                return await proxy.forward(request, rt, route, target, None)
-            return await proxy.forward(request, rt, route, target, allowed,
-                                       loaded.session.tokens.access_token,
-                                       session_id=loaded.storage_id)
+            return await proxy.forward(request, rt, route, resolved.target,
+                                       principal if allowed is not None else None)
         case policy.Challenge():
-            return await _challenge(request, rt, target)
+            return await _challenge(request, rt, resolved.target)
         case policy.Deny(reason=reason):
-            assert identity is not None
-            request[USER_SUB] = identity.sub
+            assert principal is not None
+            identity = principal.identity
             raise ForbiddenError(
                 f"route {route.name}: {reason}",
                 signed_in_as=identity.preferred_username or identity.email or identity.sub,
                 sign_out_by_post="POST" in rt.config.session.sign_out_methods)
         case _:
-            assert_never(decision)
+            assert_never(resolved.decision)
 
 
 async def defer_continue(request: web.Request) -> None:

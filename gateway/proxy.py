@@ -31,7 +31,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from gateway.identity import Identity
+from gateway.pipeline import Principal
 from gateway.routing import Route, Target, host_name
 from gateway.runtime import Runtime
 from gateway.upstreams import relaying_interim
@@ -99,19 +99,18 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 async def forward(request: web.Request, rt: Runtime, route: Route, target: Target,
-                  identity: Identity | None, access_token: str | None = None, *,
-                  session_id: str | None = None) -> web.StreamResponse:
-    """Send the request to the route's upstream and stream the answer back; `session_id`
-    (the storage id of the session it came with) is watched while a WebSocket is open."""
+                  principal: Principal | None) -> web.StreamResponse:
+    """Send the request to the route's upstream, as `principal` (None: no identity at all),
+    and stream the answer back."""
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-    upstream_headers = _request_headers(request, rt, route, identity, access_token)
+    upstream_headers = _request_headers(request, rt, route, principal)
     if _is_websocket(request):
         url = upstream_url(route, target, websocket=True)
         return await websocket.forward(request, rt.sockets, route, url, upstream_headers,
-                                       session=session_id)
+                                       session=principal.session_id if principal else None)
     body = _client_body(request, route) if request.body_exists else None
     url = upstream_url(route, target)
     relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route))
@@ -140,8 +139,10 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
-def _request_headers(request: web.Request, rt: Runtime, route: Route, identity: Identity | None,
-                     access_token: str | None) -> CIMultiDict[str]:
+def _request_headers(request: web.Request, rt: Runtime, route: Route,
+                     principal: Principal | None) -> CIMultiDict[str]:
+    identity = principal.identity if principal else None
+    access_token = principal.access_token if principal else None
     stripped = route.prefix if route.config.strip_prefix and route.prefix != "/" else None
     return headers.for_upstream(
         request.headers, identity, _client_info(request, rt),

@@ -1,0 +1,66 @@
+"""One request pipeline: which route a request is for, who is asking, and what the policy says.
+
+`resolve` is the whole decision, shared by everything that admits requests (the proxy
+handler, WebSockets included, and the forward-auth endpoint to come); the handlers only act on
+its result. The route comes from the host and target given (the request's own, or, for
+forward-auth, the one a trusted front describes), so every caller gets the same canonical
+matching. A protected route costs one store round trip (the session load; a refresh, when due,
+adds a few); a public route never touches the store, so it works while the store is down, and
+never has a principal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway import policy, refresh
+from gateway.errors import NotFoundError
+from gateway.identity import Identity
+from gateway.routing import Route, Target
+from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: the user of a browser session."""
+
+    identity: Identity
+    access_token: str
+    session_id: str  # the session's storage id (its WebSockets are watched for its end)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    route: Route
+    target: Target
+    principal: Principal | None  # None on public routes, and without a live session
+    decision: policy.Decision
+
+
+async def resolve(request: web.Request, rt: Runtime, host: str, target: Target) -> Resolved:
+    """NotFoundError when no route serves `host` and `target`; the access log learns the
+    route and, once known, the user."""
+    path = target.path
+    if path == "/oauth2" or path.startswith("/oauth2/"):
+        raise NotFoundError(f"no gateway endpoint {path}")
+    route = rt.routes.match(host, path)
+    if route is None:
+        raise NotFoundError(f"no route for host={host!r} path={path}")
+    request[ROUTE_NAME] = route.name
+    principal = None if route.access.public else await _session_principal(request, rt)
+    if principal is not None:
+        request[USER_SUB] = principal.identity.sub
+    decision = policy.decide(route.access, principal.identity if principal else None)
+    return Resolved(route, target, principal, decision)
+
+
+async def _session_principal(request: web.Request, rt: Runtime) -> Principal | None:
+    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    if loaded is not None and refresh.is_due(loaded.session, rt):
+        loaded = await refresh.fresh(rt, loaded)
+    if loaded is None:
+        return None
+    return Principal(loaded.session.identity, loaded.session.tokens.access_token,
+                     loaded.storage_id)
