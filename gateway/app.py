@@ -16,14 +16,12 @@ from aiohttp import web
 from gateway import dispatch, endpoints, login, logout, observability, server, websocket
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.headers import Stripped
 from gateway.observability import access_log_middleware
 from gateway.oidc.flow import Client
 from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
 from gateway.pages import error_middleware
-from gateway.routing import RouteTable
-from gateway.runtime import RUNTIME, Runtime
+from gateway.runtime import RUNTIME, Runtime, Snapshot
 from gateway.sessions.backends import open_backend
 from gateway.sessions.store import SessionStore
 from gateway.upstreams import Upstreams
@@ -59,12 +57,9 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                                 client_secret=client.client_secret,
                                 leeway=config.oidc.clock_skew, clock=clock)
             app[RUNTIME] = Runtime(
-                config=config, routes=RouteTable.build(config.routes, upstreams.for_route),
-                sessions=sessions,
+                snapshot=Snapshot.build(config, upstreams), sessions=sessions,
                 provider=provider, verifier=verifier, client=client, upstreams=upstreams,
-                idp_http=idp_http, clock=clock,
-                stripped_headers=Stripped.with_extra(config.server.strip_request_headers),
-                sockets=websocket.SocketWatch(sessions.alive))
+                idp_http=idp_http, clock=clock, sockets=websocket.SocketWatch(sessions.alive))
             try:
                 await provider.metadata()
             except GatewayError as exc:

@@ -24,9 +24,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                       parse_target(request.raw_path))
     route, principal = resolved.route, resolved.principal
     match resolved.decision:
-        case policy.Allow(identity=allowed):
-            return await proxy.forward(request, rt, route, resolved.target,
-                                       principal if allowed is not None else None)
+        case policy.Allow():  # public routes have no principal: no identity goes upstream
+            return await proxy.forward(request, rt, resolved)
         case policy.Challenge():
             return await _challenge(request, rt, resolved.target)
         case policy.Deny(reason=reason):

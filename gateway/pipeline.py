@@ -19,7 +19,7 @@ from gateway import policy, refresh
 from gateway.errors import NotFoundError
 from gateway.identity import Identity
 from gateway.routing import Route, Target
-from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime
+from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +37,17 @@ class Resolved:
     target: Target
     principal: Principal | None  # None on public routes, and without a live session
     decision: policy.Decision
+    snapshot: Snapshot  # the config it was resolved in, for the rest of the request
 
 
 async def resolve(request: web.Request, rt: Runtime, host: str, target: Target) -> Resolved:
     """NotFoundError when no route serves `host` and `target`; the access log learns the
     route and, once known, the user."""
+    snapshot = rt.snapshot  # once: a reload meanwhile does not change this request
     path = target.path
     if path == "/oauth2" or path.startswith("/oauth2/"):
         raise NotFoundError(f"no gateway endpoint {path}")
-    route = rt.routes.match(host, path)
+    route = snapshot.routes.match(host, path)
     if route is None:
         raise NotFoundError(f"no route for host={host!r} path={path}")
     request[ROUTE_NAME] = route.name
@@ -53,7 +55,7 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target) 
     if principal is not None:
         request[USER_SUB] = principal.identity.sub
     decision = policy.decide(route.access, principal.identity if principal else None)
-    return Resolved(route, target, principal, decision)
+    return Resolved(route, target, principal, decision, snapshot)
 
 
 async def _session_principal(request: web.Request, rt: Runtime) -> Principal | None:

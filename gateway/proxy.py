@@ -31,9 +31,9 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from gateway.pipeline import Principal
+from gateway.pipeline import Principal, Resolved
 from gateway.routing import Route, Target, host_name
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, Snapshot
 from gateway.upstreams import relaying_interim
 
 log = logging.getLogger("gateway.proxy")
@@ -47,9 +47,9 @@ _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _client_info(request: web.Request, rt: Runtime) -> headers.ClientInfo:
+def _client_info(request: web.Request, snapshot: Snapshot) -> headers.ClientInfo:
     peer = request.remote or ""
-    trusted = headers.is_trusted(peer, rt.config.server.trusted_networks)
+    trusted = headers.is_trusted(peer, snapshot.config.server.trusted_networks)
     return headers.ClientInfo(ip=peer, scheme=request.scheme, host=request.host, trusted=trusted)
 
 
@@ -71,13 +71,13 @@ def upstream_url(route: Route, target: Target, *, websocket: bool = False) -> UR
     return url
 
 
-def _host_header(request: web.Request, rt: Runtime, route: Route) -> str | None:
+def _host_header(request: web.Request, snapshot: Snapshot, route: Route) -> str | None:
     """The Host the upstream gets (routes[].host_header); None: the upstream URL's.
     "public" is the name the route matched (the client's Host, normalised, with its port
     if it gave a number) on a route for a host, public_url's on any other."""
     if route.config.effective_host_header == "public":
         if route.host is None:
-            return rt.config.public_host
+            return snapshot.config.public_host
         given = request.headers.get("Host", "")
         port = given.rsplit(":", 1)[1] if ":" in given and not given.endswith("]") else ""
         name = host_name(given)
@@ -98,29 +98,31 @@ def _is_websocket(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
 
 
-async def forward(request: web.Request, rt: Runtime, route: Route, target: Target,
-                  principal: Principal | None) -> web.StreamResponse:
-    """Send the request to the route's upstream, as `principal` (None: no identity at all),
-    and stream the answer back."""
+async def forward(request: web.Request, rt: Runtime,
+                  resolved: Resolved) -> web.StreamResponse:
+    """Send an allowed request to its route's upstream, as its principal (None: no identity
+    at all), with the settings of the snapshot it was resolved in; stream the answer back."""
+    route, target, principal, snapshot = (resolved.route, resolved.target, resolved.principal,
+                                          resolved.snapshot)
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-    upstream_headers = _request_headers(request, rt, route, principal)
+    upstream_headers = _request_headers(request, rt, snapshot, route, principal)
     if _is_websocket(request):
         url = upstream_url(route, target, websocket=True)
         return await websocket.forward(request, rt.sockets, route, url, upstream_headers,
                                        session=principal.session_id if principal else None)
     body = _client_body(request, route) if request.body_exists else None
     url = upstream_url(route, target)
-    relay = (relaying_interim(functools.partial(_relay_early_hints, request, rt, route))
+    relay = (relaying_interim(functools.partial(_relay_early_hints, request, snapshot, route))
              if route.config.early_hints else contextlib.nullcontext())
     try:
         with relay:
             upstream = await _send(request, route, url, upstream_headers, body)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(_response_headers(rt, route, upstream.headers))
+            response.headers.extend(_response_headers(snapshot, route, upstream.headers))
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left; not the upstream's failure
@@ -139,32 +141,32 @@ async def forward(request: web.Request, rt: Runtime, route: Route, target: Targe
         raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
-def _request_headers(request: web.Request, rt: Runtime, route: Route,
+def _request_headers(request: web.Request, rt: Runtime, snapshot: Snapshot, route: Route,
                      principal: Principal | None) -> CIMultiDict[str]:
     identity = principal.identity if principal else None
     access_token = principal.access_token if principal else None
     stripped = route.prefix if route.config.strip_prefix and route.prefix != "/" else None
     return headers.for_upstream(
-        request.headers, identity, _client_info(request, rt),
-        gateway_cookies=rt.gateway_cookies, host=_host_header(request, rt, route),
+        request.headers, identity, _client_info(request, snapshot),
+        gateway_cookies=rt.gateway_cookies, host=_host_header(request, snapshot, route),
         injected=headers.credential_headers(
             route, identity, access_token,
-            unverified_email=rt.config.oidc.allow_unverified_email),
-        stripped=rt.stripped_headers,
-        unverified_email=rt.config.oidc.allow_unverified_email,
+            unverified_email=snapshot.config.oidc.allow_unverified_email),
+        stripped=snapshot.stripped_headers,
+        unverified_email=snapshot.config.oidc.allow_unverified_email,
         forwarded_prefix=stripped)
 
 
-def _response_headers(rt: Runtime, route: Route,
+def _response_headers(snapshot: Snapshot, route: Route,
                       upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     options, base = route.config, route.upstream.base
     return headers.from_upstream(
         upstream_headers, prefix=route.prefix if options.strip_prefix else "/",
-        origins=(base, rt.config.server.public_url) if options.rewrite_redirects else (),
+        origins=(base, snapshot.config.server.public_url) if options.rewrite_redirects else (),
         cookies_from=base if options.rewrite_cookie_paths else None)
 
 
-async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
+async def _relay_early_hints(request: web.Request, snapshot: Snapshot, route: Route,
                              status: int, reason: str,
                              upstream_headers: CIMultiDictProxy[str]) -> None:
     """Pass a 103 Early Hints on before the final response; never to an HTTP/1.0 client,
@@ -173,7 +175,7 @@ async def _relay_early_hints(request: web.Request, rt: Runtime, route: Route,
     parser let through with a control character; the reason phrase is our own."""
     if request.version < (1, 1):
         return
-    hints = _response_headers(rt, route, upstream_headers)
+    hints = _response_headers(snapshot, route, upstream_headers)
     lines = ["HTTP/1.1 103 Early Hints"] + [
         f"{name}: {value}" for name, value in hints.items()
         if name.lower() not in _FRAMING and not _CONTROL_CHARS.search(name + value)]

@@ -2,6 +2,12 @@
 
 `Runtime` is built in app.py's cleanup context and stored under one AppKey; handlers reach it
 through `runtime_from(request)`. Nothing here is module-level mutable state.
+
+It holds two kinds of thing. What lives as long as the process: pools, caches, the store, the
+IdP client, the WebSocket watch. And a `Snapshot` of what the config decides per request
+(the config itself, the built routes, the stripped headers), which a config reload replaces
+whole, in one assignment: a request reads the snapshot once (pipeline.resolve) and keeps it,
+so it never sees half of one config and half of another.
 """
 
 from __future__ import annotations
@@ -25,9 +31,20 @@ from gateway.websocket import SocketWatch
 
 
 @dataclass(frozen=True, slots=True)
-class Runtime:
+class Snapshot:
     config: Config
-    routes: RouteTable
+    routes: RouteTable  # built once, each route with its upstream and compiled access
+    stripped_headers: Stripped  # client request headers that never reach an upstream
+
+    @classmethod
+    def build(cls, config: Config, upstreams: Upstreams) -> Snapshot:
+        return cls(config, RouteTable.build(config.routes, upstreams.for_route),
+                   Stripped.with_extra(config.server.strip_request_headers))
+
+
+@dataclass(slots=True)
+class Runtime:
+    snapshot: Snapshot  # swapped whole, never changed in place
     sessions: SessionStore
     provider: Provider
     verifier: Verifier  # every token from the IdP is checked here
@@ -35,7 +52,6 @@ class Runtime:
     upstreams: Upstreams  # the pooled client sessions the routes' upstreams use
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
-    stripped_headers: Stripped  # client request headers that never reach an upstream
     sockets: SocketWatch  # open client websockets, watched for their session's end
     # Sessions whose last refresh failed in this process, and when (refresh.py backs off).
     refresh_failures: dict[str, float] = field(default_factory=dict)
@@ -44,6 +60,12 @@ class Runtime:
     # Set when SIGTERM starts the shutdown delay: readyz says "draining" while requests are
     # still served, so the load balancer stops sending new ones before the listener closes.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def config(self) -> Config:
+        """The current config, for what lives as long as the process anyway (the IdP, the
+        store, sessions); per-request settings come from the request's snapshot."""
+        return self.snapshot.config
 
     def first_time(self, warning: str) -> bool:
         """True the first time `warning` is asked about in this process."""

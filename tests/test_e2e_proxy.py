@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Stack, StackFactory, free_port, login, serve
+from conftest import CLIENT_SECRET, Stack, StackFactory, free_port, login, raw_config, serve
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import config as config_module
 from gateway.demo.upstream import create_upstream_app
+from gateway.runtime import RUNTIME, Snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -629,3 +631,24 @@ async def test_a_body_that_stops_arriving_ends_in_a_408_not_a_held_upstream(
     writer.close()
     assert head.startswith((b"HTTP/1.1 408", b"HTTP/1.1 400")), head
     assert time.monotonic() - started < 3
+
+
+async def test_a_swapped_snapshot_serves_the_next_request(make_stack: StackFactory) -> None:
+    """The seam config reload will use: the routes and per-request settings are one value,
+    replaced whole, while the pools and sessions stay."""
+    stack = await make_stack(routes=[{"name": "first", "path_prefix": "/", "auth": "public"}])
+    rt = stack.runners[-1].app[RUNTIME]
+    raw = raw_config(stack.gateway, stack.idp, stack.upstream, routes=[
+        {"name": "second", "path_prefix": "/v2", "auth": "public", "strip_prefix": True}])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/echo") as resp:
+            assert resp.status == 200
+        rt.snapshot = Snapshot.build(config_module.parse(raw, {"SECRET": CLIENT_SECRET}),
+                                     rt.upstreams)
+        async with http.get(stack.gateway + "/v2/echo") as resp:
+            echoed = await resp.json()
+        assert echoed["path"] == "/echo"
+        assert ["X-Forwarded-Prefix", "/v2"] in echoed["headers"]
+        async with http.get(stack.gateway + "/echo", headers={"Accept": "application/json"}) \
+                as resp:
+            assert resp.status == 404
