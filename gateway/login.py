@@ -26,7 +26,7 @@ from gateway.pages import redirect
 from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.model import LoginAttempt
-from gateway.sessions.registry import Client
+from gateway.sessions.registry import Browser
 from gateway.sessions.store import ATTEMPT_TTL
 
 log = logging.getLogger("gateway.login")
@@ -143,8 +143,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     previous = await rt.sessions.load(request.cookies.get(rt.session_cookie))
     if previous is not None:  # a new login ends this browser's old session
         await rt.sessions.delete(previous)
-    client = Client.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
-    cookie = await rt.sessions.create(identity, token_set, client)
+    browser = Browser.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
+    cookie = await rt.sessions.create(identity, token_set, browser)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)
     response = redirect(safe_return_path(attempt.return_to) or "/")

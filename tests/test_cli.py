@@ -175,7 +175,7 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
     from gateway.identity import Identity
     from gateway.oidc.token_set import TokenSet
     from gateway.sessions.backends import open_backend
-    from gateway.sessions.registry import Client
+    from gateway.sessions.registry import Browser
     from gateway.sessions.store import SessionStore
 
     monkeypatch.setenv("GW_TEST_SECRET", "s" * 32)
@@ -187,7 +187,7 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
                          clock=time.time)
     tokens = TokenSet("secret-access-token", "secret-id-token")
     alice = await store.create(Identity("alice", "alice@example.com", True), tokens,
-                               Client("192.0.2.1", "Firefox/1"))
+                               Browser("192.0.2.1", "Firefox/1"))
     bob = await store.create(Identity("bob", "bob@example.com", True), tokens)
     try:
         assert config.session.store == redis_url
@@ -220,7 +220,7 @@ async def test_sessions_list_shows_ids_idle_expiry_and_json_and_revokes_one_by_i
     from gateway.identity import Identity
     from gateway.oidc.token_set import TokenSet
     from gateway.sessions.backends import open_backend
-    from gateway.sessions.registry import Client
+    from gateway.sessions.registry import Browser
     from gateway.sessions.store import SessionStore
 
     monkeypatch.delenv("GW_TEST_SECRET", raising=False)
@@ -232,7 +232,7 @@ async def test_sessions_list_shows_ids_idle_expiry_and_json_and_revokes_one_by_i
                          clock=time.time)
     tokens = TokenSet("secret-access-token", "secret-id-token")
     first = await store.create(Identity("carol", "carol@example.com", True), tokens,
-                               Client("198.51.100.4", "curl/8"))
+                               Browser("198.51.100.4", "curl/8"))
     second = await store.create(Identity("carol", "carol@example.com", True), tokens)
     cli = functools.partial(asyncio.get_running_loop().run_in_executor, None, main)
     try:
@@ -364,13 +364,13 @@ def test_the_table_shows_no_control_sequence_and_survives_any_value() -> None:
     """A browser chooses its User-Agent: a surrogate made `sessions list` crash on a UTF-8
     terminal, and a C1 CSI would have reached the screen."""
     from gateway.admin import Row, format_table
-    from gateway.sessions.registry import Client, SessionInfo
+    from gateway.sessions.registry import Browser, SessionInfo
 
     hostile = "a\udc9bb\x9b2J\x1b[31m\u202e"
     info = SessionInfo("ab" * 32, hostile, hostile, None, 0, 0, 0, hostile, hostile)
     table = format_table([Row(info, None)])
     table.encode("ascii")  # nothing but ASCII, so any terminal encoding takes it
     assert "\x9b" not in table and "\x1b" not in table
-    seen = Client.seen("10.0.0.1\x9b", "Mozilla\x1b[2J\udc9b" + "x" * 300)
+    seen = Browser.seen("10.0.0.1\x9b", "Mozilla\x1b[2J\udc9b" + "x" * 300)
     assert seen.ip == "10.0.0.1?" and seen.user_agent.startswith("Mozilla?[2J?")
     assert len(seen.user_agent) == 200

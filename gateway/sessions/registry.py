@@ -51,14 +51,15 @@ _INFO_FIELDS = tuple(SessionInfo.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
-class Client:
-    """Where a login came from, for the admin listing."""
+class Browser:
+    """The browser a login came from (its address and User-Agent), for the admin listing;
+    not to be confused with oidc.flow.Client, the gateway's credentials at the IdP."""
 
     ip: str = "-"
     user_agent: str = "-"
 
     @classmethod
-    def seen(cls, ip: str, user_agent: str) -> Client:
+    def seen(cls, ip: str, user_agent: str) -> Browser:
         """From request values (the user's to choose): printable ASCII only, bounded, so a
         listing can neither break on them nor send control sequences to a terminal."""
         return cls(_printable(ip, 64) or "-", _printable(user_agent, 200) or "-")
@@ -68,7 +69,7 @@ def _printable(text: str, limit: int) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
-UNKNOWN_CLIENT = Client()
+UNKNOWN_BROWSER = Browser()
 
 
 class Registry:

@@ -38,7 +38,7 @@ from gateway.sessions.backends import Backend
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session
-from gateway.sessions.registry import UNKNOWN_CLIENT, Client, Registry, SessionInfo
+from gateway.sessions.registry import UNKNOWN_BROWSER, Browser, Registry, SessionInfo
 
 log = logging.getLogger("gateway.store")
 
@@ -108,10 +108,10 @@ class SessionStore:
         return min(self._idle, created_at + self._max - self._clock())
 
     async def create(self, identity: Identity, tokens: TokenSet,
-                     client: Client = UNKNOWN_CLIENT) -> SessionCookie:
+                     browser: Browser = UNKNOWN_BROWSER) -> SessionCookie:
         """Always a new id and key: a login never reuses a cookie (no session fixation)."""
         cookie = SessionCookie.new()
-        session = Session(identity, tokens, self._clock(), client.ip, client.user_agent)
+        session = Session(identity, tokens, self._clock(), browser.ip, browser.user_agent)
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
         await self.backend.set(name, self._seal(cookie.key, name, session.to_bytes()), ttl)
