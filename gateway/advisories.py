@@ -19,12 +19,12 @@ def advisories(config: Config) -> list[str]:
     notes: list[str] = []
     oidc = config.oidc
     if not any("group" in scope.lower() for scope in oidc.scopes):
-        for route in config.routes:
-            if route.allow is not None and route.allow.groups:
-                notes.append(
-                    f"routes[{route.name}].allow.groups: oidc.scopes {list(oidc.scopes)} ask "
-                    f"for no groups scope; unless the IdP adds the '{oidc.groups_claim}' claim "
-                    f"by itself, every user is denied (add e.g. 'groups' to oidc.scopes)")
+        for key in _group_rules(config):
+            notes.append(
+                f"{key}: oidc.scopes {list(oidc.scopes)} ask for no groups scope; unless "
+                f"the IdP adds the '{oidc.groups_claim}' claim by itself, no user is in any "
+                f"group: allow rules on groups let nobody in, deny rules keep nobody out "
+                f"(add e.g. 'groups' to oidc.scopes)")
     for route in config.routes:
         outer = _restricted_around(route, config.routes)
         if outer is not None:
@@ -40,11 +40,24 @@ def advisories(config: Config) -> list[str]:
     return notes
 
 
+def _group_rules(config: Config) -> list[str]:
+    """The keys of the groups rules that routes use, each once (a policy may serve many)."""
+    keys: list[str] = []
+    for route in config.routes:
+        allow, deny, source = config.rules_of(route)
+        for kind, rules in (("allow", allow or ()), ("deny", deny)):
+            for index, rule in enumerate(rules):
+                key = f"{source}.{kind}[{index}].groups"
+                if rule.groups and key not in keys:
+                    keys.append(key)
+    return keys
+
+
 def _restricted_around(route: RouteConfig, routes: tuple[RouteConfig, ...]) -> RouteConfig | None:
     if route.auth != "public" or route.allow_nested_public:
         return None
     for outer in routes:
-        if outer.allow is None or not host_covers(outer.host, route.host):
+        if not outer.restricted or not host_covers(outer.host, route.host):
             continue
         prefix = outer.path_prefix.rstrip("/")
         inner = route.path_prefix

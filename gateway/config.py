@@ -25,7 +25,15 @@ from pydantic import (
 )
 from yarl import URL
 
-from gateway.config_routes import FrozenModel, RouteConfig, http_url
+from gateway.config_routes import (
+    POLICY_NAME,
+    FrozenModel,
+    PolicyConfig,
+    RouteConfig,
+    Rules,
+    http_url,
+    rules_of,
+)
 from gateway.errors import ConfigError
 from gateway.sessions.keys import PREFIX_SHAPE, Keys
 from gateway.store_url import StoreLocation, parse_store_url
@@ -236,8 +244,31 @@ class Config(FrozenModel):
     server: ServerConfig
     oidc: OIDCConfig
     session: SessionConfig = SessionConfig()
+    policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("policies")
+    @classmethod
+    def _policy_names(cls, value: dict[str, PolicyConfig]) -> dict[str, PolicyConfig]:
+        for name in value:
+            if not POLICY_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a policy name (letters, digits, '_', '.', "
+                                 "'-'; at most 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _policies_exist(self) -> Config:
+        for route in self.routes:
+            if route.policy is not None and route.policy not in self.policies:
+                known = ", ".join(sorted(self.policies)) or "none are defined"
+                raise ValueError(f"routes[{route.name}].policy: no policy named "
+                                 f"{route.policy!r} under policies ({known})")
+        return self
+
+    def rules_of(self, route: RouteConfig) -> Rules:
+        """The route's allow rules, deny rules and where they are written."""
+        return rules_of(route, self.policies)
 
     @field_validator("routes")
     @classmethod

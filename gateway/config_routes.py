@@ -6,10 +6,20 @@ to one screenful of concerns; config.py re-exports these names.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
 from gateway.identity import email_address, email_domain
@@ -17,6 +27,9 @@ from gateway.units import Duration, NonNegativeDuration, Size
 
 _PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ClaimValue = StrictBool | StrictInt | StrictStr
 
 
 def http_url(value: str, *, require_path_free: bool = False) -> str:
@@ -32,10 +45,35 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class AllowRules(FrozenModel):
+def _methods(value: tuple[str, ...]) -> tuple[str, ...]:
+    """HTTP method names in upper case; GET brings HEAD (a HEAD is a GET without the body,
+    as nginx's limit_except reads it)."""
+    methods = []
+    for entry in value:
+        method = entry.strip().upper()
+        if not _METHOD.fullmatch(method):
+            raise ValueError(f"{entry!r} is not an HTTP method name")
+        methods.append(method)
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    return tuple(dict.fromkeys(methods))
+
+
+def _listed(value: Any) -> Any:
+    """One mapping where a list of them is expected: a list of one."""
+    return [value] if isinstance(value, dict) else value
+
+
+class RuleConfig(FrozenModel):
+    """One allow or deny rule: every kind present must match; within a kind any listed
+    value matches; `methods` limits the rule to those requests."""
+
     emails: tuple[str, ...] = ()
     email_domains: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    # claim name (a dotted path reaches into objects: realm_access.roles) -> value or values
+    claims: dict[str, tuple[ClaimValue, ...]] = Field(default_factory=dict)
+    methods: tuple[str, ...] = ()
 
     @field_validator("emails")
     @classmethod
@@ -60,6 +98,54 @@ class AllowRules(FrozenModel):
             parsed.append(domain)
         return tuple(parsed)
 
+    @field_validator("claims", mode="before")
+    @classmethod
+    def _claim_lists(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        lists = {}
+        for name, given in value.items():
+            if not isinstance(name, str) or not name.strip(". ") or ".." in name:
+                raise ValueError(f"{name!r} is not a claim name or dotted path")
+            values = given if isinstance(given, list) else [given]
+            if not all(isinstance(v, str | int) for v in values):  # bool is an int
+                raise ValueError(f"{name}: values are strings, integers or true/false")
+            lists[name] = values
+        return lists
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _methods(value)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RuleConfig:
+        if not (self.emails or self.email_domains or self.groups or self.claims
+                or self.methods):
+            raise ValueError("a rule needs at least one of emails, email_domains, groups, "
+                             "claims, methods")
+        if any(not values for values in self.claims.values()):
+            raise ValueError("a claim rule needs at least one value")
+        return self
+
+
+class PolicyConfig(FrozenModel):
+    """A named policy (`policies:`), for routes to share by name."""
+
+    allow: tuple[RuleConfig, ...] | None = None
+    deny: tuple[RuleConfig, ...] = ()
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _rule_lists(cls, value: Any) -> Any:
+        return _listed(value)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> PolicyConfig:
+        if self.allow is None and not self.deny:
+            raise ValueError("a policy needs allow or deny rules")
+        return self
+
 
 class UpstreamTLSConfig(FrozenModel):
     """TLS to an https:// upstream: a private CA, or (loudly) no verification at all."""
@@ -74,7 +160,11 @@ class RouteConfig(FrozenModel):
     path_prefix: str = "/"
     upstream: str
     auth: Literal["required", "public"] = "required"
-    allow: AllowRules | None = None
+    # Who may use it (auth: required only): allow and deny rules here, or a named policy.
+    allow: tuple[RuleConfig, ...] | None = None
+    deny: tuple[RuleConfig, ...] = ()
+    policy: str | None = None
+    methods: tuple[str, ...] | None = None  # others get 405
     strip_prefix: bool = False
     # The Host the upstream gets: public_url's (default: absolute URLs it builds point at the
     # gateway, and no client can choose it), the client's own, or the upstream URL's.
@@ -105,6 +195,25 @@ class RouteConfig(FrozenModel):
     # A public route inside a route with allow rules is a hole in it; check-config and
     # `gateway run` warn about one unless it is marked as intended.
     allow_nested_public: bool = False
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _rule_lists(cls, value: Any) -> Any:
+        return _listed(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("lists no method: leave it out to allow every method")
+        return _methods(value) if value is not None else None
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy_name(cls, value: str | None) -> str | None:
+        if value is not None and not POLICY_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a policy name")
+        return value
 
     @field_validator("host")
     @classmethod
@@ -142,6 +251,11 @@ class RouteConfig(FrozenModel):
     def effective_host_header(self) -> Literal["public", "client", "upstream"]:
         return "client" if self.preserve_host else self.host_header
 
+    @property
+    def restricted(self) -> bool:
+        """Has rules beyond "any signed-in user" (its own, or a named policy's)."""
+        return self.allow is not None or bool(self.deny) or self.policy is not None
+
     @model_validator(mode="after")
     def _tls_needs_https(self) -> RouteConfig:
         if self.upstream_tls is not None and not self.upstream.startswith("https://"):
@@ -150,8 +264,11 @@ class RouteConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _allow_needs_auth(self) -> RouteConfig:
-        if self.auth == "public" and self.allow is not None:
-            raise ValueError("allow rules need auth: required")
+        if self.auth == "public" and (self.allow is not None or self.deny or self.policy):
+            raise ValueError("allow, deny and policy need auth: required")
+        if self.policy is not None and (self.allow is not None or self.deny):
+            raise ValueError("policy names rules kept under policies: set either policy or "
+                             "allow/deny")
         if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header
                                       or self.pass_basic_auth):
             raise ValueError("passing the access token or the user needs auth: required")
@@ -165,3 +282,15 @@ class RouteConfig(FrozenModel):
         if self.auth != "public" and self.allow_nested_public:
             raise ValueError("allow_nested_public is for auth: public routes")
         return self
+
+
+Rules = tuple[tuple[RuleConfig, ...] | None, tuple[RuleConfig, ...], str]
+
+
+def rules_of(route: RouteConfig, policies: Mapping[str, PolicyConfig]) -> Rules:
+    """The route's allow rules (None: any signed-in user), deny rules, and where they are
+    written (for log lines and messages): its own, or its named policy's."""
+    if route.policy is not None:
+        policy = policies[route.policy]
+        return policy.allow, policy.deny, f"policies.{route.policy}"
+    return route.allow, route.deny, f"routes[{route.name}]"

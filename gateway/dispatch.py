@@ -10,7 +10,7 @@ from typing import assert_never
 from aiohttp import web
 
 from gateway import pipeline, policy, proxy
-from gateway.errors import ForbiddenError, NotAuthenticatedError
+from gateway.errors import ForbiddenError, MethodNotAllowedError, NotAuthenticatedError
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
 from gateway.redirects import safe_return_path
@@ -21,7 +21,7 @@ from gateway.runtime import Runtime, runtime_from
 async def handle(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
     resolved = await pipeline.resolve(request, rt, request.host,
-                                      parse_target(request.raw_path))
+                                      parse_target(request.raw_path), request.method)
     route, principal = resolved.route, resolved.principal
     match resolved.decision:
         case policy.Allow():  # public routes have no principal: no identity goes upstream
@@ -35,6 +35,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 f"route {route.name}: {reason}",
                 signed_in_as=identity.preferred_username or identity.email or identity.sub,
                 sign_out_by_post="POST" in rt.config.session.sign_out_methods)
+        case policy.WrongMethod(allowed=allowed):
+            raise MethodNotAllowedError(f"route {route.name}: {request.method} is not in its "
+                                        "methods", allowed=allowed)
         case _:
             assert_never(resolved.decision)
 

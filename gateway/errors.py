@@ -150,8 +150,17 @@ class HeadersTooLargeError(GatewayError):
 class MethodNotAllowedError(GatewayError):
     status = 405
     title = "Method not allowed"
-    public_message = "This endpoint does not accept that method."
+    public_message = "This address does not accept that method."
     event = "method_not_allowed"
+
+    def __init__(self, detail: str | None = None, *,
+                 allowed: frozenset[str] | None = None) -> None:
+        super().__init__(detail)
+        self.allowed = allowed
+
+    def response_headers(self) -> dict[str, str]:
+        """RFC 9110 §15.5.6: a 405 lists the methods the target takes."""
+        return {"Allow": ", ".join(sorted(self.allowed))} if self.allowed else {}
 
 
 class IdPError(GatewayError):

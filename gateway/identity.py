@@ -5,10 +5,11 @@ The only place claim names are read. Pure: never imports aiohttp.web.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import idna
 
@@ -21,6 +22,10 @@ class Identity:
     preferred_username: str | None = None
     groups: tuple[str, ...] = ()
     sid: str | None = None
+    # Every claim the login saw (validated ID token, completed by userinfo), for policies on
+    # claims; None in a session written before claims were kept (such a session must sign in
+    # again before a claim rule can be decided for it).
+    claims: Mapping[str, object] | None = field(default=None, hash=False)
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, object], groups_claim: str) -> Identity:
@@ -35,6 +40,7 @@ class Identity:
             preferred_username=_text(claims.get("preferred_username")),
             groups=_groups(claims.get(groups_claim)),
             sid=_text(claims.get("sid")),
+            claims=dict(claims),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -45,11 +51,15 @@ class Identity:
             "preferred_username": self.preferred_username,
             "groups": list(self.groups),
             "sid": self.sid,
+            "claims": dict(self.claims) if self.claims is not None else None,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Identity:
-        return cls.from_claims({**data, "groups": data.get("groups")}, "groups")
+        claims = data.get("claims")
+        identity = cls.from_claims({**data, "groups": data.get("groups")}, "groups")
+        kept = dict(claims) if isinstance(claims, dict) else None
+        return dataclasses.replace(identity, claims=kept)
 
 
 def wanted_claims(groups_claim: str) -> tuple[str, ...]:

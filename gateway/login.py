@@ -107,7 +107,8 @@ def _warn_if_groups_missing(rt: Runtime, claims: dict[str, object]) -> None:
     at the first such login, instead of leaving 403s to be puzzled over."""
     oidc = rt.config.oidc
     if oidc.groups_claim in claims or not any(
-            route.allow is not None and route.allow.groups for route in rt.config.routes):
+            rule.groups for route in rt.config.routes for rules in rt.config.rules_of(route)[:2]
+            for rule in rules or ()):
         return
     if rt.first_time("groups_claim_missing"):
         log.warning("groups_claim_missing claim=%s scopes=%s: neither the ID token nor "

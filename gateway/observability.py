@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from gateway.config import LoggingConfig
-from gateway.runtime import ROUTE_NAME, USER_SUB
+from gateway.runtime import DECIDED_BY, ROUTE_NAME, USER_SUB
 
 access_log = logging.getLogger("gateway.access")
 
@@ -77,7 +77,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         return response
     finally:
         access_log.info(
-            "%s %s route=%s status=%d duration_ms=%.1f user=%s",
+            "%s %s route=%s status=%d duration_ms=%.1f user=%s rule=%s",
             request.method,
             # SECURITY: the raw path (no decoded CR/LF) and never the query (OAuth code, state)
             request.raw_path.split("?", 1)[0],
@@ -85,4 +85,5 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             status,
             (time.perf_counter() - started) * 1000,
             request.get(USER_SUB, "-"),
+            request.get(DECIDED_BY, "-"),
         )

@@ -19,7 +19,7 @@ from gateway import policy, refresh
 from gateway.errors import NotFoundError
 from gateway.identity import Identity
 from gateway.routing import Route, Target
-from gateway.runtime import ROUTE_NAME, USER_SUB, Runtime, Snapshot
+from gateway.runtime import DECIDED_BY, ROUTE_NAME, USER_SUB, Runtime, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +40,10 @@ class Resolved:
     snapshot: Snapshot  # the config it was resolved in, for the rest of the request
 
 
-async def resolve(request: web.Request, rt: Runtime, host: str, target: Target) -> Resolved:
+async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
+                  method: str) -> Resolved:
     """NotFoundError when no route serves `host` and `target`; the access log learns the
-    route and, once known, the user."""
+    route, the user once known, and the rule that decided."""
     snapshot = rt.snapshot  # once: a reload meanwhile does not change this request
     path = target.path
     if path == "/oauth2" or path.startswith("/oauth2/"):
@@ -54,7 +55,10 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target) 
     principal = None if route.access.public else await _session_principal(request, rt)
     if principal is not None:
         request[USER_SUB] = principal.identity.sub
-    decision = policy.decide(route.access, principal.identity if principal else None)
+    decision = policy.decide(route.access, principal.identity if principal else None, method)
+    match decision:
+        case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
+            request[DECIDED_BY] = rule
     return Resolved(route, target, principal, decision, snapshot)
 
 

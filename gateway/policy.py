@@ -1,77 +1,147 @@
-"""Decide what happens to a request on a route, given who (if anyone) is asking.
+"""Decide what happens to a request on a route, given who (if anyone) is asking and how.
 
-Pure: never imports aiohttp.web, and works on its own frozen types (`Access`, `Rules`), which
-routing.access_of compiles once from the config, never on pydantic models. `allow` rules:
-every kind that is present must match (emails, email_domains, groups); within a kind any listed
-value matches. Emails count only when the IdP says they are verified, and are compared as
-parsed addresses (identity.email_address: exactly one '@', the domain in lower-case ASCII after
-IDNA); anything else matches no rule.
+Pure: never imports aiohttp.web, and works on its own frozen types (`Access`, `Rule`), which
+routing.access_of compiles once from the config, never on pydantic models.
+
+The order, for a request with method M on a route:
+1. the route's `methods`, when it lists them: any other method is refused (405), signed in
+   or not;
+2. a public route allows anyone, and no identity is ever sent;
+3. without a signed-in user: a challenge (sign in);
+4. `deny` rules, in order: the first that applies to M and matches the user refuses (403);
+5. `allow` rules, in order: the first that applies to M and matches allows; none: 403. A
+   route without allow rules allows every signed-in user (that deny let through).
+A rule matches when every kind it lists matches: emails (verified only, compared as parsed
+addresses: identity.email_address), email_domains, groups (exact names), claims (a claim, or a
+dotted path into one, equal to a listed value or, for a list claim, holding one). A rule
+with `methods` applies only to those. A rule on claims cannot be decided for a session written
+before claims were kept: that is a challenge too (the new sign-in keeps them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.identity import Identity, email_address
 
 
 @dataclass(frozen=True, slots=True)
-class Rules:
-    """Allow rules, already parsed: addresses and domains as identity.email_address makes
-    them, groups exactly as the IdP spells them."""
+class Rule:
+    """One allow or deny rule, parsed: addresses and domains as identity.email_address makes
+    them, groups and claim values exactly as the IdP spells them."""
 
+    label: str  # where it is written, for the log: "routes[app].allow[0]"
     emails: frozenset[str] = frozenset()
     email_domains: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
+    claims: tuple[tuple[str, tuple[object, ...]], ...] = ()
+    methods: frozenset[str] = frozenset()  # empty: every method
 
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """Who may use a route: anyone (public: no identity is ever sent), or signed-in users,
-    all of them or those the rules allow."""
+    """Who may use a route: anyone (public), or signed-in users the rules let in."""
 
     public: bool
-    rules: Rules | None = None
+    allow: tuple[Rule, ...] | None = None  # None: every signed-in user
+    deny: tuple[Rule, ...] = ()
+    methods: frozenset[str] | None = None  # None: every method
 
 
 @dataclass(frozen=True, slots=True)
 class Allow:
     identity: Identity | None
+    rule: str | None = None  # the allow rule that matched, when the route has any
 
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
-    """No session on a protected route: start a login (browser) or answer 401 (API)."""
+    """No usable session on a protected route: sign in (browser) or answer 401 (API)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Deny:
     reason: str
+    rule: str | None = None  # the deny rule that matched, or the allow list none matched
 
 
-Decision = Allow | Challenge | Deny
+@dataclass(frozen=True, slots=True)
+class WrongMethod:
+    """The route does not take this method at all (405, whoever asks)."""
+
+    allowed: frozenset[str]
 
 
-def decide(access: Access, identity: Identity | None) -> Decision:
+Decision = Allow | Challenge | Deny | WrongMethod
+
+
+def decide(access: Access, identity: Identity | None, method: str) -> Decision:
+    if access.methods is not None and method not in access.methods:
+        return WrongMethod(access.methods)
     if access.public:
         return Allow(None)
     if identity is None:
         return Challenge()
-    if access.rules is not None:
-        reason = _refusal(access.rules, identity)
-        if reason:
-            return Deny(reason)
-    return Allow(identity)
+    applicable_deny = [rule for rule in access.deny if _applies(rule, method)]
+    applicable_allow = [rule for rule in access.allow or () if _applies(rule, method)]
+    if identity.claims is None and any(rule.claims for rule in applicable_deny
+                                       + applicable_allow):
+        return Challenge()  # a session from before claims were kept
+    for rule in applicable_deny:
+        if _mismatch(rule, identity) is None:
+            return Deny(f"denied by {rule.label}", rule.label)
+    if access.allow is None:
+        return Allow(identity)
+    reasons = []
+    for rule in access.allow:
+        if rule not in applicable_allow:
+            reasons.append(f"{rule.label}: not for {method}")
+            continue
+        mismatch = _mismatch(rule, identity)
+        if mismatch is None:
+            return Allow(identity, rule.label)
+        reasons.append(f"{rule.label}: {mismatch}")
+    return Deny("; ".join(reasons), access.allow[0].label.rpartition("[")[0]
+                if access.allow else None)
 
 
-def _refusal(rules: Rules, identity: Identity) -> str | None:
+def _applies(rule: Rule, method: str) -> bool:
+    return not rule.methods or method in rule.methods
+
+
+def _mismatch(rule: Rule, identity: Identity) -> str | None:
+    """Why `identity` does not match `rule`; None when it does."""
     email = email_address(identity.email) if identity.email and identity.email_verified else None
-    if rules.emails and email not in rules.emails:
-        return "email not allowed" if email else "no verified, well-formed email"
-    if rules.email_domains:
+    if rule.emails and email not in rule.emails:
+        return "email not listed" if email else "no verified, well-formed email"
+    if rule.email_domains:
         domain = email.rpartition("@")[2] if email else None
-        if domain not in rules.email_domains:
-            return "email domain not allowed" if email else "no verified, well-formed email"
-    if rules.groups and rules.groups.isdisjoint(identity.groups):
-        return "not in an allowed group"
+        if domain not in rule.email_domains:
+            return "email domain not listed" if email else "no verified, well-formed email"
+    if rule.groups and rule.groups.isdisjoint(identity.groups):
+        return "in no listed group"
+    for path, wanted in rule.claims:
+        if not _claim_matches(claim_at(identity.claims or {}, path), wanted):
+            return f"claim {path} has no listed value"
     return None
+
+
+def claim_at(claims: Mapping[str, object], path: str) -> object:
+    """The claim named `path`: a claim of that exact name (URL-named claims have dots), else
+    the dotted path followed through objects; None when absent."""
+    if path in claims:
+        return claims[path]
+    node: object = claims
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _claim_matches(value: object, wanted: tuple[object, ...]) -> bool:
+    """Equal to a wanted value, or a list holding one; strict about types (True is not 1,
+    "1" is not 1)."""
+    values = value if isinstance(value, list) else [value]
+    return any(type(v) is type(w) and v == w for v in values for w in wanted)

@@ -198,6 +198,8 @@ async def _refreshed_identity(rt: Runtime, metadata: ProviderMetadata, session: 
     claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, new.access_token, claims,
                                       wanted=wanted_claims(oidc.groups_claim),
                                       always=oidc.refresh_userinfo)
+    if new.id_token == session.tokens.id_token:  # userinfo renews what it says; the rest of
+        claims = {**(session.identity.claims or {}), **claims}  # the login's claims stays
     try:
         identity = Identity.from_claims(claims, oidc.groups_claim)
     except ValueError as exc:

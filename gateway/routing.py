@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, unquote_to_bytes
 
-from gateway.config_routes import RouteConfig
+from gateway.config_routes import PolicyConfig, RouteConfig, RuleConfig, rules_of
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.identity import ascii_lower
-from gateway.policy import Access, Rules
+from gateway.policy import Access, Rule
 from gateway.upstreams import Upstream
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
@@ -64,12 +64,20 @@ class Target:
         return path + ("?" + self.query if self.query else "")
 
 
-def access_of(rc: RouteConfig) -> Access:
-    """The route's access rules as the policy's own types."""
-    allow = rc.allow
-    rules = Rules(frozenset(allow.emails), frozenset(allow.email_domains),
-                  frozenset(allow.groups)) if allow is not None else None
-    return Access(public=rc.auth == "public", rules=rules)
+def access_of(rc: RouteConfig, policies: Mapping[str, PolicyConfig] | None = None) -> Access:
+    """The route's access rules (its own, or its named policy's) as the policy's types."""
+    allow, deny, source = rules_of(rc, policies or {})
+    return Access(
+        public=rc.auth == "public",
+        allow=tuple(_rule(r, f"{source}.allow[{i}]") for i, r in enumerate(allow))
+        if allow is not None else None,
+        deny=tuple(_rule(r, f"{source}.deny[{i}]") for i, r in enumerate(deny)),
+        methods=frozenset(rc.methods) if rc.methods is not None else None)
+
+
+def _rule(rule: RuleConfig, label: str) -> Rule:
+    return Rule(label, frozenset(rule.emails), frozenset(rule.email_domains),
+                frozenset(rule.groups), tuple(rule.claims.items()), frozenset(rule.methods))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +97,12 @@ class Route:
     config: RouteConfig
 
     @classmethod
-    def build(cls, rc: RouteConfig, upstream: Upstream) -> Route:
+    def build(cls, rc: RouteConfig, upstream: Upstream,
+              policies: Mapping[str, PolicyConfig] | None = None) -> Route:
         segments = tuple(rc.path_prefix.split("/")[1:]) if rc.path_prefix != "/" else ()
         return cls(rc.name, rc.host, rc.path_prefix, segments,
                    tuple(ascii_lower(s) for s in segments), rc.case_insensitive,
-                   access_of(rc), upstream, rc)
+                   access_of(rc, policies), upstream, rc)
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: with strip_prefix, minus the segments the prefix matched
@@ -286,8 +295,9 @@ class RouteTable:
 
     @classmethod
     def build(cls, configs: Iterable[RouteConfig],
-              upstream_for: Callable[[RouteConfig], Upstream]) -> RouteTable:
-        return cls(Route.build(rc, upstream_for(rc)) for rc in configs)
+              upstream_for: Callable[[RouteConfig], Upstream],
+              policies: Mapping[str, PolicyConfig] | None = None) -> RouteTable:
+        return cls(Route.build(rc, upstream_for(rc), policies) for rc in configs)
 
     def match(self, host: str, path: str) -> Route | None:
         host = host_name(host)

@@ -38,7 +38,7 @@ class Snapshot:
 
     @classmethod
     def build(cls, config: Config, upstreams: Upstreams) -> Snapshot:
-        return cls(config, RouteTable.build(config.routes, upstreams.for_route),
+        return cls(config, RouteTable.build(config.routes, upstreams.for_route, config.policies),
                    Stripped.with_extra(config.server.strip_request_headers))
 
 
@@ -91,6 +91,7 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 ROUTE_NAME = web.RequestKey("route_name", str)
 USER_SUB = web.RequestKey("user_sub", str)
+DECIDED_BY = web.RequestKey("decided_by", str)  # the allow or deny rule that decided
 
 
 def runtime_from(request: web.Request) -> Runtime:

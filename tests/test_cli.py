@@ -91,7 +91,7 @@ def test_check_config_prints_warnings_and_still_passes(
     assert out.out.splitlines()[1].startswith("store namespace: gateway:")
     warnings = out.err.strip().splitlines()
     assert [w.split(":", 2)[1].strip() for w in warnings] == [
-        "routes[admin].allow.groups", "routes[reports]"]
+        "routes[admin].allow[0].groups", "routes[reports]"]
     assert all(w.startswith("warning: ") for w in warnings)
 
 

@@ -143,7 +143,7 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("routes.0.pass_access_token", "sometimes", "routes[app].pass_access_token"),
     ("routes.0.host", "bad host!", "routes[app].host"),
     ("routes.0.auth", "maybe", "routes[app].auth"),
-    ("routes.0.allow", {"emails": ["alice@x@y.com"]}, "routes[app].allow.emails"),
+    ("routes.0.allow", {"emails": ["alice@x@y.com"]}, "routes[app].allow[0].emails"),
     ("routes.0.allow", {"emails": ["alice"]}, "not an email address"),
     ("routes.0.allow", {"email_domains": ["exa mple.com"]}, "not a domain name"),
     ("server.strip_request_headers", ["X-Ok", "Bad Header"], "server.strip_request_headers"),
@@ -221,7 +221,7 @@ def test_idle_timeout_longer_than_max_lifetime_is_refused() -> None:
 def test_allow_rules_need_auth_required() -> None:
     raw = minimal()
     raw["routes"][0].update(auth="public", allow={"groups": ["a"]})
-    assert "allow rules need auth: required" in error_of(raw)
+    assert "allow, deny and policy need auth: required" in error_of(raw)
 
 
 def test_values_are_normalised() -> None:
@@ -233,8 +233,9 @@ def test_values_are_normalised() -> None:
     assert route.host == "*.example.com"
     assert route.path_prefix == "/app"
     assert route.allow is not None
-    assert route.allow.emails == ("alice@example.com", "bob@xn--bcher-kva.de")
-    assert route.allow.email_domains == ("ex.com", "xn--bcher-kva.de")
+    [rule] = route.allow  # one mapping: a list of one rule
+    assert rule.emails == ("alice@example.com", "bob@xn--bcher-kva.de")
+    assert rule.email_domains == ("ex.com", "xn--bcher-kva.de")
 
 
 def test_cookie_secure_follows_https_unless_set() -> None:
@@ -343,7 +344,7 @@ def test_group_rules_without_a_groups_scope_are_flagged() -> None:
     """Seen: alice, an admin at the IdP, got 403 because no scope asked for her groups."""
     routes = ({"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},)
     [note] = advisories(config_with_routes(*routes))
-    assert note.startswith("routes[admin].allow.groups: oidc.scopes")
+    assert note.startswith("routes[admin].allow[0].groups: oidc.scopes")
     assert "'groups' claim" in note
     assert advisories(config_with_routes(*routes, scopes=("openid", "groups"))) == []
 

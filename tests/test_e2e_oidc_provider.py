@@ -38,6 +38,8 @@ class NodeStack:
 @contextlib.asynccontextmanager
 async def node_gateway(*, store: str = "memory://", scopes: Sequence[str] = SCOPES,
                        session: dict[str, str] | None = None,
+                       routes: list[dict[str, Any]] | None = None,
+                       policies: dict[str, Any] | None = None,
                        **op_options: Any) -> AsyncIterator[NodeStack]:
     """oidc-provider, the demo upstream and a gateway registered as the OP's client."""
     reason = node_op_available()
@@ -51,8 +53,11 @@ async def node_gateway(*, store: str = "memory://", scopes: Sequence[str] = SCOP
                              backchannel_logout_uri=gateway + "/oauth2/backchannel_logout",
                              **op_options) as issuer:
         upstream_runner, upstream = await serve(create_upstream_app())
-        raw = raw_config(gateway, issuer, upstream, store=store, session=session or {})
+        raw = raw_config(gateway, issuer, upstream, store=store, session=session or {},
+                         routes=routes)
         raw["oidc"]["scopes"] = list(scopes)
+        if policies:
+            raw["policies"] = policies
         runner, _ = await serve(build_app(config_module.parse(raw, {"SECRET": CLIENT_SECRET})),
                                 port)
         try:
@@ -109,6 +114,55 @@ async def test_group_rule_applies_to_oidc_provider_users(
     await sign_in(browser, node_stack, "/echo", "bob")
     async with browser.get(node_stack.gateway + "/admin/", allow_redirects=False) as resp:
         assert resp.status == 403
+
+
+async def test_policies_on_claims_deny_and_methods_with_oidc_provider_users(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A named policy on the OP's own claims (a nested roles object and a plain one), a deny
+    rule that wins over a matching allow rule, a rule for reads only, and a route that takes
+    only GET; each decision is logged with the rule that made it."""
+    policies = {"engineering": {
+        "allow": [{"claims": {"realm_access.roles": "admin"}},
+                  {"claims": {"department": "eng"}, "methods": ["GET"]}],
+        "deny": {"emails": ["mallory@example.org"]}}}
+    routes = [{"name": "reports", "path_prefix": "/reports", "policy": "engineering"},
+              {"name": "readonly", "path_prefix": "/ro", "methods": ["GET"]},
+              {"name": "app", "path_prefix": "/"}]
+    caplog.set_level(logging.INFO, logger="gateway")
+    async with node_gateway(routes=routes, policies=policies) as stack:
+        expected = {  # user -> (GET status, POST status)
+            "alice": (200, 200),  # an admin by role: allow[0], any method
+            "bob": (200, 403),  # an engineer: allow[1], reads only
+            "carol": (403, 403),  # sales, no admin role: no rule matches
+            "mallory": (403, 403),  # an admin by role, but denied by email first
+        }
+        for user, (get_status, post_status) in expected.items():
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                             headers=BROWSER_HEADERS) as browser:
+                await sign_in(browser, stack, "/echo", user)
+                async with browser.get(stack.gateway + "/reports/q") as resp:
+                    assert resp.status == get_status, user
+                async with browser.post(stack.gateway + "/reports/q", data=b"x") as resp:
+                    assert resp.status == post_status, user
+                async with browser.put(stack.gateway + "/ro/x", data=b"x") as resp:
+                    assert resp.status == 405
+                    assert resp.headers["Allow"] == "GET, HEAD"
+        async with aiohttp.ClientSession(headers=BROWSER_HEADERS) as anonymous:
+            async with anonymous.put(stack.gateway + "/ro/x", allow_redirects=False) as resp:
+                assert resp.status == 405  # the method is refused before any sign-in
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    decided = {(line.split()[0], line.split()[-2], line.split()[-1]) for line in lines
+               if " /reports/q " in line}
+    assert decided == {
+        ("GET", "user=alice", "rule=policies.engineering.allow[0]"),
+        ("POST", "user=alice", "rule=policies.engineering.allow[0]"),
+        ("GET", "user=bob", "rule=policies.engineering.allow[1]"),
+        ("POST", "user=bob", "rule=policies.engineering.allow"),
+        ("GET", "user=carol", "rule=policies.engineering.allow"),
+        ("POST", "user=carol", "rule=policies.engineering.allow"),
+        ("GET", "user=mallory", "rule=policies.engineering.deny[0]"),
+        ("POST", "user=mallory", "rule=policies.engineering.deny[0]"),
+    }
 
 
 async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(

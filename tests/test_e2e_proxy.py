@@ -247,9 +247,10 @@ async def test_access_log_has_one_line_per_request_with_route_status_and_user(
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
     assert len(lines) == 2
     assert lines[0].startswith("GET /echo/q route=app status=200 duration_ms=")
-    assert lines[0].endswith("user=bob")
+    assert lines[0].endswith("user=bob rule=-")  # no rules on that route
     assert "secret-value" not in lines[0]
-    assert "route=admin status=403" in lines[1] and lines[1].endswith("user=bob")
+    assert "route=admin status=403" in lines[1]
+    assert lines[1].endswith("user=bob rule=routes[admin].allow")  # none of them matched
 
 
 async def test_websocket_is_proxied_after_the_session_check(

@@ -232,6 +232,13 @@ async def test_without_a_refreshed_id_token_userinfo_updates_the_identity_when_c
     clock.advance(TTL - 30)
     expected = "staff" if refresh_userinfo else "admins,staff"
     assert await groups_seen_upstream(browser, stack) == expected
+    # The claims policies read: userinfo's renewed, the ID token's from the login kept.
+    loaded = await stack.runners[-1].app[RUNTIME].sessions.load(
+        next(c.value for c in browser.cookie_jar if c.key == "gateway_session"))
+    assert loaded is not None and loaded.session.identity.claims is not None
+    claims = loaded.session.identity.claims
+    assert claims["groups"] == (["staff"] if refresh_userinfo else ["admins", "staff"])
+    assert claims["iss"] == stack.idp  # only in the ID token
 
 
 async def test_a_session_revoked_during_its_refresh_stays_revoked(

@@ -11,7 +11,17 @@ def test_identity_from_claims() -> None:
     identity = Identity.from_claims({"sub": "u1", "email": "a@x", "email_verified": True,
                                      "preferred_username": "a", "roles": ["r1", "r2"],
                                      "sid": "s"}, "roles")
-    assert identity == Identity("u1", "a@x", True, "a", ("r1", "r2"), "s")
+    assert identity == Identity("u1", "a@x", True, "a", ("r1", "r2"), "s",
+                                claims={"sub": "u1", "email": "a@x", "email_verified": True,
+                                        "preferred_username": "a", "roles": ["r1", "r2"],
+                                        "sid": "s"})
+
+
+def test_identity_keeps_its_claims_through_the_session_record() -> None:
+    identity = Identity.from_claims({"sub": "u", "realm_access": {"roles": ["admin"]}}, "g")
+    assert Identity.from_dict(identity.to_dict()) == identity
+    older = {k: v for k, v in identity.to_dict().items() if k != "claims"}
+    assert Identity.from_dict(older).claims is None  # written before claims were kept
 
 
 @pytest.mark.parametrize(("value", "verified"), [

@@ -1,4 +1,5 @@
-"""Access decisions: public, challenge, allow rules (every kind present must match)."""
+"""Access decisions: methods, public, challenge, deny before allow, allow rules (every kind
+present must match), claims, named policies."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ from typing import Any
 
 import pytest
 
-from gateway.config_routes import AllowRules, RouteConfig
+from gateway import config as config_module
+from gateway.config import Config
+from gateway.config_routes import RouteConfig, RuleConfig
+from gateway.errors import ConfigError
 from gateway.identity import Identity
-from gateway.policy import Access, Allow, Challenge, Deny, decide
+from gateway.policy import Access, Allow, Challenge, Decision, Deny, WrongMethod, claim_at
+from gateway.policy import decide as decide_for
 from gateway.routing import access_of
 
 ALICE = Identity("alice", "Alice@Example.COM", True, "alice", ("admins", "staff"))
@@ -16,9 +21,13 @@ ALICE = Identity("alice", "Alice@Example.COM", True, "alice", ("admins", "staff"
 
 def route(auth: str = "required", **allow: Any) -> Access:
     """A route's access, compiled from its config as the app does."""
-    rules = AllowRules(**allow) if allow else None
+    rules = (RuleConfig(**allow),) if allow else None
     return access_of(RouteConfig(name="r", upstream="http://u", auth=auth,  # type: ignore[arg-type]
                                  allow=rules))
+
+
+def decide(access: Access, identity: Identity | None, method: str = "GET") -> Decision:
+    return decide_for(access, identity, method)
 
 
 def test_public_route_allows_anyone_without_identity() -> None:
@@ -53,7 +62,7 @@ def test_protected_route_without_rules_allows_any_signed_in_user() -> None:
 def test_allow_rules(rules: dict[str, list[str]], allowed: bool) -> None:
     decision = decide(route(**rules), ALICE)
     if allowed:
-        assert decision == Allow(ALICE)
+        assert decision == Allow(ALICE, "routes[r].allow[0]")
     else:
         assert isinstance(decision, Deny) and decision.reason
 
@@ -64,7 +73,7 @@ def test_unverified_email_never_matches_email_rules() -> None:
     for rules in ({"emails": ["alice@example.com"]}, {"email_domains": ["example.com"]}):
         decision = decide(route(**rules), unverified)
         assert isinstance(decision, Deny)
-        assert decision.reason == "no verified, well-formed email"
+        assert decision.reason.endswith(": no verified, well-formed email")
 
 
 @pytest.mark.parametrize("email", [
@@ -108,3 +117,141 @@ def test_the_local_part_folds_ascii_case_only() -> None:
 def test_identity_without_email_is_denied_by_email_rules() -> None:
     decision = decide(route(email_domains=["example.com"]), Identity("x"))
     assert isinstance(decision, Deny)
+
+
+def claims_identity(**claims: Any) -> Identity:
+    return Identity.from_claims({"sub": "carol", **claims}, "groups")
+
+
+def compiled(**route: Any) -> Access:
+    return access_of(RouteConfig(name="app", upstream="http://u", **route))
+
+
+@pytest.mark.parametrize(("rule", "claims", "allowed"), [
+    ({"department": "eng"}, {"department": "eng"}, True),
+    ({"department": ["ops", "eng"]}, {"department": "eng"}, True),
+    ({"department": "eng"}, {"department": "Eng"}, False),  # exact, as groups
+    ({"department": "eng"}, {}, False),  # missing
+    ({"realm_access.roles": "admin"}, {"realm_access": {"roles": ["user", "admin"]}}, True),
+    ({"realm_access.roles": "admin"}, {"realm_access": {"roles": ["user"]}}, False),
+    ({"realm_access.roles": "admin"}, {"realm_access": "admin"}, False),
+    ({"realm_access.roles": "admin"}, {"realm_access": {"roles": {"admin": 1}}}, False),
+    # a claim named with dots (Auth0's URL-named claims) is found by its whole name first
+    ({"https://example.com/roles": "admin"}, {"https://example.com/roles": ["admin"]}, True),
+    ({"mfa": True}, {"mfa": True}, True),
+    ({"mfa": True}, {"mfa": "true"}, False),  # types are strict: no "true" for true
+    ({"level": 1}, {"level": True}, False),  # and True is not 1
+    ({"level": 1}, {"level": 1}, True),
+    ({"department": "eng", "level": 2}, {"department": "eng", "level": 1}, False),
+])
+def test_claim_rules(rule: dict[str, Any], claims: dict[str, Any], allowed: bool) -> None:
+    access = compiled(allow={"claims": rule})
+    assert isinstance(decide(access, claims_identity(**claims)), Allow) is allowed
+
+
+def test_claim_at_follows_dotted_paths_and_prefers_whole_names() -> None:
+    claims = {"a.b": 1, "a": {"b": 2, "c": {"d": 3}}}
+    assert claim_at(claims, "a.b") == 1
+    assert claim_at(claims, "a.c.d") == 3
+    assert claim_at(claims, "a.x") is None
+
+
+def test_deny_is_checked_before_allow_and_names_its_rule() -> None:
+    access = compiled(allow={"groups": ["staff"]},
+                      deny=[{"emails": ["bob@example.com"]}, {"groups": ["contractors"]}])
+    alice = Identity("alice", "alice@example.com", True, None, ("staff",))
+    bob = Identity("bob", "bob@example.com", True, None, ("staff",))
+    temp = Identity("tim", "tim@example.com", True, None, ("staff", "contractors"))
+    assert decide(access, alice) == Allow(alice, "routes[app].allow[0]")
+    assert decide(access, bob) == Deny("denied by routes[app].deny[0]", "routes[app].deny[0]")
+    assert decide(access, temp) == Deny("denied by routes[app].deny[1]", "routes[app].deny[1]")
+
+
+def test_deny_alone_lets_every_other_signed_in_user_in() -> None:
+    access = compiled(deny={"groups": ["contractors"]})
+    assert decide(access, Identity("x")) == Allow(Identity("x"))
+    assert isinstance(decide(access, Identity("y", groups=("contractors",))), Deny)
+
+
+def test_the_first_matching_allow_rule_decides() -> None:
+    access = compiled(allow=[{"groups": ["admins"]}, {"email_domains": ["example.com"]}])
+    both = Identity("a", "a@example.com", True, None, ("admins",))
+    assert decide(access, both) == Allow(both, "routes[app].allow[0]")
+    staff = Identity("s", "s@example.com", True)
+    assert decide(access, staff) == Allow(staff, "routes[app].allow[1]")
+    decision = decide(access, Identity("o", "o@other.com", True))
+    assert isinstance(decision, Deny) and decision.rule == "routes[app].allow"
+    assert decision.reason == ("routes[app].allow[0]: in no listed group; "
+                               "routes[app].allow[1]: email domain not listed")
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ("GET", "allow"), ("HEAD", "allow"), ("POST", "deny"), ("DELETE", "deny")])
+def test_rules_limited_to_methods(method: str, expected: str) -> None:
+    """Staff may read, admins may do anything; GET brings HEAD."""
+    access = compiled(allow=[{"groups": ["staff"], "methods": ["get"]}, {"groups": ["admins"]}],
+                      deny={"methods": ["DELETE"], "groups": ["interns"]})
+    staff = Identity("s", groups=("staff",))
+    assert type(decide(access, staff, method)).__name__.lower() == expected
+    admin = Identity("a", groups=("admins",))
+    assert isinstance(decide(access, admin, method), Allow)
+    intern_admin = Identity("i", groups=("admins", "interns"))
+    assert isinstance(decide(access, intern_admin, method),
+                      Deny if method == "DELETE" else Allow)
+
+
+def test_route_methods_refuse_the_others_before_anything_else() -> None:
+    for auth in ("required", "public"):
+        access = compiled(auth=auth, methods=["GET", "POST"])
+        assert decide(access, None, "PUT") == WrongMethod(frozenset({"GET", "HEAD", "POST"}))
+        assert decide(access, None, "HEAD") != WrongMethod(frozenset({"GET", "HEAD", "POST"}))
+
+
+def test_a_session_without_kept_claims_signs_in_again_for_claim_rules() -> None:
+    """Sessions written before claims were kept: a claim rule (allow or deny) cannot be
+    decided for them, so they sign in again (fail closed, never a pass)."""
+    old = Identity("old", groups=("staff",))  # claims None, as read from an older record
+    assert decide(compiled(allow={"claims": {"dept": "eng"}}), old) == Challenge()
+    assert decide(compiled(deny={"claims": {"dept": "sales"}}), old) == Challenge()
+    # rules that need no claims still decide, and a rule for other methods does not count
+    assert isinstance(decide(compiled(allow={"groups": ["staff"]}), old), Allow)
+    assert isinstance(decide(compiled(deny={"claims": {"dept": "x"}, "methods": ["POST"]}),
+                             old, "GET"), Allow)
+
+
+def test_named_policies_are_shared_and_labelled_by_their_name() -> None:
+    config = Config.model_validate({
+        "server": {"public_url": "https://gw.example.com"},
+        "oidc": {"issuer": "https://idp.example.com", "client_id": "c", "client_secret": "s"},
+        "policies": {"admins-only": {"allow": {"groups": ["admins"]}}},
+        "routes": [{"name": "a", "path_prefix": "/a", "upstream": "http://u",
+                    "policy": "admins-only"},
+                   {"name": "b", "path_prefix": "/b", "upstream": "http://u",
+                    "policy": "admins-only"}]})
+    for route_config in config.routes:
+        access = access_of(route_config, config.policies)
+        admin = Identity("x", groups=("admins",))
+        assert decide(access, admin) == Allow(admin, "policies.admins-only.allow[0]")
+        assert isinstance(decide(access, Identity("y")), Deny)
+
+
+@pytest.mark.parametrize(("route", "message"), [
+    ({"policy": "nope"}, "routes[app].policy: no policy named 'nope' under policies (none"),
+    ({"policy": "p", "allow": {"groups": ["x"]}}, "routes[app]: policy names rules kept"),
+    ({"auth": "public", "deny": {"groups": ["x"]}}, "routes[app]: allow, deny and policy need"),
+    ({"allow": {}}, "routes[app].allow[0]: a rule needs at least one of"),
+    ({"allow": {"claims": {"a": []}}}, "routes[app].allow[0]: a claim rule needs at least one"),
+    ({"allow": {"claims": {"a..b": "x"}}}, "'a..b' is not a claim name or dotted path"),
+    ({"allow": {"claims": {"a": 1.5}}},
+     "routes[app].allow[0].claims: a: values are strings, integers or true/false"),
+    ({"allow": {"methods": ["GE T"]}}, "'GE T' is not an HTTP method name"),
+    ({"methods": []}, "routes[app].methods: lists no method"),
+])
+def test_policy_config_errors_name_the_key(route: dict[str, Any], message: str) -> None:
+    raw = {"server": {"public_url": "https://gw.example.com"},
+           "oidc": {"issuer": "https://idp.example.com", "client_id": "c",
+                    "client_secret": "${S}"},
+           "routes": [{"name": "app", "upstream": "http://u", **route}]}
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(raw, {"S": "secret"})
+    assert message in str(caught.value)

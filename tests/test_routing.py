@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import built_route, route_table
 
-from gateway.config_routes import AllowRules, RouteConfig
+from gateway.config_routes import RouteConfig, RuleConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.routing import Target, canonical_path, parse_target
 
@@ -252,7 +252,7 @@ def test_routes_nested_under_a_wildcard_host_case_insensitive_route_ignore_case_
     table = route_table((route("iis-all", "/api", "*.example.com", auth="public",
                               case_insensitive=True),
                         route("iis-admin", "/api/admin", "app.example.com",
-                              allow=AllowRules(groups=("admins",)))))
+                              allow=(RuleConfig(groups=("admins",)),))))
     for path in ("/api/admin/x", "/api/ADMIN/x", "/API/Admin/x"):
         assert table.match("app.example.com", path).name == "iis-admin", path  # type: ignore[union-attr]
 

@@ -30,6 +30,9 @@ const client = {
 };
 
 const groupsOf = (id) => (id === 'alice' ? ['admins', 'staff'] : ['staff']);
+// Claims for policy tests: a nested roles object (Keycloak's shape) and a plain string.
+const rolesOf = (id) => (['alice', 'mallory'].includes(id) ? ['admin', 'user'] : ['user']);
+const departmentOf = (id) => (id === 'carol' ? 'sales' : 'eng');
 
 const provider = new Provider(issuer, {
   clients: [client],
@@ -39,7 +42,7 @@ const provider = new Provider(issuer, {
   claims: {
     openid: ['sub'],
     email: ['email', 'email_verified'],
-    profile: ['name', 'preferred_username'],
+    profile: ['name', 'preferred_username', 'department', 'realm_access'],
     groups: ['groups'],
   },
   // Claims of the granted scopes go into the ID token too; without this the relying party
@@ -73,6 +76,8 @@ const provider = new Provider(issuer, {
           name: id,
           preferred_username: id,
           groups: groupsOf(id),
+          department: departmentOf(id),
+          realm_access: { roles: rolesOf(id) },
         };
       },
     };
