@@ -22,12 +22,21 @@ from pydantic import (
 )
 from yarl import URL
 
-from gateway.identity import email_address, email_domain
+from gateway.identity import ClaimTemplate, email_address, email_domain
 from gateway.units import Duration, NonNegativeDuration, Size
 
 _PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _METHOD = re.compile(r"^[A-Z]{1,20}$")
+_TOKEN = re.compile(r"^[!#$%&'+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2: a header name
+# Headers routes[].headers may not set: framing and routing, the client's own, and those
+# that other settings own (pass_* options, the forwarding headers).
+_NOT_SETTABLE = frozenset({
+    "host", "cookie", "authorization", "proxy-authorization", "content-length",
+    "content-type", "transfer-encoding", "te", "trailer", "connection", "keep-alive",
+    "upgrade", "expect", "forwarded", "x-real-ip", "x-forwarded-for", "x-forwarded-proto",
+    "x-forwarded-host", "x-forwarded-prefix", "x-forwarded-port", "x-forwarded-access-token",
+    "x-forwarded-id-token"})
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ClaimValue = StrictBool | StrictInt | StrictStr
 
@@ -180,6 +189,9 @@ class RouteConfig(FrozenModel):
     upstream_tls: UpstreamTLSConfig | None = None
     pass_access_token: bool = False
     pass_authorization_header: bool = False
+    pass_id_token: bool = False  # X-Forwarded-Id-Token: the user's ID token
+    # More identity headers: name -> a claim template ("{department}", "{a} {b}").
+    headers: dict[str, str] = Field(default_factory=dict)
     # Authorization on a protected route: the client's is dropped (servers map Basic auth to
     # REMOTE_USER, which the client could then choose), unless pass_client_authorization;
     # pass_basic_auth sends Basic base64(<user>:) for the signed-in user instead.
@@ -207,6 +219,27 @@ class RouteConfig(FrozenModel):
         if value is not None and not value:
             raise ValueError("lists no method: leave it out to allow every method")
         return _methods(value) if value is not None else None
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: set[str] = set()
+        for name, template in value.items():
+            lowered = name.lower().replace("_", "-")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            if lowered in _NOT_SETTABLE:
+                raise ValueError(f"{name}: not a header routes can set (framing, the client's "
+                                 "own, or one a pass_* option or the gateway sets)")
+            if lowered in seen:
+                raise ValueError(f"{name}: named twice (header names ignore case, and '_' is "
+                                 "'-' to many servers)")
+            seen.add(lowered)
+            try:
+                ClaimTemplate.parse(template)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
 
     @field_validator("policy")
     @classmethod
@@ -270,8 +303,10 @@ class RouteConfig(FrozenModel):
             raise ValueError("policy names rules kept under policies: set either policy or "
                              "allow/deny")
         if self.auth == "public" and (self.pass_access_token or self.pass_authorization_header
-                                      or self.pass_basic_auth):
-            raise ValueError("passing the access token or the user needs auth: required")
+                                      or self.pass_basic_auth or self.pass_id_token
+                                      or self.headers):
+            raise ValueError("passing tokens or the user (pass_*, headers) needs auth: "
+                             "required")
         given = [name for name in ("pass_authorization_header", "pass_basic_auth",
                                    "pass_client_authorization") if getattr(self, name)]
         if len(given) > 1:

@@ -33,6 +33,7 @@ EMAIL = "X-Forwarded-Email"
 PREFERRED_USERNAME = "X-Forwarded-Preferred-Username"
 GROUPS = "X-Forwarded-Groups"
 ACCESS_TOKEN = "X-Forwarded-Access-Token"  # noqa: S105  (a header name)
+ID_TOKEN = "X-Forwarded-Id-Token"  # noqa: S105  (a header name)
 _IDENTITY = frozenset({
     # ours (and oauth2-proxy's)
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
@@ -200,13 +201,19 @@ def for_upstream(
     out.setdefault("X-Forwarded-Host", client.host)
     if identity is not None:
         out.update(identity_headers(identity, unverified_email=unverified_email))
-    out.update({name: value for name, value in injected.items() if value is not None})
+    for name, value in injected.items():  # a route's own header wins over the default one,
+        if value is None:                  # and when it has no value nothing goes
+            out.popall(name, None)
+        else:
+            out[name] = value
     return out
 
 
-def credential_headers(route: Route, identity: Identity | None, access_token: str | None, *,
+def credential_headers(route: Route, identity: Identity | None, access_token: str | None,
+                       id_token: str | None = None, *,
                        unverified_email: bool = False) -> dict[str, str | None]:
-    """What a route sends as the user's credentials; a None value removes the client's.
+    """What a route sends as the user's credentials, and the identity headers it adds
+    (routes[].headers); a None value removes the client's copy.
 
     SECURITY: on a protected route the client's own Authorization is dropped unless the
     route asks to pass it: nginx and Apache set REMOTE_USER from any Basic header, unchecked,
@@ -221,6 +228,11 @@ def credential_headers(route: Route, identity: Identity | None, access_token: st
         out["Authorization"] = None
     if route.config.pass_access_token:
         out[ACCESS_TOKEN] = access_token
+    if route.config.pass_id_token:
+        out[ID_TOKEN] = id_token
+    for name, template in route.claim_headers:
+        out[name] = template.render(identity, unverified_email=unverified_email) \
+            if identity is not None else None
     return out
 
 

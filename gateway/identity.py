@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,83 @@ def wanted_claims(groups_claim: str) -> tuple[str, ...]:
     """The claims an Identity is made of, beyond sub: when the ID token lacks one, the login
     (and a refresh) asks userinfo for it."""
     return ("email", "preferred_username", groups_claim)
+
+
+def claim_at(claims: Mapping[str, object], path: str) -> object:
+    """The claim named `path`: a claim of that exact name (URL-named claims have dots), else
+    the dotted path followed through objects; None when absent."""
+    if path in claims:
+        return claims[path]
+    node: object = claims
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+MAX_HEADER_VALUE = 4096  # longer values are not sent: servers refuse long header lines
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimTemplate:
+    """A header value made of claims (routes[].headers): "{department}", or
+    "{given_name} {family_name}" with text between. Parsed once at startup."""
+
+    parts: tuple[tuple[str, bool], ...]  # (text, True when it is a claim name or path)
+
+    @classmethod
+    def parse(cls, template: str) -> ClaimTemplate:
+        """ValueError, saying what is wrong, for a template that is not one."""
+        parts: list[tuple[str, bool]] = []
+        end = 0
+        for match in _PLACEHOLDER.finditer(template):
+            parts.append((template[end:match.start()], False))
+            path = match.group(1).strip()
+            if not path.strip(".") or ".." in path:
+                raise ValueError(f"{match.group(0)!r} names no claim")
+            parts.append((path, True))
+            end = match.end()
+        parts.append((template[end:], False))
+        text = "".join(part for part, is_claim in parts if not is_claim)
+        if "{" in text or "}" in text:
+            raise ValueError(f"{template!r}: a brace outside a {{claim}}")
+        if not any(is_claim for _, is_claim in parts):
+            raise ValueError(f"{template!r} names no {{claim}}")
+        if not text.isprintable():
+            raise ValueError(f"{template!r} has control characters")
+        return cls(tuple((part, is_claim) for part, is_claim in parts if part or is_claim))
+
+    def render(self, identity: Identity, *, unverified_email: bool = False) -> str | None:
+        """The value, or None (no header) when a claim is missing or not a value a header
+        can carry. SECURITY: as for the default headers, `email` only when verified, no
+        control characters (a CR/LF would split the header), list elements with a comma
+        dropped (they would read as two), and nothing over MAX_HEADER_VALUE."""
+        out = []
+        for part, is_claim in self.parts:
+            if not is_claim:
+                out.append(part)
+                continue
+            if part == "email" and not (identity.email_verified or unverified_email):
+                return None
+            text = _header_text(claim_at(identity.claims or {}, part))
+            if text is None:
+                return None
+            out.append(text)
+        value = "".join(out)
+        return value if value.isprintable() and len(value) <= MAX_HEADER_VALUE else None
+
+
+def _header_text(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value) or None
+    if isinstance(value, list):
+        items = [str(v) for v in value if isinstance(v, str | int) and not isinstance(v, bool)]
+        return ",".join(item for item in items if item and "," not in item) or None
+    return None
 
 
 def _is_true(value: object) -> bool:

@@ -28,6 +28,7 @@ class Principal:
 
     identity: Identity
     access_token: str
+    id_token: str
     session_id: str  # the session's storage id (its WebSockets are watched for its end)
 
 
@@ -68,5 +69,6 @@ async def _session_principal(request: web.Request, rt: Runtime) -> Principal | N
         loaded = await refresh.fresh(rt, loaded)
     if loaded is None:
         return None
-    return Principal(loaded.session.identity, loaded.session.tokens.access_token,
+    tokens = loaded.session.tokens
+    return Principal(loaded.session.identity, tokens.access_token, tokens.id_token,
                      loaded.storage_id)

@@ -20,10 +20,9 @@ before claims were kept: that is a challenge too (the new sign-in keeps them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.identity import Identity, email_address
+from gateway.identity import Identity, claim_at, email_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,19 +124,6 @@ def _mismatch(rule: Rule, identity: Identity) -> str | None:
         if not _claim_matches(claim_at(identity.claims or {}, path), wanted):
             return f"claim {path} has no listed value"
     return None
-
-
-def claim_at(claims: Mapping[str, object], path: str) -> object:
-    """The claim named `path`: a claim of that exact name (URL-named claims have dots), else
-    the dotted path followed through objects; None when absent."""
-    if path in claims:
-        return claims[path]
-    node: object = claims
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _claim_matches(value: object, wanted: tuple[object, ...]) -> bool:

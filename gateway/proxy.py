@@ -145,12 +145,13 @@ def _request_headers(request: web.Request, rt: Runtime, snapshot: Snapshot, rout
                      principal: Principal | None) -> CIMultiDict[str]:
     identity = principal.identity if principal else None
     access_token = principal.access_token if principal else None
+    id_token = principal.id_token if principal else None
     stripped = route.prefix if route.config.strip_prefix and route.prefix != "/" else None
     return headers.for_upstream(
         request.headers, identity, _client_info(request, snapshot),
         gateway_cookies=rt.gateway_cookies, host=_host_header(request, snapshot, route),
         injected=headers.credential_headers(
-            route, identity, access_token,
+            route, identity, access_token, id_token,
             unverified_email=snapshot.config.oidc.allow_unverified_email),
         stripped=snapshot.stripped_headers,
         unverified_email=snapshot.config.oidc.allow_unverified_email,

@@ -37,7 +37,7 @@ from urllib.parse import unquote, unquote_to_bytes
 
 from gateway.config_routes import PolicyConfig, RouteConfig, RuleConfig, rules_of
 from gateway.errors import BadRequestError, URITooLongError
-from gateway.identity import ascii_lower
+from gateway.identity import ClaimTemplate, ascii_lower
 from gateway.policy import Access, Rule
 from gateway.upstreams import Upstream
 
@@ -95,6 +95,7 @@ class Route:
     access: Access
     upstream: Upstream
     config: RouteConfig
+    claim_headers: tuple[tuple[str, ClaimTemplate], ...]  # routes[].headers, parsed
 
     @classmethod
     def build(cls, rc: RouteConfig, upstream: Upstream,
@@ -102,7 +103,8 @@ class Route:
         segments = tuple(rc.path_prefix.split("/")[1:]) if rc.path_prefix != "/" else ()
         return cls(rc.name, rc.host, rc.path_prefix, segments,
                    tuple(ascii_lower(s) for s in segments), rc.case_insensitive,
-                   access_of(rc, policies), upstream, rc)
+                   access_of(rc, policies), upstream, rc,
+                   tuple((name, ClaimTemplate.parse(t)) for name, t in rc.headers.items()))
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: with strip_prefix, minus the segments the prefix matched

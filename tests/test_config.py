@@ -169,7 +169,24 @@ def test_missing_required_keys_are_named() -> None:
 def test_token_passing_on_a_public_route_is_refused() -> None:
     raw = minimal()
     raw["routes"][0].update(auth="public", pass_authorization_header=True)
-    assert "passing the access token or the user needs auth: required" in error_of(raw)
+    assert "passing tokens or the user (pass_*, headers) needs auth: required" in error_of(raw)
+
+
+@pytest.mark.parametrize(("headers", "problem"), [
+    ({"Host": "{a}"}, "routes[app].headers: Host: not a header routes can set"),
+    ({"X-Forwarded-For": "{a}"}, "X-Forwarded-For: not a header routes can set"),
+    ({"x_forwarded_access_token": "{a}"}, "not a header routes can set"),
+    ({"Authorization": "Bearer {a}"}, "Authorization: not a header routes can set"),
+    ({"X Dept": "{a}"}, "'X Dept' is not a header name"),
+    ({"X-Dept": "{a}", "x_dept": "{b}"}, "x_dept: named twice"),
+    ({"X-Dept": "eng"}, "X-Dept: 'eng' names no {claim}"),
+    ({"X-Dept": "{a}}"}, "X-Dept: '{a}}': a brace outside a {claim}"),
+])
+def test_route_headers_that_cannot_be_are_refused(headers: dict[str, str],
+                                                   problem: str) -> None:
+    raw = minimal()
+    raw["routes"][0].update(headers=headers)
+    assert problem in error_of(raw)
 
 
 @pytest.mark.parametrize("options", [

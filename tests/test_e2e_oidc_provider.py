@@ -165,6 +165,27 @@ async def test_policies_on_claims_deny_and_methods_with_oidc_provider_users(
     }
 
 
+async def test_route_headers_carry_oidc_provider_claims_and_the_id_token() -> None:
+    routes = [{"name": "app", "path_prefix": "/", "pass_id_token": True,
+               "headers": {"X-Department": "{department}",
+                           "X-Roles": "{realm_access.roles}",
+                           "X-Who": "{name} <{email}>",
+                           "X-Missing": "{no_such_claim}"}}]
+    async with node_gateway(routes=routes) as stack, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=BROWSER_HEADERS) as browser:
+        await sign_in(browser, stack, "/echo", "alice")
+        forged = {"X-Department": "finance", "X_Roles": "root", "X-Missing": "forged",
+                  "X-Forwarded-Id-Token": "forged"}
+        async with browser.get(stack.gateway + "/echo", headers=forged) as resp:
+            received = headers_of(await resp.json())
+    assert received["x-department"] == "eng"
+    assert received["x-roles"] == "admin,user"
+    assert received["x-who"] == "alice <alice@example.org>"
+    assert "x-missing" not in received and "x_roles" not in received
+    id_token = received["x-forwarded-id-token"]
+    assert id_token.count(".") == 2 and "forged" not in id_token  # the OP's signed JWT
+
+
 async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(
         node_stack: NodeStack, browser: aiohttp.ClientSession) -> None:
     await sign_in(browser, node_stack, "/echo", "alice")

@@ -322,3 +322,31 @@ def test_a_forging_client_cannot_choose_every_voucher(peer: str) -> None:
               for n in range(5)]
     vouchers = [set(client_and_reporter(peer, [chain], LB)[1]) for chain in chains]
     assert "10.5.5.5" in set.intersection(*vouchers)
+
+
+def test_route_headers_come_from_claims_and_replace_every_client_copy() -> None:
+    """Spoofing: a configured header is the gateway's, in every spelling the client tries;
+    one that overrides a default header wins over it."""
+    carol = Identity.from_claims({"sub": "carol", "email": "c@example.com",
+                                  "email_verified": True, "department": "eng"}, "groups")
+    r = route(headers={"X-Department": "{department}", "X-Forwarded-User": "{email}"},
+              pass_id_token=True)
+    forged = [("X-Department", "finance"), ("x_department", "finance"),
+              ("X-Forwarded-Id-Token", "forged"), ("X-Forwarded-User", "root")]
+    out = for_upstream(CIMultiDict(forged), carol, CLIENT, gateway_cookies=GATEWAY_COOKIES,
+                       injected=credential_headers(r, carol, "at", "id.token.jwt"))
+    assert out.getall("X-Department") == ["eng"]
+    assert "x_department" not in {k.lower() for k in out}
+    assert out.getall("X-Forwarded-User") == ["c@example.com"]
+    assert out.getall("X-Forwarded-Id-Token") == ["id.token.jwt"]
+
+
+def test_a_route_header_without_a_value_sends_nothing_not_the_default() -> None:
+    """X-Forwarded-User: "{email}" for a user without a verified email: no X-Forwarded-User
+    at all (an upstream keyed by email must not get the sub in its place)."""
+    r = route(headers={"X-Forwarded-User": "{email}", "X-Department": "{department}"})
+    unverified = Identity.from_claims({"sub": "eve", "email": "e@example.com"}, "groups")
+    out = for_upstream(CIMultiDict([("X-Department", "finance")]), unverified, CLIENT,
+                       gateway_cookies=GATEWAY_COOKIES,
+                       injected=credential_headers(r, unverified, "at"))
+    assert "X-Forwarded-User" not in out and "X-Department" not in out

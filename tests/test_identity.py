@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
-from gateway.identity import Identity
+from gateway.identity import ClaimTemplate, Identity
 
 
 def test_identity_from_claims() -> None:
@@ -57,3 +60,51 @@ def test_sub_is_required(claims: dict[str, object]) -> None:
 def test_dict_round_trip() -> None:
     identity = Identity("u", "e@x", True, "p", ("g",), "sid")
     assert Identity.from_dict(identity.to_dict()) == identity
+
+
+CAROL = Identity.from_claims({
+    "sub": "carol", "email": "carol@example.com", "email_verified": True,
+    "given_name": "Carol", "family_name": "Ng", "department": "eng", "level": 3, "mfa": True,
+    "realm_access": {"roles": ["admin", "a,b", "user", 7, True, {"x": 1}]},
+    "bad": "x\r\nX-Forwarded-User: root", "long": "x" * 5000, "nested": {"a": 1}}, "groups")
+
+
+@pytest.mark.parametrize(("template", "value"), [
+    ("{department}", "eng"),
+    ("{given_name} {family_name}", "Carol Ng"),
+    ("dept={department};level={level}", "dept=eng;level=3"),
+    ("{mfa}", "true"),
+    ("{realm_access.roles}", "admin,user,7"),  # the comma'd element, true and {} dropped
+    ("{ email }", "carol@example.com"),
+    ("{missing}", None),  # a missing claim: no header, not an empty one
+    ("{department} {missing}", None),
+    ("{nested}", None),  # an object is no header value
+    ("{bad}", None),  # CR/LF would split the header
+    ("{long}", None),  # over MAX_HEADER_VALUE
+])
+def test_claim_templates_render_header_values(template: str, value: str | None) -> None:
+    assert ClaimTemplate.parse(template).render(CAROL) == value
+
+
+def test_claim_templates_send_an_email_only_when_verified() -> None:
+    unverified = dataclasses.replace(CAROL, email_verified=False)
+    template = ClaimTemplate.parse("{email}")
+    assert template.render(unverified) is None
+    assert template.render(unverified, unverified_email=True) == "carol@example.com"
+
+
+def test_a_session_without_kept_claims_renders_nothing() -> None:
+    assert ClaimTemplate.parse("{department}").render(Identity("old")) is None
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ("plain text", "names no {claim}"),
+    ("{}", "names no claim"),
+    ("{a..b}", "names no claim"),
+    ("{a} }", "a brace outside"),
+    ("{a}{", "a brace outside"),
+    ("{a}\t", "control characters"),
+])
+def test_claim_templates_that_are_not_refuse_to_parse(template: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        ClaimTemplate.parse(template)
