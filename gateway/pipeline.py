@@ -53,7 +53,9 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     if route is None:
         raise NotFoundError(f"no route for host={host!r} path={path}")
     request[ROUTE_NAME] = route.name
-    principal = None if route.access.public else await _session_principal(request, rt)
+    # No store round trip for a public route, nor for a method the route refuses anyway.
+    needs_user = not route.access.public and policy.takes(route.access, method)
+    principal = await _session_principal(request, rt) if needs_user else None
     if principal is not None:
         request[USER_SUB] = principal.identity.sub
     decision = policy.decide(route.access, principal.identity if principal else None, method)

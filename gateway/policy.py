@@ -75,6 +75,11 @@ class WrongMethod:
 Decision = Allow | Challenge | Deny | WrongMethod
 
 
+def takes(access: Access, method: str) -> bool:
+    """Does the route take this method at all? (Known before anyone is looked up.)"""
+    return access.methods is None or method in access.methods
+
+
 def decide(access: Access, identity: Identity | None, method: str) -> Decision:
     if access.methods is not None and method not in access.methods:
         return WrongMethod(access.methods)

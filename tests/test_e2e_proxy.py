@@ -653,3 +653,21 @@ async def test_a_swapped_snapshot_serves_the_next_request(make_stack: StackFacto
         async with http.get(stack.gateway + "/echo", headers={"Accept": "application/json"}) \
                 as resp:
             assert resp.status == 404
+
+
+async def test_a_method_the_route_refuses_is_refused_without_the_store(
+        make_stack: StackFactory) -> None:
+    """405 is known from the route alone: no session load, so it holds with the store down."""
+    stack = await make_stack(routes=[{"name": "ro", "path_prefix": "/", "methods": ["GET"]}])
+    rt = stack.runners[-1].app[RUNTIME]
+
+    async def store_down(cookie_value: str | None) -> None:
+        raise AssertionError("the store was asked")
+
+    rt.sessions.load = store_down  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(stack.gateway + "/x", headers={"Accept": "application/json"}) \
+                as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "GET, HEAD"
+            assert (await resp.json())["error"] == "method_not_allowed"
