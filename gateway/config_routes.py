@@ -174,6 +174,10 @@ class RouteConfig(FrozenModel):
     deny: tuple[RuleConfig, ...] = ()
     policy: str | None = None
     methods: tuple[str, ...] | None = None  # others get 405
+    # Step-up: a sign-in no older than this, and of one of these strengths (the ID token's
+    # acr); otherwise the user signs in again, asked for with max_age and acr_values.
+    max_auth_age: Duration | None = None
+    acr_values: tuple[str, ...] = ()
     strip_prefix: bool = False
     # The Host the upstream gets: public_url's (default: absolute URLs it builds point at the
     # gateway, and no client can choose it), the client's own, or the upstream URL's.
@@ -219,6 +223,15 @@ class RouteConfig(FrozenModel):
         if value is not None and not value:
             raise ValueError("lists no method: leave it out to allow every method")
         return _methods(value) if value is not None else None
+
+    @field_validator("acr_values")
+    @classmethod
+    def _check_acr_values(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for acr in value:
+            if not acr or not acr.isprintable() or " " in acr:
+                raise ValueError(f"{acr!r} is not an acr value (no spaces: the request "
+                                 "separates them with spaces)")
+        return value
 
     @field_validator("headers")
     @classmethod
@@ -299,6 +312,8 @@ class RouteConfig(FrozenModel):
     def _allow_needs_auth(self) -> RouteConfig:
         if self.auth == "public" and (self.allow is not None or self.deny or self.policy):
             raise ValueError("allow, deny and policy need auth: required")
+        if self.auth == "public" and (self.max_auth_age is not None or self.acr_values):
+            raise ValueError("max_auth_age and acr_values need auth: required")
         if self.policy is not None and (self.allow is not None or self.deny):
             raise ValueError("policy names rules kept under policies: set either policy or "
                              "allow/deny")

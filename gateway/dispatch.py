@@ -10,7 +10,12 @@ from typing import assert_never
 from aiohttp import web
 
 from gateway import pipeline, policy, proxy
-from gateway.errors import ForbiddenError, MethodNotAllowedError, NotAuthenticatedError
+from gateway.errors import (
+    ForbiddenError,
+    MethodNotAllowedError,
+    NotAuthenticatedError,
+    StepUpRequiredError,
+)
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
 from gateway.redirects import safe_return_path
@@ -27,7 +32,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         case policy.Allow():  # public routes have no principal: no identity goes upstream
             return await proxy.forward(request, rt, resolved)
         case policy.Challenge():
-            return await _challenge(request, rt, resolved.target)
+            return await _challenge(request, rt, resolved.target,
+                                    asks=policy.step_up_of(route.access))
+        case policy.StepUp() as step_up:
+            return await _challenge(request, rt, resolved.target, asks=step_up,
+                                    stepping_up=True)
         case policy.Deny(reason=reason):
             assert principal is not None
             identity = principal.identity
@@ -49,9 +58,19 @@ async def defer_continue(request: web.Request) -> None:
         raise web.HTTPExpectationFailed(text="Unknown Expect value")
 
 
-async def _challenge(request: web.Request, rt: Runtime, target: Target) -> web.StreamResponse:
-    """Browsers go to the IdP and come back to exactly this URL; API clients get a 401."""
+async def _challenge(request: web.Request, rt: Runtime, target: Target, *,
+                     asks: policy.StepUp | None, stepping_up: bool = False
+                     ) -> web.StreamResponse:
+    """Browsers go to the IdP and come back to exactly this URL, the sign-in asked for the
+    route's max_age and acr_values (so a first sign-in there needs no second one); API
+    clients get a 401, saying what they lack when they are signed in already (RFC 9470)."""
     if not wants_html(request):
+        if stepping_up and asks is not None:
+            raise StepUpRequiredError("the sign-in is too old or too weak for this route",
+                                      max_age=asks.max_age, acr_values=asks.acr_values)
         raise NotAuthenticatedError("no session on a protected route")
-    return_to = target.with_path(target.path)
-    return await redirect_to_idp(request, rt, safe_return_path(return_to) or "/")
+    return_to = safe_return_path(target.with_path(target.path)) or "/"
+    if asks is None:
+        return await redirect_to_idp(request, rt, return_to)
+    return await redirect_to_idp(request, rt, return_to, max_age=asks.max_age,
+                                 acr_values=asks.acr_values)

@@ -9,6 +9,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── BadRequestError        400  malformed path, parameters or cookies
      ├── LoginError             400  the login could not complete (state, IdP error, bad token)
      ├── NotAuthenticatedError  401  API client without a session
+     │    └── StepUpRequiredError 401  its sign-in is too old or weak for the route (RFC 9470)
      ├── ForbiddenError         403  authenticated but denied by the route's allow rules
      ├── NotFoundError          404  no route matches
      ├── PayloadTooLargeError   413  the body is over the route's max_body_size
@@ -80,6 +81,27 @@ class NotAuthenticatedError(GatewayError):
     title = "Authentication required"
     public_message = "Sign in to access this resource."
     event = "not_authenticated"
+
+
+class StepUpRequiredError(NotAuthenticatedError):
+    """RFC 9470: signed in, but not recently or strongly enough for this resource."""
+
+    public_message = "Sign in again to access this resource."
+    event = "insufficient_user_authentication"
+
+    def __init__(self, detail: str | None = None, *, max_age: int | None = None,
+                 acr_values: tuple[str, ...] = ()) -> None:
+        super().__init__(detail)
+        self.max_age = max_age
+        self.acr_values = acr_values
+
+    def response_headers(self) -> dict[str, str]:
+        params = ['error="insufficient_user_authentication"']
+        if self.max_age is not None:
+            params.append(f'max_age="{self.max_age}"')
+        if self.acr_values:
+            params.append(f'acr_values="{" ".join(self.acr_values)}"')
+        return {"WWW-Authenticate": "Bearer " + ", ".join(params)}
 
 
 class ForbiddenError(GatewayError):

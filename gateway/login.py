@@ -44,18 +44,22 @@ def _binding_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str) -> web.Response:
-    """Start a login that will come back to `return_to` (already checked by the caller)."""
+async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str, *,
+                          max_age: int | None = None,
+                          acr_values: tuple[str, ...] = ()) -> web.Response:
+    """Start a login that will come back to `return_to` (already checked by the caller);
+    `max_age` and `acr_values` ask for a fresh or stronger sign-in (a step-up)."""
     client, vouchers = client_and_reporter(request.remote or "",
                                            request.headers.getall("X-Forwarded-For", ()),
                                            rt.config.server.trusted_networks)
     await ratelimit.check_login_start(rt, client, vouchers=vouchers)
     metadata = await rt.provider.metadata_for_login()
-    auth = flow.begin(metadata, rt.client)
+    auth = flow.begin(metadata, rt.client, max_age=max_age, acr_values=acr_values)
     binding = request.cookies.get(rt.binding_cookie, "")
     if not _BINDING_SHAPE.fullmatch(binding):
         binding = secrets.token_urlsafe(32)
-    attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding))
+    attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding),
+                           max_age, acr_values)
     await rt.sessions.save_attempt(auth.state, attempt)
     response = redirect(auth.url)
     response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/",
@@ -93,7 +97,9 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
     try:
         # at_hash, when present, is checked here: before the access token is used anywhere.
         claims = await rt.verifier.id_token(token_set.id_token, nonce=attempt.nonce,
-                                            access_token=token_set.access_token)
+                                            access_token=token_set.access_token,
+                                            max_age=attempt.max_age,
+                                            acr_values=attempt.acr_values)
     except tokens.TokenError as exc:
         raise LoginError(f"ID token refused: {exc}") from exc
     claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, token_set.access_token,

@@ -58,7 +58,8 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     principal = await _session_principal(request, rt) if needs_user else None
     if principal is not None:
         request[USER_SUB] = principal.identity.sub
-    decision = policy.decide(route.access, principal.identity if principal else None, method)
+    decision = policy.decide(route.access, principal.identity if principal else None, method,
+                             rt.clock())
     match decision:
         case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
             request[DECIDED_BY] = rule

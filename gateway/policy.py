@@ -46,6 +46,8 @@ class Access:
     allow: tuple[Rule, ...] | None = None  # None: every signed-in user
     deny: tuple[Rule, ...] = ()
     methods: frozenset[str] | None = None  # None: every method
+    max_auth_age: float | None = None  # step-up: a sign-in no older than this
+    acr_values: tuple[str, ...] = ()  # step-up: a sign-in of one of these strengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +68,22 @@ class Deny:
 
 
 @dataclass(frozen=True, slots=True)
+class StepUp:
+    """Allowed, but the sign-in is too old or too weak for this route: sign in again, asking
+    the IdP for these (Core §3.1.2.1), or 401 insufficient_user_authentication (RFC 9470)."""
+
+    max_age: int | None
+    acr_values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class WrongMethod:
     """The route does not take this method at all (405, whoever asks)."""
 
     allowed: frozenset[str]
 
 
-Decision = Allow | Challenge | Deny | WrongMethod
+Decision = Allow | Challenge | Deny | StepUp | WrongMethod
 
 
 def takes(access: Access, method: str) -> bool:
@@ -80,7 +91,42 @@ def takes(access: Access, method: str) -> bool:
     return access.methods is None or method in access.methods
 
 
-def decide(access: Access, identity: Identity | None, method: str) -> Decision:
+def decide(access: Access, identity: Identity | None, method: str, now: float) -> Decision:
+    decision = _decide(access, identity, method)
+    if isinstance(decision, Allow) and decision.identity is not None:
+        return _fresh_enough(access, decision.identity, now) or decision
+    return decision
+
+
+def step_up_of(access: Access) -> StepUp | None:
+    """What a sign-in for this route must ask the IdP for; None: nothing special."""
+    if access.max_auth_age is None and not access.acr_values:
+        return None
+    return StepUp(int(access.max_auth_age) if access.max_auth_age is not None else None,
+                  access.acr_values)
+
+
+def _fresh_enough(access: Access, identity: Identity, now: float) -> StepUp | None:
+    """A step-up when the route wants a newer or stronger sign-in than the session's. A
+    session without kept claims (an older release's) cannot show either: it steps up."""
+    step_up = step_up_of(access)
+    if step_up is None:
+        return None
+    claims = identity.claims
+    if claims is None:
+        return step_up
+    if access.max_auth_age is not None:
+        auth_time = claims.get("auth_time")
+        if isinstance(auth_time, bool) or not isinstance(auth_time, int | float) \
+                or now - auth_time > access.max_auth_age:
+            return step_up
+    acr = claims.get("acr")
+    if access.acr_values and (not isinstance(acr, str) or acr not in access.acr_values):
+        return step_up
+    return None
+
+
+def _decide(access: Access, identity: Identity | None, method: str) -> Decision:
     if access.methods is not None and method not in access.methods:
         return WrongMethod(access.methods)
     if access.public:

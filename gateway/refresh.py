@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.refresh")
 _WAIT_STEP = 0.05  # seconds between looks at the store while another request refreshes
 LIFETIME_SHARE = 0.5  # a token is refreshed no earlier than half way through its lifetime
 _MAX_FAILURES_KEPT = 10_000  # bounds the memory of failed attempts (see _failed)
+_SIGN_IN_CLAIMS = ("auth_time", "acr", "amr")
 
 
 def refresh_at(token_set: TokenSet, config: SessionConfig) -> float | None:
@@ -198,8 +199,13 @@ async def _refreshed_identity(rt: Runtime, metadata: ProviderMetadata, session: 
     claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, new.access_token, claims,
                                       wanted=wanted_claims(oidc.groups_claim),
                                       always=oidc.refresh_userinfo)
+    kept = session.identity.claims or {}
     if new.id_token == session.tokens.id_token:  # userinfo renews what it says; the rest of
-        claims = {**(session.identity.claims or {}), **claims}  # the login's claims stays
+        claims = {**kept, **claims}  # the login's claims stays
+    else:  # Core §12.2: a refresh is no sign-in. When and how the user signed in stays
+        # the login's, whatever a new ID token says (one that moved auth_time forward would
+        # let a refresh pass for the fresh sign-in a step-up route asks for)
+        claims = {**claims, **{k: kept[k] for k in _SIGN_IN_CLAIMS if k in kept}}
     try:
         identity = Identity.from_claims(claims, oidc.groups_claim)
     except ValueError as exc:

@@ -72,7 +72,8 @@ def access_of(rc: RouteConfig, policies: Mapping[str, PolicyConfig] | None = Non
         allow=tuple(_rule(r, f"{source}.allow[{i}]") for i, r in enumerate(allow))
         if allow is not None else None,
         deny=tuple(_rule(r, f"{source}.deny[{i}]") for i, r in enumerate(deny)),
-        methods=frozenset(rc.methods) if rc.methods is not None else None)
+        methods=frozenset(rc.methods) if rc.methods is not None else None,
+        max_auth_age=rc.max_auth_age, acr_values=rc.acr_values)
 
 
 def _rule(rule: RuleConfig, label: str) -> Rule:

@@ -186,6 +186,33 @@ async def test_route_headers_carry_oidc_provider_claims_and_the_id_token() -> No
     assert id_token.count(".") == 2 and "forged" not in id_token  # the OP's signed JWT
 
 
+async def test_max_auth_age_makes_oidc_provider_ask_for_the_password_again() -> None:
+    """A real OP's max_age: past the route's max_auth_age the gateway asks for max_age, the OP
+    shows its login form again (it does not answer from its session), and the new ID token's
+    auth_time passes the gateway's check."""
+    routes = [{"name": "pay", "path_prefix": "/pay", "max_auth_age": "2s"},
+              {"name": "app", "path_prefix": "/"}]
+    async with node_gateway(routes=routes) as stack, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=BROWSER_HEADERS) as browser:
+        await sign_in(browser, stack, "/pay/x", "alice")
+        async with browser.get(stack.gateway + "/pay/x", allow_redirects=False) as resp:
+            assert resp.status == 200
+        await asyncio.sleep(3.1)
+        async with browser.get(stack.gateway + "/pay/x", allow_redirects=False) as resp:
+            assert resp.status == 302
+            authorize = resp.headers["Location"]
+        assert URL(authorize).query["max_age"] == "2"
+        async with browser.get(authorize, allow_redirects=False) as resp:
+            # not straight back to the gateway: the OP wants the user to sign in again
+            assert not resp.headers.get("Location", "").startswith(stack.gateway)
+        callback = await follow_op(browser, authorize, stack.issuer,
+                                   {"login": "alice", "password": "any"})
+        async with browser.get(callback, allow_redirects=False) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "/pay/x"
+        async with browser.get(stack.gateway + "/pay/x", allow_redirects=False) as resp:
+            assert resp.status == 200
+
+
 async def test_sign_out_ends_the_session_at_the_gateway_and_at_oidc_provider(
         node_stack: NodeStack, browser: aiohttp.ClientSession) -> None:
     await sign_in(browser, node_stack, "/echo", "alice")

@@ -11,8 +11,8 @@ from gateway import config as config_module
 from gateway.config import Config
 from gateway.config_routes import RouteConfig, RuleConfig
 from gateway.errors import ConfigError
-from gateway.identity import Identity
-from gateway.policy import Access, Allow, Challenge, Decision, Deny, WrongMethod, claim_at
+from gateway.identity import Identity, claim_at
+from gateway.policy import Access, Allow, Challenge, Decision, Deny, StepUp, WrongMethod
 from gateway.policy import decide as decide_for
 from gateway.routing import access_of
 
@@ -26,8 +26,12 @@ def route(auth: str = "required", **allow: Any) -> Access:
                                  allow=rules))
 
 
-def decide(access: Access, identity: Identity | None, method: str = "GET") -> Decision:
-    return decide_for(access, identity, method)
+NOW = 1_800_000_000.0
+
+
+def decide(access: Access, identity: Identity | None, method: str = "GET",
+           now: float = NOW) -> Decision:
+    return decide_for(access, identity, method, now)
 
 
 def test_public_route_allows_anyone_without_identity() -> None:
@@ -255,3 +259,37 @@ def test_policy_config_errors_name_the_key(route: dict[str, Any], message: str) 
     with pytest.raises(ConfigError) as caught:
         config_module.parse(raw, {"S": "secret"})
     assert message in str(caught.value)
+
+
+def signed_in(**claims: Any) -> Identity:
+    return Identity.from_claims({"sub": "u", **claims}, "groups")
+
+
+@pytest.mark.parametrize(("route", "claims", "expected"), [
+    ({"max_auth_age": "15m"}, {"auth_time": NOW - 60}, None),
+    ({"max_auth_age": "15m"}, {"auth_time": NOW - 901}, StepUp(900, ())),
+    ({"max_auth_age": "15m"}, {}, StepUp(900, ())),  # no auth_time: cannot show it
+    ({"max_auth_age": "15m"}, {"auth_time": True}, StepUp(900, ())),
+    ({"max_auth_age": "15m"}, {"auth_time": "1800000000"}, StepUp(900, ())),
+    ({"acr_values": ["urn:mfa", "urn:hw"]}, {"acr": "urn:hw"}, None),
+    ({"acr_values": ["urn:mfa"]}, {"acr": "urn:pwd"}, StepUp(None, ("urn:mfa",))),
+    ({"acr_values": ["urn:mfa"]}, {}, StepUp(None, ("urn:mfa",))),
+    ({"max_auth_age": "1h", "acr_values": ["urn:mfa"]}, {"auth_time": NOW, "acr": "urn:pwd"},
+     StepUp(3600, ("urn:mfa",))),
+])
+def test_step_up_when_the_sign_in_is_too_old_or_too_weak(
+        route: dict[str, Any], claims: dict[str, Any], expected: StepUp | None) -> None:
+    identity = signed_in(**claims)
+    decision = decide(compiled(**route), identity)
+    assert decision == (expected or Allow(identity))
+
+
+def test_step_up_only_for_users_the_rules_let_in() -> None:
+    """A refused user is refused, not sent to sign in more strongly first."""
+    access = compiled(max_auth_age="5m", allow={"groups": ["admins"]})
+    assert isinstance(decide(access, signed_in(auth_time=0)), Deny)
+    assert isinstance(decide(access, signed_in(auth_time=0, groups=["admins"])), StepUp)
+
+
+def test_a_session_without_kept_claims_steps_up() -> None:
+    assert decide(compiled(max_auth_age="5m"), Identity("old")) == StepUp(300, ())

@@ -93,6 +93,32 @@ def test_expiry_within_the_leeway_is_accepted() -> None:
     validate_id_token(sign(claims(exp=NOW - 30)), KEYS, expect(), nonce="n-1")
 
 
+@pytest.mark.parametrize(("auth_time", "ok"), [
+    (NOW - 300, True), (NOW - 360, True),  # within max_age plus the leeway
+    (NOW - 361, False), (None, False), (True, False), ("1800000000", False)])
+def test_a_step_up_login_needs_a_fresh_auth_time(auth_time: Any, ok: bool) -> None:
+    """Core §3.1.3.7 (13): an IdP that ignored max_age must not pass an old sign-in off as
+    the fresh one the route asked for."""
+    token = sign(claims(auth_time=auth_time))
+    check = lambda: validate_id_token(token, KEYS, expect(), nonce="n-1", max_age=300)  # noqa: E731
+    if ok:
+        check()
+    else:
+        refused("claim_auth_time", check)
+
+
+@pytest.mark.parametrize(("acr", "ok"), [
+    ("urn:mfa", True), ("urn:hw", True), ("urn:pwd", False), (None, False), (["urn:mfa"], False)])
+def test_a_step_up_login_needs_a_requested_acr(acr: Any, ok: bool) -> None:
+    token = sign(claims(acr=acr))
+    check = lambda: validate_id_token(token, KEYS, expect(), nonce="n-1",  # noqa: E731
+                                      acr_values=("urn:mfa", "urn:hw"))
+    if ok:
+        check()
+    else:
+        refused("claim_acr", check)
+
+
 def test_wrong_nonce_is_refused() -> None:
     """Replay: an ID token minted for another login must not complete this one."""
     for token in (sign(claims(nonce="other")), sign(claims(nonce=None))):

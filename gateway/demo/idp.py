@@ -27,6 +27,10 @@ from yarl import URL
 
 CODE_TTL = 60  # seconds; an authorization code is exchanged at once
 SESSION_COOKIE = "demo_idp_session"
+# Sign-in strengths (the ID token's acr): a password, or a password and the one-time code.
+ACR_PASSWORD = "urn:gateway:demo:pwd"
+ACR_MFA = "urn:gateway:demo:mfa"
+DEMO_ONE_TIME_CODE = "123456"  # a demo's second factor: printed on its sign-in page
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +64,28 @@ DEMO_USERS: Mapping[str, DemoUser] = types.MappingProxyType({
 
 
 @dataclass(frozen=True, slots=True)
+class _SignIn:
+    """An IdP session: who signed in, when, and how (Core §2: auth_time, acr, amr)."""
+
+    user: str
+    auth_time: int
+    acr: str
+    amr: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _Grant:
     client_id: str
     redirect_uri: str
     nonce: str | None
     code_challenge: str
-    user: str
     sid: str
+    sign_in: _SignIn
     expires_at: float
+
+    @property
+    def user(self) -> str:
+        return self.sign_in.user
 
 
 @dataclass
@@ -84,7 +102,7 @@ class _State:
     codes: dict[str, _Grant] = field(default_factory=dict)
     access_tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     refresh_tokens: dict[str, _Grant] = field(default_factory=dict)  # rotated on every use
-    sessions: dict[str, str] = field(default_factory=dict)  # IdP session id -> user
+    sessions: dict[str, _SignIn] = field(default_factory=dict)  # IdP session id -> sign-in
     token_requests: int = 0
 
 
@@ -130,7 +148,8 @@ async def _discovery(request: web.Request) -> web.Response:
         "grant_types_supported": ["authorization_code", "refresh_token"],
         "scopes_supported": ["openid", "email", "profile", "groups"],
         "claims_supported": ["sub", "email", "email_verified", "name", "preferred_username",
-                             "groups", "sid"],
+                             "groups", "sid", "auth_time", "acr", "amr"],
+        "acr_values_supported": [ACR_PASSWORD, ACR_MFA],
     })
 
 
@@ -141,7 +160,7 @@ async def _jwks(request: web.Request) -> web.Response:
 # --- authorization endpoint -------------------------------------------------------------
 
 _AUTH_PARAMS = ("client_id", "redirect_uri", "response_type", "scope", "state", "nonce",
-                "code_challenge", "code_challenge_method")
+                "code_challenge", "code_challenge_method", "max_age", "acr_values")
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Gateway demo sign-in</title>
@@ -154,9 +173,12 @@ padding:.4rem}}button{{margin:1rem .5rem 0 0;padding:.4rem 1rem}}.err{{color:#b0
 <form method="post" action="/authorize">{hidden}
 <label for="username">Username</label><input type="text" id="username" name="username" autofocus>
 <label for="password">Password</label><input type="password" id="password" name="password">
+<label for="otp">One-time code (when asked for a second factor)</label>
+<input type="text" id="otp" name="otp" autocomplete="one-time-code">
 <button type="submit" id="sign-in">Sign in</button>
 <button type="submit" name="cancel" value="1" id="cancel">Cancel</button></form>
-<p class="hint">Demo users: alice / alice — groups admins, staff; bob / bob — group staff.</p>
+<p class="hint">Demo users: alice / alice — groups admins, staff; bob / bob — group staff.
+The demo's one-time code is 123456.</p>
 </body></html>
 """
 
@@ -207,11 +229,21 @@ def _login_page(params: Mapping[str, str], error: str = "", status: int = 200) -
                         headers={"Cache-Control": "no-store"})
 
 
-def _issue_code(state: _State, params: Mapping[str, str], user: str, sid: str) -> str:
+def _issue_code(state: _State, params: Mapping[str, str], sign_in: _SignIn, sid: str) -> str:
     code = secrets.token_urlsafe(32)
     state.codes[code] = _Grant(params["client_id"], params["redirect_uri"], params.get("nonce"),
-                               params["code_challenge"], user, sid, state.clock() + CODE_TTL)
+                               params["code_challenge"], sid, sign_in,
+                               state.clock() + CODE_TTL)
     return code
+
+
+def _still_good(state: _State, params: Mapping[str, str], sign_in: _SignIn) -> bool:
+    """May the remembered sign-in answer this request without a new one? Not when it is
+    older than max_age, nor weaker than the acr_values ask (Core §3.1.2.1)."""
+    max_age = params.get("max_age", "")
+    if max_age.isdigit() and state.clock() - sign_in.auth_time > int(max_age):
+        return False
+    return not (ACR_MFA in params.get("acr_values", "").split() and sign_in.acr != ACR_MFA)
 
 
 async def _authorize(request: web.Request) -> web.StreamResponse:
@@ -229,7 +261,8 @@ async def _authorize(request: web.Request) -> web.StreamResponse:
     if request.method == "GET":
         sid = request.cookies.get(SESSION_COOKIE, "")
         remembered = state.sessions.get(sid)
-        if remembered is not None and request.query.get("prompt") != "login":
+        if remembered is not None and request.query.get("prompt") != "login" \
+                and _still_good(state, params, remembered):
             return _back(params, code=_issue_code(state, params, remembered, sid))
         return _login_page(params)
     if form.get("cancel"):
@@ -238,9 +271,16 @@ async def _authorize(request: web.Request) -> web.StreamResponse:
     password = str(form.get("password", ""))
     if user is None or not hmac.compare_digest(password.encode(), user.password.encode()):
         return _login_page(params, "Invalid username or password.", status=401)
+    otp = str(form.get("otp", "")).strip()
+    if otp and not hmac.compare_digest(otp.encode(), DEMO_ONE_TIME_CODE.encode()):
+        return _login_page(params, "Invalid one-time code.", status=401)
+    if not otp and ACR_MFA in params.get("acr_values", "").split():
+        return _login_page(params, "This sign-in needs the one-time code.", status=401)
+    sign_in = _SignIn(user.sub, int(state.clock()), ACR_MFA if otp else ACR_PASSWORD,
+                      ("pwd", "otp") if otp else ("pwd",))
     sid = secrets.token_urlsafe(16)
-    state.sessions[sid] = user.sub
-    response = _back(params, code=_issue_code(state, params, user.sub, sid))
+    state.sessions[sid] = sign_in
+    response = _back(params, code=_issue_code(state, params, sign_in, sid))
     response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="Lax", path="/")
     return response
 
@@ -290,7 +330,9 @@ def _id_token(state: _State, grant: _Grant, client_id: str, access_token: str, *
     now = int(state.clock())
     user = state.users[grant.user]
     claims: dict[str, object] = {"iss": state.issuer, "sub": user.sub, "aud": client_id,
-                                 "exp": now + state.id_token_ttl, "iat": now, "auth_time": now,
+                                 "exp": now + state.id_token_ttl, "iat": now,
+                                 "auth_time": grant.sign_in.auth_time, "acr": grant.sign_in.acr,
+                                 "amr": list(grant.sign_in.amr),
                                  "sid": grant.sid, "at_hash": _at_hash(access_token)}
     if grant.nonce and not refreshed:  # Core §12.2: a refreshed ID token carries no nonce
         claims["nonce"] = grant.nonce

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -48,20 +49,28 @@ def _s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def begin(metadata: ProviderMetadata, client: Client) -> AuthRequest:
+def begin(metadata: ProviderMetadata, client: Client, *, max_age: int | None = None,
+          acr_values: Sequence[str] = ()) -> AuthRequest:
+    """The authorization request; `max_age` and `acr_values` (Core §3.1.2.1) ask for a
+    sign-in no older than that, or of that strength (a step-up)."""
     state = secrets.token_urlsafe(32)
     nonce = secrets.token_urlsafe(32)
     verifier = secrets.token_urlsafe(48)  # 64 chars, within RFC 7636's 43..128
-    url = URL(metadata.authorization_endpoint).update_query(
-        response_type="code",
-        client_id=client.client_id,
-        redirect_uri=client.redirect_uri,
-        scope=" ".join(client.scopes),
-        state=state,
-        nonce=nonce,
-        code_challenge=_s256(verifier),
-        code_challenge_method="S256",
-    )
+    query = {
+        "response_type": "code",
+        "client_id": client.client_id,
+        "redirect_uri": client.redirect_uri,
+        "scope": " ".join(client.scopes),
+        "state": state,
+        "nonce": nonce,
+        "code_challenge": _s256(verifier),
+        "code_challenge_method": "S256",
+    }
+    if max_age is not None:
+        query["max_age"] = str(max_age)
+    if acr_values:
+        query["acr_values"] = " ".join(acr_values)
+    url = URL(metadata.authorization_endpoint).update_query(query)
     return AuthRequest(state, nonce, verifier, str(url))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from joserfc import jws, jwt
@@ -121,17 +121,39 @@ def _curve_of(key: KeySet | OctKey, kid: object) -> str | None:
 
 
 def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
-                      nonce: str | None, access_token: str | None = None) -> dict[str, object]:
+                      nonce: str | None, access_token: str | None = None,
+                      max_age: int | None = None,
+                      acr_values: Collection[str] = ()) -> dict[str, object]:
     """Verified claims of an ID token, or TokenError naming the failed check.
 
     `access_token` is the one issued with it: when the ID token has at_hash, it must match.
+    `max_age` and `acr_values` are what the authorization request asked for (a step-up).
     """
     verified = _verified(token, keys, expect)
     claims = verified.claims
     _check_claims(claims, expect, nonce)
     if "at_hash" in claims and access_token is not None:
         _check_at_hash(claims["at_hash"], verified, access_token)
+    if max_age is not None:
+        _check_auth_time(claims, expect, max_age)
+    acr = claims.get("acr")
+    if acr_values and (not isinstance(acr, str) or acr not in acr_values):
+        raise TokenError("claim_acr", f"acr {claims.get('acr')!r} is none of the requested "
+                                      f"{sorted(acr_values)}")
     return claims
+
+
+def _check_auth_time(claims: Mapping[str, object], expect: Expectations, max_age: int) -> None:
+    """Core §3.1.2.1 and §3.1.3.7 (13): with max_age requested, auth_time is required, and
+    the user must have authenticated within it; an IdP that ignores max_age must not pass
+    an old sign-in off as a fresh one."""
+    auth_time = claims.get("auth_time")
+    if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
+        raise TokenError("claim_auth_time", "no auth_time, though max_age was requested")
+    age = expect.now() - auth_time
+    if age > max_age + expect.leeway:
+        raise TokenError("claim_auth_time", f"the user authenticated {age:.0f}s ago, over the "
+                                            f"requested max_age of {max_age}s")
 
 
 def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dict[str, object]:

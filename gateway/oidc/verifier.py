@@ -9,7 +9,7 @@ came from: the token endpoint (trusted channel) or anyone on the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from gateway.oidc import tokens
 from gateway.oidc.provider import Provider
@@ -31,14 +31,17 @@ class Verifier:
             client_secret=self._client_secret, algorithms=metadata.id_token_signing_algs,
             leeway=self._leeway, now=self._clock)
 
-    async def id_token(self, token: str, *, nonce: str | None,
-                       access_token: str) -> dict[str, object]:
+    async def id_token(self, token: str, *, nonce: str | None, access_token: str,
+                       max_age: int | None = None,
+                       acr_values: Collection[str] = ()) -> dict[str, object]:
         """Claims of an ID token from the token endpoint, issued with `access_token`
-        (checked against at_hash when the token has one); TokenError when refused."""
+        (checked against at_hash when the token has one), meeting the max_age and
+        acr_values the login asked for; TokenError when refused."""
         expect = await self._expectations()
         keys = await self._provider.keys(tokens.kid_of(token), trusted=True)
         return tokens.validate_id_token(token, keys, expect, nonce=nonce,
-                                        access_token=access_token)
+                                        access_token=access_token, max_age=max_age,
+                                        acr_values=acr_values)
 
     async def logout_token(self, token: str) -> dict[str, object]:
         """Claims of a back-channel logout token (anyone can POST one); TokenError when

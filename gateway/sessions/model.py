@@ -50,14 +50,21 @@ class LoginAttempt:
     code_verifier: str
     return_to: str
     browser_binding: str  # sha256 hex of the binding cookie set at /oauth2/start
+    # A step-up: what the request asked the IdP for, which the ID token must then meet.
+    max_age: int | None = None
+    acr_values: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         return json.dumps({"v": _VERSION, "nonce": self.nonce, "verifier": self.code_verifier,
-                           "rd": self.return_to, "binding": self.browser_binding}).encode()
+                           "rd": self.return_to, "binding": self.browser_binding,
+                           "max_age": self.max_age, "acr_values": list(self.acr_values)}).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LoginAttempt:
         data = json.loads(raw)
         if data.get("v") != _VERSION:
             raise ValueError("unsupported login attempt version")
-        return cls(data["nonce"], data["verifier"], data["rd"], data["binding"])
+        max_age = data.get("max_age")
+        return cls(data["nonce"], data["verifier"], data["rd"], data["binding"],
+                   max_age if isinstance(max_age, int) else None,
+                   tuple(str(v) for v in data.get("acr_values") or ()))
