@@ -138,6 +138,15 @@ class RuleConfig(FrozenModel):
         return self
 
 
+class RateLimitConfig(FrozenModel):
+    """routes[].rate_limit: `requests` per `per`, counted per signed-in user (anonymous
+    requests per address), per client address, or for the whole route."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per: Duration
+    key: Literal["user", "ip", "route"] = "user"
+
+
 class PolicyConfig(FrozenModel):
     """A named policy (`policies:`), for routes to share by name."""
 
@@ -178,6 +187,7 @@ class RouteConfig(FrozenModel):
     # acr); otherwise the user signs in again, asked for with max_age and acr_values.
     max_auth_age: Duration | None = None
     acr_values: tuple[str, ...] = ()
+    rate_limit: RateLimitConfig | None = None  # past it: 429 with Retry-After
     strip_prefix: bool = False
     # The Host the upstream gets: public_url's (default: absolute URLs it builds point at the
     # gateway, and no client can choose it), the client's own, or the upstream URL's.

@@ -17,6 +17,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── RequestTimeoutError    408  the client went silent while sending its body
      ├── URITooLongError        414  the request line is over the parser's limit
      ├── TooManyRequestsError   429  too many sign-ins started from one client address
+     │    └── RateLimitedError  429  over a route's rate_limit
      ├── HeadersTooLargeError   431  a header line over server.max_header_size, or too many
      ├── IdPError               502  the OpenID Provider answered badly
      │    ├── IdPTimeoutError   504
@@ -159,6 +160,23 @@ class TooManyRequestsError(GatewayError):
 
     def response_headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimitedError(TooManyRequestsError):
+    """A route's rate_limit, with the draft RateLimit fields (draft-ietf-httpapi-ratelimit-
+    headers): the policy, and that nothing remains until t seconds from now."""
+
+    title = "Too many requests"
+    public_message = "Too many requests. Please wait a moment and try again."
+    event = "rate_limited"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1,
+                 fields: dict[str, str] | None = None) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.fields = fields or {}
+
+    def response_headers(self) -> dict[str, str]:
+        return {**super().response_headers(), **self.fields}
 
 
 class HeadersTooLargeError(GatewayError):

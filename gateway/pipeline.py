@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import policy, refresh
+from gateway import policy, ratelimit, refresh
 from gateway.errors import NotFoundError
 from gateway.identity import Identity
 from gateway.routing import Route, Target
@@ -39,6 +39,7 @@ class Resolved:
     principal: Principal | None  # None on public routes, and without a live session
     decision: policy.Decision
     snapshot: Snapshot  # the config it was resolved in, for the rest of the request
+    rate_fields: dict[str, str]  # RateLimit fields for the response (a rate-limited route)
 
 
 async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
@@ -63,7 +64,11 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     match decision:
         case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
             request[DECIDED_BY] = rule
-    return Resolved(route, target, principal, decision, snapshot)
+    rate_fields: dict[str, str] = {}
+    if isinstance(decision, policy.Allow):  # only what would reach the upstream counts
+        rate_fields = await ratelimit.check_route(
+            request, rt, snapshot, route, principal.identity.sub if principal else None)
+    return Resolved(route, target, principal, decision, snapshot, rate_fields)
 
 
 async def _session_principal(request: web.Request, rt: Runtime) -> Principal | None:

@@ -123,6 +123,7 @@ async def forward(request: web.Request, rt: Runtime,
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
+            response.headers.update(resolved.rate_fields)
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left; not the upstream's failure

@@ -1,4 +1,5 @@
-"""A limit on sign-ins started per client address, shared by every replica through the store.
+"""Rate limits shared by every replica through the store: sign-ins started per client address,
+and each route's own `rate_limit`.
 
 Each sign-in start stores a login attempt for ten minutes, so without a limit anyone could fill
 the store with anonymous requests. Windows are fixed minutes, counted with one store round trip
@@ -24,9 +25,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import re
 
-from gateway.errors import TooManyRequestsError
-from gateway.runtime import Runtime
+from aiohttp import web
+
+from gateway.errors import RateLimitedError, TooManyRequestsError
+from gateway.headers import client_address
+from gateway.routing import Route
+from gateway.runtime import Runtime, Snapshot
+from gateway.sessions.backends import Rate
 
 WINDOW = 60.0  # seconds
 
@@ -65,3 +72,44 @@ async def _count(rt: Runtime, name: str, limit: int, what: str) -> None:
         retry_after = max(1, math.ceil((window + 1) * WINDOW - now))
         raise TooManyRequestsError(f"over {limit} sign-in starts per minute per {what}",
                                    retry_after=retry_after)
+
+
+_POLICY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+async def check_route(request: web.Request, rt: Runtime, snapshot: Snapshot, route: Route,
+                      user: str | None) -> dict[str, str]:
+    """Count one allowed request against the route's rate_limit: per signed-in `user` (an
+    anonymous request per address), per client address (as the trusted proxies report it,
+    IPv6 per /64), or for the whole route. Past it: RateLimitedError (429). Returns the
+    RateLimit fields for the response ({} on a route without a limit)."""
+    limit = route.config.rate_limit
+    if limit is None:
+        return {}
+    kind, who = limit.key, ""
+    if kind == "user" and user is not None:
+        who = user
+    elif kind != "route":
+        kind = "ip"
+        who = bucket(client_address(request.remote or "",
+                                    request.headers.getall("X-Forwarded-For", ()),
+                                    snapshot.config.server.trusted_networks))
+    rate = await rt.sessions.rate(route.name, kind, who, limit.requests, limit.per)
+    fields = _fields(route, rate)
+    if not rate.allowed:
+        raise RateLimitedError(f"route {route.name}: over {limit.requests} per {limit.per:g}s "
+                               f"per {kind}", retry_after=max(1, math.ceil(rate.retry_after)),
+                               fields=fields)
+    return fields
+
+
+def _fields(route: Route, rate: Rate) -> dict[str, str]:
+    """draft-ietf-httpapi-ratelimit-headers: the policy (quota q per window w seconds) and
+    where this client stands (r remaining, t seconds until the quota is back; refused: until
+    the next request would be let through)."""
+    limit = route.config.rate_limit
+    assert limit is not None
+    name = route.name if _POLICY_NAME.fullmatch(route.name) else "route"
+    until = rate.reset if rate.allowed else rate.retry_after
+    return {"RateLimit-Policy": f'"{name}";q={limit.requests};w={math.ceil(limit.per)}',
+            "RateLimit": f'"{name}";r={rate.remaining};t={math.ceil(until)}'}

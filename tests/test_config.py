@@ -172,6 +172,19 @@ def test_token_passing_on_a_public_route_is_refused() -> None:
     assert "passing tokens or the user (pass_*, headers) needs auth: required" in error_of(raw)
 
 
+@pytest.mark.parametrize(("rate_limit", "problem"), [
+    ({"requests": 0, "per": "1m"}, "routes[app].rate_limit.requests: Input should be greater"),
+    ({"requests": 10}, "routes[app].rate_limit.per: is required"),
+    ({"requests": 10, "per": "1m", "key": "session"}, "routes[app].rate_limit.key"),
+    ({"requests": 10, "per": "60"}, "routes[app].rate_limit.per"),
+])
+def test_rate_limits_that_are_not_are_refused(rate_limit: dict[str, Any],
+                                              problem: str) -> None:
+    raw = minimal()
+    raw["routes"][0].update(rate_limit=rate_limit)
+    assert problem in error_of(raw)
+
+
 @pytest.mark.parametrize(("headers", "problem"), [
     ({"Host": "{a}"}, "routes[app].headers: Host: not a header routes can set"),
     ({"X-Forwarded-For": "{a}"}, "X-Forwarded-For: not a header routes can set"),

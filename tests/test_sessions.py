@@ -21,7 +21,7 @@ from conftest import FakeClock
 from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
-from gateway.sessions.backends import Backend, MemoryBackend
+from gateway.sessions.backends import Backend, MemoryBackend, gcra
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt
@@ -538,3 +538,29 @@ async def test_walking_an_index_takes_two_round_trips_whatever_its_size(
         setattr(backend, name, counted)
     assert len(await store.registry.by_sub("alice")) == 40
     assert calls == ["index_members", "get_many"]
+
+
+async def test_rate_lets_a_burst_of_the_limit_through_then_refuses(backend: Backend) -> None:
+    """GCRA, one atomic step on every backend: `limit` at once, then one per period/limit."""
+    decisions = [await backend.rate("r", 5, 60.0) for _ in range(6)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0]
+    refused = decisions[-1]
+    assert 0 < refused.retry_after <= 12.0  # the next one, a fifth of the minute on
+    assert 48.0 < refused.reset <= 60.0  # the whole quota back
+    assert (await backend.rate("another", 5, 60.0)).allowed  # buckets are separate
+
+
+def test_gcra_refills_evenly(clock: FakeClock) -> None:
+    tat = None
+    for _ in range(5):
+        decision, tat = gcra(tat, clock.now, 5, 60.0)
+        assert decision.allowed
+    decision, same = gcra(tat, clock.now, 5, 60.0)
+    assert not decision.allowed and same == tat and decision.retry_after == pytest.approx(12)
+    clock.advance(12)
+    decision, tat = gcra(tat, clock.now, 5, 60.0)
+    assert decision.allowed and decision.remaining == 0
+    clock.advance(60)
+    decision, tat = gcra(tat, clock.now, 5, 60.0)
+    assert decision.allowed and decision.remaining == 4  # full again, and no more than full

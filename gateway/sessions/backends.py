@@ -8,11 +8,37 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.config import SessionConfig
 
 _SWEEP_INTERVAL = 60.0  # seconds between purges of expired memory records
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """One request's place in a rate limit (GCRA: `limit` requests at once, refilled evenly
+    over the period): let through or not, how many more would be now, and in how many
+    seconds the next one would be (retry_after) and the whole quota would be back (reset)."""
+
+    allowed: bool
+    remaining: int
+    retry_after: float
+    reset: float
+
+
+def gcra(tat: float | None, now: float, limit: int, period: float) -> tuple[Rate, float]:
+    """The Generic Cell Rate Algorithm on a bucket's theoretical arrival time `tat`: the
+    decision and the new tat (unchanged when refused). The Redis backend runs the same steps
+    in a script, on the server's clock."""
+    interval = period / limit
+    start = max(tat if tat is not None else now, now)
+    new_tat = start + interval
+    allow_at = new_tat - interval * limit
+    if now < allow_at:
+        return Rate(False, 0, allow_at - now, start - now), start
+    return Rate(True, int((now - allow_at) // interval), 0.0, new_tat - now), new_tat
 
 
 class Backend(Protocol):
@@ -47,6 +73,10 @@ class Backend(Protocol):
     async def count(self, key: str, ttl: float) -> int:
         """Add one to a counter and return it; the counter expires `ttl` after it was
         created, however often it is counted (fixed-window rate limits)."""
+
+    async def rate(self, key: str, limit: int, period: float) -> Rate:
+        """One request against the GCRA bucket `key` (`limit` per `period` seconds), decided
+        and counted in one atomic step, shared by every replica."""
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         """Add `member` to an index (user -> sessions) for `ttl` seconds from now; a member's
@@ -153,6 +183,15 @@ class MemoryBackend:
         value = int(entry[0]) + 1 if entry else 1
         self._data[key] = (str(value).encode(), entry[1] if entry else self._clock() + ttl)
         return value
+
+    async def rate(self, key: str, limit: int, period: float) -> Rate:
+        self._sweep()
+        entry = self._live(key)
+        now = self._clock()
+        decision, tat = gcra(float(entry[0]) if entry else None, now, limit, period)
+        if decision.allowed:
+            self._data[key] = (repr(tat).encode(), tat)
+        return decision
 
     def _live_set(self, key: str) -> dict[str, float]:
         now = self._clock()

@@ -94,3 +94,7 @@ class Keys:
 
     def login_starts(self, bucket: str, window: int) -> str:
         return f"{self.prefix}:login-rate:{{{bucket}}}:{window}"
+
+    def rate(self, route: str, kind: str, who: str) -> str:
+        """A route's rate-limit bucket for one user, address, or (kind route) everyone."""
+        return f"{self.prefix}:rate:{{{_hex(route, kind, who)}}}"

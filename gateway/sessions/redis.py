@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.config import RedisTLSConfig
 from gateway.errors import StoreUnavailableError
+from gateway.sessions.backends import Rate
 from gateway.store_url import StoreLocation, parse_store_url
 
 log = logging.getLogger("gateway.store")
@@ -41,6 +42,25 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 1
 end
 return 0
+"""
+
+
+# backends.gcra on the server's clock (one clock for every replica), in microseconds; the
+# bucket holds its theoretical arrival time and lives until it would be full again.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2]) / limit
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - interval * limit
+if now < allow_at then
+  return {0, 0, tostring(allow_at - now), tostring(tat - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, math.floor((now - allow_at) / interval), '0', tostring(new_tat - now)}
 """
 
 
@@ -148,6 +168,14 @@ class RedisBackend:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailableError(f"redis INCR failed: {type(exc).__name__}") from exc
         return int(value)
+
+    async def rate(self, key: str, limit: int, period: float) -> Rate:
+        reply = await self._call(
+            "EVAL", self._client.eval(_GCRA, 1, key, limit, int(period * 1_000_000)))
+        assert isinstance(reply, list) and len(reply) == 4, reply
+        allowed, remaining, retry_us, reset_us = reply
+        return Rate(bool(allowed), int(remaining), float(retry_us) / 1_000_000,
+                    float(reset_us) / 1_000_000)
 
     async def index_add(self, key: str, member: str, ttl: float) -> None:
         # A sorted set scored by each member's end (this host's clock, in ms): the

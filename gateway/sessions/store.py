@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
-from gateway.sessions.backends import Backend
+from gateway.sessions.backends import Backend, Rate
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session
@@ -189,6 +189,11 @@ class SessionStore:
     async def count_login_start(self, bucket: str, window: int, ttl: float) -> int:
         """One more sign-in start in `bucket` during fixed window number `window`."""
         return await self.backend.count(self.keys.login_starts(bucket, window), ttl)
+
+    async def rate(self, route: str, kind: str, who: str, limit: int, period: float) -> Rate:
+        """One request against a route's rate limit, for `who` (a user, an address, or ""
+        for the whole route), shared by every replica."""
+        return await self.backend.rate(self.keys.rate(route, kind, who), limit, period)
 
     async def alive(self, storage_ids: Collection[str]) -> set[str]:
         """Which of these sessions still exist, in one round trip. Only existence: nothing is
