@@ -6,16 +6,20 @@ End-to-end fixtures bind to 127.0.0.1 on free ports and are torn down after each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html.parser
 import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from ports import free_port
@@ -103,6 +107,31 @@ async def wait_until_ready(url: str, *, attempts: int = 150) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"{url} did not answer 200")
+
+
+@contextlib.asynccontextmanager
+async def gateway_replicas(configs: Sequence[dict[str, Any]], tmp_path: Path
+                           ) -> AsyncIterator[list[str]]:
+    """`gateway run` processes, one per config (written as YAML, the client secret from
+    $SECRET), ready when yielded (their listen URLs); stopped by SIGTERM, cleanly, after."""
+    processes = []
+    try:
+        for index, config in enumerate(configs):
+            path = tmp_path / f"replica-{index}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            processes.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "run", "--config", str(path),
+                env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        urls = ["http://" + config["server"]["listen"] for config in configs]
+        for url in urls:
+            await wait_until_ready(url + "/oauth2/readyz")
+        yield urls
+    finally:
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
 
 
 def raw_config(public_url: str, issuer: str, upstream: str, *, store: str = "memory://",

@@ -4,13 +4,11 @@ balancer. A session made on one works on all, and ending it on one ends it on al
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from conftest import (
@@ -18,9 +16,9 @@ from conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
     free_port,
+    gateway_replicas,
     login,
     serve,
-    wait_until_ready,
 )
 
 from gateway.demo.idp import DemoClient, create_idp_app
@@ -63,29 +61,16 @@ async def fleet(redis_url: str, tmp_path: Path,
     runners = [(await serve(idp_app, idp_port))[0]]
     upstream_runner, upstream = await serve(create_upstream_app())
     runners.append(upstream_runner)
-    processes = []
-    for index, port in enumerate(ports):
-        config = {
-            "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
-            "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
-            "session": {"store": redis_url, "refresh_min_interval": "1s"},
-            "routes": [{"name": "app", "upstream": upstream}],
-        }
-        path = tmp_path / f"replica-{index}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        processes.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(path),
-            env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+    configs = [{
+        "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
+        "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
+        "session": {"store": redis_url, "refresh_min_interval": "1s"},
+        "routes": [{"name": "app", "upstream": upstream}],
+    } for port in ports]
     try:
-        for url in urls:
-            await wait_until_ready(url + "/oauth2/readyz")
-        yield urls
+        async with gateway_replicas(configs, tmp_path) as replicas:
+            yield replicas
     finally:
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
         for runner in reversed(runners):
             await runner.cleanup()
 

@@ -4,23 +4,21 @@ the RateLimit fields past it."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from conftest import (
     BROWSER_HEADERS,
     CLIENT_ID,
     CLIENT_SECRET,
     StackFactory,
     free_port,
+    gateway_replicas,
     login,
     serve,
-    wait_until_ready,
 )
 
 from gateway.demo.idp import DemoClient, create_idp_app
@@ -115,29 +113,19 @@ async def test_a_route_limit_is_one_budget_for_three_replicas_on_one_redis(
     runners = [(await serve(create_idp_app(idp, [client]), idp_port))[0]]
     upstream_runner, upstream = await serve(create_upstream_app())
     runners.append(upstream_runner)
-    processes = []
+    configs = [{
+        "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
+        "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
+        "session": {"store": redis_url},
+        "routes": [{"name": "api", "upstream": upstream, "auth": "public",
+                    "rate_limit": {"requests": 200, "per": "1h", "key": "route"}}],
+    } for port in ports]
     try:
-        for index, port in enumerate(ports):
-            config = {
-                "server": {"listen": f"127.0.0.1:{port}", "public_url": urls[0]},
-                "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
-                "session": {"store": redis_url},
-                "routes": [{"name": "api", "upstream": upstream, "auth": "public",
-                            "rate_limit": {"requests": 200, "per": "1h", "key": "route"}}],
-            }
-            path = tmp_path / f"replica-{index}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            processes.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "run", "--config", str(path),
-                env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
-        for url in urls:
-            await wait_until_ready(url + "/oauth2/readyz")
-        async with aiohttp.ClientSession(
+        async with gateway_replicas(configs, tmp_path) as replicas, aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=60)) as http:
 
             async def one(n: int) -> int:
-                async with http.get(urls[n % 3] + "/echo") as resp:
+                async with http.get(replicas[n % 3] + "/echo") as resp:
                     await resp.read()
                     return resp.status
 
@@ -145,9 +133,5 @@ async def test_a_route_limit_is_one_budget_for_three_replicas_on_one_redis(
         assert set(results) <= {200, 429}, results
         assert 190 <= results[200] <= 210, results  # 200 within 5%
     finally:
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            await asyncio.wait_for(proc.wait(), timeout=15)
         for runner in reversed(runners):
             await runner.cleanup()
