@@ -33,10 +33,28 @@ def advisories(config: Config) -> list[str]:
                 f"({outer.path_prefix}), which has allow rules: {route.path_prefix} is open "
                 f"to everyone (set allow_nested_public: true on routes[{route.name}] if that "
                 f"is intended)")
+    notes.extend(_bearer_audiences(config))
     if oidc.client_secret is not None and \
             len(oidc.client_secret.get_secret_value()) < _SHORT_SECRET:
         notes.append(f"oidc.client_secret: shorter than {_SHORT_SECRET} characters; a "
                      "confidential client's secret should be long and random")
+    return notes
+
+
+def _bearer_audiences(config: Config) -> list[str]:
+    """An audience that is the gateway's own client_id: ID tokens name it too. With typ
+    checked (at+jwt) they are refused anyway; with `token_typ: any` only their ID-token
+    claims tell them apart."""
+    notes = []
+    for route in config.routes:
+        audiences = route.audiences or config.api.audiences
+        if route.bearer and config.oidc.client_id in audiences and \
+                config.api.token_typ == "any":  # noqa: S105  (a JOSE typ, no secret)
+            key = f"routes[{route.name}].audiences" if route.audiences else "api.audiences"
+            notes.append(f"{key}: holds oidc.client_id, the audience of the gateway's own ID "
+                         "tokens, and api.token_typ is any: bearer tokens are told apart from "
+                         "ID tokens by their claims alone (give the API an audience of its "
+                         "own)")
     return notes
 
 

@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
 from gateway.oidc.flow import Client
+from gateway.oidc.introspection import Introspector
 from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
 from gateway.pages import error_middleware
@@ -56,9 +57,14 @@ def _runtime_context(config: Config, clock: Callable[[], float]
             verifier = Verifier(provider, client_id=client.client_id,
                                 client_secret=client.client_secret,
                                 leeway=config.oidc.clock_skew, clock=clock)
+            introspector = Introspector(
+                idp_http, provider, client, endpoint=config.api.introspection_endpoint,
+                cache_ttl=config.api.introspection_cache, leeway=config.oidc.clock_skew,
+                clock=clock)
             app[RUNTIME] = Runtime(
                 snapshot=Snapshot.build(config, upstreams), sessions=sessions,
-                provider=provider, verifier=verifier, client=client, upstreams=upstreams,
+                provider=provider, verifier=verifier, introspector=introspector,
+                client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock, sockets=websocket.SocketWatch(sessions.alive))
             try:
                 await provider.metadata()

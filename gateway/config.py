@@ -235,6 +235,32 @@ class SessionConfig(FrozenModel):
         return self
 
 
+class APIConfig(FrozenModel):
+    """api: how bearer tokens are checked on routes with `bearer: true` (RFC 6750, 9068,
+    7662)."""
+
+    audiences: tuple[str, ...] = ()  # a token's aud must hold one of these
+    # RFC 9068 types JWT access tokens at+jwt; `any` also takes "JWT" or no typ (Keycloak,
+    # Entra ID), refusing tokens with ID-token-only claims.
+    token_typ: Literal["at+jwt", "any"] = "at+jwt"  # noqa: S105  (a JOSE typ, no secret)
+    # RFC 7662: ask the IdP about tokens that are not JWTs (opaque tokens).
+    introspection: bool = False
+    introspection_endpoint: str | None = None  # default: the discovery document's
+    introspection_cache: NonNegativeDuration = 60.0  # and never past the token's exp
+
+    @field_validator("audiences")
+    @classmethod
+    def _check_audiences(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not audience.strip() for audience in value):
+            raise ValueError("an audience is empty")
+        return value
+
+    @field_validator("introspection_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return http_url(value, require_path_free=True) if value is not None else None
+
+
 class LoggingConfig(FrozenModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -246,6 +272,7 @@ class Config(FrozenModel):
     session: SessionConfig = SessionConfig()
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    api: APIConfig = APIConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("policies")
@@ -264,6 +291,15 @@ class Config(FrozenModel):
                 known = ", ".join(sorted(self.policies)) or "none are defined"
                 raise ValueError(f"routes[{route.name}].policy: no policy named "
                                  f"{route.policy!r} under policies ({known})")
+        return self
+
+    @model_validator(mode="after")
+    def _bearer_audiences(self) -> Config:
+        for route in self.routes:
+            if route.bearer and not (route.audiences or self.api.audiences):
+                raise ValueError(f"routes[{route.name}].bearer: needs api.audiences (or the "
+                                 "route's audiences): the tokens' aud must name this API, or "
+                                 "any token from the IdP would do")
         return self
 
     def rules_of(self, route: RouteConfig) -> Rules:

@@ -37,6 +37,7 @@ _NOT_SETTABLE = frozenset({
     "upgrade", "expect", "forwarded", "x-real-ip", "x-forwarded-for", "x-forwarded-proto",
     "x-forwarded-host", "x-forwarded-prefix", "x-forwarded-port", "x-forwarded-access-token",
     "x-forwarded-id-token"})
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ClaimValue = StrictBool | StrictInt | StrictStr
 
@@ -83,6 +84,16 @@ class RuleConfig(FrozenModel):
     # claim name (a dotted path reaches into objects: realm_access.roles) -> value or values
     claims: dict[str, tuple[ClaimValue, ...]] = Field(default_factory=dict)
     methods: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()  # one of them granted to the bearer token
+
+    @field_validator("scopes")
+    @classmethod
+    def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in value:
+            if not _SCOPE.fullmatch(scope):
+                raise ValueError(f"{scope!r} is not an OAuth scope (RFC 6749 §3.3: printable "
+                                 "ASCII without spaces, '\"' or '\\')")
+        return value
 
     @field_validator("emails")
     @classmethod
@@ -130,9 +141,9 @@ class RuleConfig(FrozenModel):
     @model_validator(mode="after")
     def _not_empty(self) -> RuleConfig:
         if not (self.emails or self.email_domains or self.groups or self.claims
-                or self.methods):
+                or self.methods or self.scopes):
             raise ValueError("a rule needs at least one of emails, email_domains, groups, "
-                             "claims, methods")
+                             "claims, scopes, methods")
         if any(not values for values in self.claims.values()):
             raise ValueError("a claim rule needs at least one value")
         return self
@@ -188,6 +199,13 @@ class RouteConfig(FrozenModel):
     max_auth_age: Duration | None = None
     acr_values: tuple[str, ...] = ()
     rate_limit: RateLimitConfig | None = None  # past it: 429 with Retry-After
+    # API clients: Authorization: Bearer <token>, checked as api: says, instead of a session;
+    # the token's aud must hold one of `audiences` (default: api.audiences).
+    bearer: bool = False
+    audiences: tuple[str, ...] = ()
+    # CORS preflights (OPTIONS with Origin and Access-Control-Request-Method) pass without
+    # credentials, which browsers never send on one; the upstream answers them.
+    allow_preflight: bool = False
     strip_prefix: bool = False
     # The Host the upstream gets: public_url's (default: absolute URLs it builds point at the
     # gateway, and no client can choose it), the client's own, or the upstream URL's.
@@ -339,6 +357,10 @@ class RouteConfig(FrozenModel):
         if self.preserve_host and self.host_header != "public":
             raise ValueError("preserve_host is the older spelling of host_header: client; "
                              "set only host_header")
+        if self.auth == "public" and (self.bearer or self.allow_preflight):
+            raise ValueError("bearer and allow_preflight are for auth: required routes")
+        if self.audiences and not self.bearer:
+            raise ValueError("audiences are for routes with bearer: true")
         if self.auth != "public" and self.allow_nested_public:
             raise ValueError("allow_nested_public is for auth: public routes")
         return self

@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway import pipeline, policy, proxy
 from gateway.errors import (
     ForbiddenError,
+    InsufficientScopeError,
     MethodNotAllowedError,
     NotAuthenticatedError,
     StepUpRequiredError,
@@ -19,7 +20,7 @@ from gateway.errors import (
 from gateway.login import redirect_to_idp
 from gateway.pages import wants_html
 from gateway.redirects import safe_return_path
-from gateway.routing import Target, parse_target
+from gateway.routing import parse_target
 from gateway.runtime import Runtime, runtime_from
 
 
@@ -32,14 +33,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
         case policy.Allow():  # public routes have no principal: no identity goes upstream
             return await proxy.forward(request, rt, resolved)
         case policy.Challenge():
-            return await _challenge(request, rt, resolved.target,
-                                    asks=policy.step_up_of(route.access))
+            return await _challenge(request, rt, resolved, asks=policy.step_up_of(route.access))
         case policy.StepUp() as step_up:
-            return await _challenge(request, rt, resolved.target, asks=step_up,
-                                    stepping_up=True)
-        case policy.Deny(reason=reason):
+            return await _challenge(request, rt, resolved, asks=step_up, stepping_up=True)
+        case policy.Deny(reason=reason, scopes=scopes):
             assert principal is not None
             identity = principal.identity
+            if principal.bearer:  # RFC 6750 §3.1; no sign-out to offer an API client
+                if scopes:
+                    raise InsufficientScopeError(f"route {route.name}: {reason}",
+                                                 scopes=scopes)
+                raise ForbiddenError(f"route {route.name}: {reason}")
             raise ForbiddenError(
                 f"route {route.name}: {reason}",
                 signed_in_as=identity.preferred_username or identity.email or identity.sub,
@@ -58,17 +62,20 @@ async def defer_continue(request: web.Request) -> None:
         raise web.HTTPExpectationFailed(text="Unknown Expect value")
 
 
-async def _challenge(request: web.Request, rt: Runtime, target: Target, *,
+async def _challenge(request: web.Request, rt: Runtime, resolved: pipeline.Resolved, *,
                      asks: policy.StepUp | None, stepping_up: bool = False
                      ) -> web.StreamResponse:
     """Browsers go to the IdP and come back to exactly this URL, the sign-in asked for the
     route's max_age and acr_values (so a first sign-in there needs no second one); API
-    clients get a 401, saying what they lack when they are signed in already (RFC 9470)."""
-    if not wants_html(request):
+    clients get a 401, saying what they lack when they are signed in already (RFC 9470),
+    or that a bearer token would do (RFC 6750 §3)."""
+    principal, target = resolved.principal, resolved.target
+    if not wants_html(request) or (principal is not None and principal.bearer):
         if stepping_up and asks is not None:
             raise StepUpRequiredError("the sign-in is too old or too weak for this route",
                                       max_age=asks.max_age, acr_values=asks.acr_values)
-        raise NotAuthenticatedError("no session on a protected route")
+        raise NotAuthenticatedError("no session on a protected route",
+                                    bearer=resolved.route.config.bearer)
     return_to = safe_return_path(target.with_path(target.path)) or "/"
     if asks is None:
         return await redirect_to_idp(request, rt, return_to)

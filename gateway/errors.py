@@ -7,10 +7,13 @@ message that is safe to show (never a token, cookie or secret) and a log event n
     GatewayError
      ├── ConfigError                 operator error in the YAML or the environment
      ├── BadRequestError        400  malformed path, parameters or cookies
+     │    └── BearerRequestError 400  a malformed Authorization on a bearer route (RFC 6750)
      ├── LoginError             400  the login could not complete (state, IdP error, bad token)
-     ├── NotAuthenticatedError  401  API client without a session
-     │    └── StepUpRequiredError 401  its sign-in is too old or weak for the route (RFC 9470)
+     ├── NotAuthenticatedError  401  API client without a session or bearer token
+     │    ├── StepUpRequiredError 401  its sign-in is too old or weak for the route (RFC 9470)
+     │    └── InvalidTokenError 401  its bearer token failed a check (RFC 6750 invalid_token)
      ├── ForbiddenError         403  authenticated but denied by the route's allow rules
+     │    └── InsufficientScopeError 403  a bearer token without a scope the route needs
      ├── NotFoundError          404  no route matches
      ├── PayloadTooLargeError   413  the body is over the route's max_body_size
      ├── MethodNotAllowedError  405  a gateway endpoint called with a disabled method
@@ -65,6 +68,17 @@ class BadRequestError(GatewayError):
     event = "bad_request"
 
 
+class BearerRequestError(BadRequestError):
+    """RFC 6750 §3.1 invalid_request: the Authorization header cannot be read as one bearer
+    token."""
+
+    public_message = "The Authorization header is malformed."
+    event = "invalid_request"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_request"'}
+
+
 class LoginError(GatewayError):
     status = 400
     title = "Sign-in failed"
@@ -82,6 +96,15 @@ class NotAuthenticatedError(GatewayError):
     title = "Authentication required"
     public_message = "Sign in to access this resource."
     event = "not_authenticated"
+
+    def __init__(self, detail: str | None = None, *, bearer: bool = False) -> None:
+        """`bearer`: the route takes bearer tokens, so the answer says so (RFC 6750 §3: with
+        no credential at all, no error code)."""
+        super().__init__(detail)
+        self.bearer = bearer
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"} if self.bearer else {}
 
 
 class StepUpRequiredError(NotAuthenticatedError):
@@ -105,6 +128,24 @@ class StepUpRequiredError(NotAuthenticatedError):
         return {"WWW-Authenticate": "Bearer " + ", ".join(params)}
 
 
+class InvalidTokenError(NotAuthenticatedError):
+    """RFC 6750 §3.1 invalid_token. `description` says which check failed, in words fit for
+    the client (never the token); the log line's detail says more."""
+
+    public_message = "The access token is not valid here."
+    event = "invalid_token"
+
+    def __init__(self, detail: str | None = None, *,
+                 description: str = "the token is not valid") -> None:
+        super().__init__(detail, bearer=True)
+        self.description = description
+
+    def response_headers(self) -> dict[str, str]:
+        # A quoted-string: descriptions are the gateway's own words, never with '"' or '\'.
+        return {"WWW-Authenticate": f'Bearer error="invalid_token", '
+                                    f'error_description="{self.description}"'}
+
+
 class ForbiddenError(GatewayError):
     status = 403
     title = "Access denied"
@@ -118,6 +159,22 @@ class ForbiddenError(GatewayError):
         super().__init__(detail)
         self.signed_in_as = signed_in_as
         self.sign_out_by_post = sign_out_by_post
+
+
+class InsufficientScopeError(ForbiddenError):
+    """RFC 6750 §3.1 insufficient_scope: the token lacks every scope the route's rules
+    accept; `scope` lists them."""
+
+    public_message = "The access token does not carry a scope this resource needs."
+    event = "insufficient_scope"
+
+    def __init__(self, detail: str | None = None, *, scopes: tuple[str, ...] = ()) -> None:
+        super().__init__(detail)
+        self.scopes = scopes
+
+    def response_headers(self) -> dict[str, str]:
+        scope = f', scope="{" ".join(self.scopes)}"' if self.scopes else ""
+        return {"WWW-Authenticate": f'Bearer error="insufficient_scope"{scope}'}
 
 
 class NotFoundError(GatewayError):

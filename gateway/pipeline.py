@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import policy, ratelimit, refresh
+from gateway import bearer, policy, ratelimit, refresh
 from gateway.errors import NotFoundError
 from gateway.identity import Identity
 from gateway.routing import Route, Target
@@ -24,12 +24,17 @@ from gateway.runtime import DECIDED_BY, ROUTE_NAME, USER_SUB, Runtime, Snapshot
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is asking: the user of a browser session."""
+    """Who is asking: the user of a browser session, or an API client's bearer token."""
 
     identity: Identity
-    access_token: str
-    id_token: str
-    session_id: str  # the session's storage id (its WebSockets are watched for its end)
+    access_token: str  # the session's, or the bearer token itself
+    id_token: str | None  # None for a bearer token
+    session_id: str | None  # the session's storage id (its WebSockets are watched for its
+    # end); None for a bearer token, which has no session
+
+    @property
+    def bearer(self) -> bool:
+        return self.session_id is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +59,15 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     if route is None:
         raise NotFoundError(f"no route for host={host!r} path={path}")
     request[ROUTE_NAME] = route.name
+    preflight = route.access.allow_preflight and policy.is_preflight(
+        method, "Origin" in request.headers, "Access-Control-Request-Method" in request.headers)
     # No store round trip for a public route, nor for a method the route refuses anyway.
-    needs_user = not route.access.public and policy.takes(route.access, method)
-    principal = await _session_principal(request, rt) if needs_user else None
+    needs_user = not (route.access.public or preflight) and policy.takes(route.access, method)
+    principal = await _principal(request, rt, snapshot, route) if needs_user else None
     if principal is not None:
         request[USER_SUB] = principal.identity.sub
     decision = policy.decide(route.access, principal.identity if principal else None, method,
-                             rt.clock())
+                             rt.clock(), preflight=preflight)
     match decision:
         case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
             request[DECIDED_BY] = rule
@@ -69,6 +76,18 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
         rate_fields = await ratelimit.check_route(
             request, rt, snapshot, route, principal.identity.sub if principal else None)
     return Resolved(route, target, principal, decision, snapshot, rate_fields)
+
+
+async def _principal(request: web.Request, rt: Runtime, snapshot: Snapshot,
+                     route: Route) -> Principal | None:
+    """A bearer token, on a route that takes them and a request that has one; else the
+    session the cookie names."""
+    if route.config.bearer:
+        token = bearer.token_of(request)
+        if token is not None:
+            identity = await bearer.identity_of(rt, snapshot, route, token)
+            return Principal(identity, token, None, None)
+    return await _session_principal(request, rt)
 
 
 async def _session_principal(request: web.Request, rt: Runtime) -> Principal | None:

@@ -4,6 +4,8 @@ Pure: never imports aiohttp.web, and works on its own frozen types (`Access`, `R
 routing.access_of compiles once from the config, never on pydantic models.
 
 The order, for a request with method M on a route:
+0. a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method) on a route with
+   `allow_preflight` goes through with no identity: browsers never send credentials on one;
 1. the route's `methods`, when it lists them: any other method is refused (405), signed in
    or not;
 2. a public route allows anyone, and no identity is ever sent;
@@ -13,7 +15,8 @@ The order, for a request with method M on a route:
    route without allow rules allows every signed-in user (that deny let through).
 A rule matches when every kind it lists matches: emails (verified only, compared as parsed
 addresses: identity.email_address), email_domains, groups (exact names), claims (a claim, or a
-dotted path into one, equal to a listed value or, for a list claim, holding one). A rule
+dotted path into one, equal to a listed value or, for a list claim, holding one), scopes
+(one of them granted to a bearer token: its `scope` claim, or `scp`). A rule
 with `methods` applies only to those. A rule on claims cannot be decided for a session written
 before claims were kept: that is a challenge too (the new sign-in keeps them).
 """
@@ -36,6 +39,7 @@ class Rule:
     groups: frozenset[str] = frozenset()
     claims: tuple[tuple[str, tuple[object, ...]], ...] = ()
     methods: frozenset[str] = frozenset()  # empty: every method
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class Access:
     methods: frozenset[str] | None = None  # None: every method
     max_auth_age: float | None = None  # step-up: a sign-in no older than this
     acr_values: tuple[str, ...] = ()  # step-up: a sign-in of one of these strengths
+    allow_preflight: bool = False  # CORS preflights pass without credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ class Challenge:
 class Deny:
     reason: str
     rule: str | None = None  # the deny rule that matched, or the allow list none matched
+    scopes: tuple[str, ...] = ()  # scopes that allow rules refused for lack of (RFC 6750)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +97,21 @@ def takes(access: Access, method: str) -> bool:
     return access.methods is None or method in access.methods
 
 
-def decide(access: Access, identity: Identity | None, method: str, now: float) -> Decision:
+def decide(access: Access, identity: Identity | None, method: str, now: float, *,
+           preflight: bool = False) -> Decision:
+    """`preflight`: the request is a CORS preflight (see is_preflight)."""
+    if preflight and access.allow_preflight:
+        return Allow(None, "allow_preflight")
     decision = _decide(access, identity, method)
     if isinstance(decision, Allow) and decision.identity is not None:
         return _fresh_enough(access, decision.identity, now) or decision
     return decision
+
+
+def is_preflight(method: str, has_origin: bool, has_request_method: bool) -> bool:
+    """A CORS preflight (Fetch standard §3.2.2): OPTIONS with Origin and
+    Access-Control-Request-Method."""
+    return method == "OPTIONS" and has_origin and has_request_method
 
 
 def step_up_of(access: Access) -> StepUp | None:
@@ -143,7 +159,8 @@ def _decide(access: Access, identity: Identity | None, method: str) -> Decision:
             return Deny(f"denied by {rule.label}", rule.label)
     if access.allow is None:
         return Allow(identity)
-    reasons = []
+    reasons: list[str] = []
+    scopes: list[str] = []
     for rule in access.allow:
         if rule not in applicable_allow:
             reasons.append(f"{rule.label}: not for {method}")
@@ -152,8 +169,10 @@ def _decide(access: Access, identity: Identity | None, method: str) -> Decision:
         if mismatch is None:
             return Allow(identity, rule.label)
         reasons.append(f"{rule.label}: {mismatch}")
+        if mismatch == _NO_SCOPE:
+            scopes.extend(rule.scopes)
     return Deny("; ".join(reasons), access.allow[0].label.rpartition("[")[0]
-                if access.allow else None)
+                if access.allow else None, tuple(dict.fromkeys(scopes)))
 
 
 def _applies(rule: Rule, method: str) -> bool:
@@ -174,7 +193,25 @@ def _mismatch(rule: Rule, identity: Identity) -> str | None:
     for path, wanted in rule.claims:
         if not _claim_matches(claim_at(identity.claims or {}, path), wanted):
             return f"claim {path} has no listed value"
+    if rule.scopes and not set(rule.scopes) & scopes_of(identity):
+        return _NO_SCOPE
     return None
+
+
+_NO_SCOPE = "no listed scope"
+
+
+def scopes_of(identity: Identity) -> frozenset[str]:
+    """The scopes granted to a bearer token: RFC 9068's `scope` (space-separated), or the
+    `scp` some IdPs use (space-separated, or a list). A browser session has none."""
+    claims = identity.claims or {}
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            return frozenset(value.split())
+        if isinstance(value, list):
+            return frozenset(item for item in value if isinstance(item, str))
+    return frozenset()
 
 
 def _claim_matches(value: object, wanted: tuple[object, ...]) -> bool:

@@ -73,12 +73,14 @@ def access_of(rc: RouteConfig, policies: Mapping[str, PolicyConfig] | None = Non
         if allow is not None else None,
         deny=tuple(_rule(r, f"{source}.deny[{i}]") for i, r in enumerate(deny)),
         methods=frozenset(rc.methods) if rc.methods is not None else None,
-        max_auth_age=rc.max_auth_age, acr_values=rc.acr_values)
+        max_auth_age=rc.max_auth_age, acr_values=rc.acr_values,
+        allow_preflight=rc.allow_preflight)
 
 
 def _rule(rule: RuleConfig, label: str) -> Rule:
     return Rule(label, frozenset(rule.emails), frozenset(rule.email_domains),
-                frozenset(rule.groups), tuple(rule.claims.items()), frozenset(rule.methods))
+                frozenset(rule.groups), tuple(rule.claims.items()), frozenset(rule.methods),
+                rule.scopes)
 
 
 @dataclass(frozen=True, slots=True)

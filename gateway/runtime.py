@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.headers import Stripped
 from gateway.oidc.flow import Client
+from gateway.oidc.introspection import Introspector
 from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
 from gateway.routing import RouteTable
@@ -48,6 +49,7 @@ class Runtime:
     sessions: SessionStore
     provider: Provider
     verifier: Verifier  # every token from the IdP is checked here
+    introspector: Introspector  # opaque bearer tokens (RFC 7662), with their cache
     client: Client
     upstreams: Upstreams  # the pooled client sessions the routes' upstreams use
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON

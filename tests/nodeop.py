@@ -36,14 +36,27 @@ async def start_node_op(*, client_id: str, client_secret: str, redirect_uris: Se
                         post_logout_redirect_uris: Sequence[str] = (),
                         backchannel_logout_uri: str = "",
                         backchannel_session_required: bool = True,
-                        access_token_ttl: int = 3600) -> AsyncIterator[str]:
-    port = free_port()
+                        access_token_ttl: int = 3600, issuer: str | None = None,
+                        jwk: str | None = None, robot_secret: str | None = None,
+                        client_credentials_ttl: int = 600, port: int | None = None
+                        ) -> AsyncIterator[str]:
+    """`issuer`: another issuer name than the OP's own URL (at `port`); `jwk`: a private JWK
+    to sign with (two OPs can share one); `robot_secret`: enable API clients (op.mjs,
+    OP_API)."""
+    port = port or free_port()
     env = {**os.environ, "OP_PORT": str(port), "OP_CLIENT_ID": client_id,
            "OP_CLIENT_SECRET": client_secret, "OP_REDIRECT_URIS": ",".join(redirect_uris),
            "OP_POST_LOGOUT_REDIRECT_URIS": ",".join(post_logout_redirect_uris),
            "OP_BACKCHANNEL_LOGOUT_URI": backchannel_logout_uri,
            "OP_BACKCHANNEL_SESSION_REQUIRED": str(backchannel_session_required).lower(),
-           "OP_ACCESS_TOKEN_TTL": str(access_token_ttl)}
+           "OP_ACCESS_TOKEN_TTL": str(access_token_ttl),
+           "OP_CLIENT_CREDENTIALS_TTL": str(client_credentials_ttl)}
+    if issuer is not None:
+        env["OP_ISSUER"] = issuer
+    if jwk is not None:
+        env["OP_JWK"] = jwk
+    if robot_secret is not None:
+        env.update(OP_API="1", OP_ROBOT_SECRET=robot_secret)
     proc = await asyncio.create_subprocess_exec(
         "node", str(E2E_DIR / "op.mjs"), cwd=E2E_DIR, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

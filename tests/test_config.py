@@ -152,6 +152,11 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("session.key_prefix", "app{1}", "no braces"),
     ("session.key_prefix", "", "session.key_prefix"),
     ("session.key_prefix", "a b", "session.key_prefix"),
+    ("api.audiences", ["https://api", " "], "api.audiences: an audience is empty"),
+    ("api.token_typ", "JWT", "api.token_typ"),
+    ("api.introspection", "opaque", "api.introspection"),
+    ("api.introspection_endpoint", "/introspect", "api.introspection_endpoint"),
+    ("api.introspection_cache", "-1s", "api.introspection_cache"),
 ])
 def test_invalid_values_are_errors_naming_the_key(path: str, value: Any, needle: str) -> None:
     assert needle in error_of(with_change(path, value))
@@ -407,6 +412,16 @@ def test_a_public_route_inside_a_restricted_one_is_flagged_unless_intended(
     assert bool(notes) is flagged
     if flagged:
         assert notes[0].startswith("routes[reports]: public, but inside routes[admin]")
+
+
+def test_a_bearer_audience_that_is_the_client_id_is_flagged_when_typ_is_not_checked() -> None:
+    raw = minimal()
+    raw["routes"][0].update(bearer=True, audiences=[raw["oidc"]["client_id"]])
+    raw["api"] = {"token_typ": "any"}
+    [note] = advisories(parse(raw, ENV))
+    assert note.startswith("routes[app].audiences: holds oidc.client_id")
+    raw["api"] = {"token_typ": "at+jwt"}
+    assert advisories(parse(raw, ENV)) == []
 
 
 def test_a_short_client_secret_is_flagged() -> None:

@@ -12,7 +12,16 @@ from gateway.config import Config
 from gateway.config_routes import RouteConfig, RuleConfig
 from gateway.errors import ConfigError
 from gateway.identity import Identity, claim_at
-from gateway.policy import Access, Allow, Challenge, Decision, Deny, StepUp, WrongMethod
+from gateway.policy import (
+    Access,
+    Allow,
+    Challenge,
+    Decision,
+    Deny,
+    StepUp,
+    WrongMethod,
+    is_preflight,
+)
 from gateway.policy import decide as decide_for
 from gateway.routing import access_of
 
@@ -250,6 +259,13 @@ def test_named_policies_are_shared_and_labelled_by_their_name() -> None:
      "routes[app].allow[0].claims: a: values are strings, integers or true/false"),
     ({"allow": {"methods": ["GE T"]}}, "'GE T' is not an HTTP method name"),
     ({"methods": []}, "routes[app].methods: lists no method"),
+    ({"allow": {"scopes": ["a b"]}}, "'a b' is not an OAuth scope"),
+    ({"allow": {"scopes": ['say"hi']}}, "is not an OAuth scope"),
+    ({"bearer": True}, "routes[app].bearer: needs api.audiences (or the route's audiences)"),
+    ({"audiences": ["https://api"]}, "routes[app]: audiences are for routes with bearer: true"),
+    ({"auth": "public", "bearer": True, "audiences": ["x"]},
+     "routes[app]: bearer and allow_preflight are for auth: required routes"),
+    ({"auth": "public", "allow_preflight": True}, "bearer and allow_preflight are for auth"),
 ])
 def test_policy_config_errors_name_the_key(route: dict[str, Any], message: str) -> None:
     raw = {"server": {"public_url": "https://gw.example.com"},
@@ -293,3 +309,51 @@ def test_step_up_only_for_users_the_rules_let_in() -> None:
 
 def test_a_session_without_kept_claims_steps_up() -> None:
     assert decide(compiled(max_auth_age="5m"), Identity("old")) == StepUp(300, ())
+
+
+@pytest.mark.parametrize(("claims", "allowed"), [
+    ({"scope": "read write"}, True),
+    ({"scope": "write"}, True),
+    ({"scope": "read"}, False),
+    ({"scope": "readwrite"}, False),
+    ({"scp": "read write"}, True),  # Entra ID's name, space-separated
+    ({"scp": ["read", "write"]}, True),  # Okta's, a list
+    ({"scp": ["read"]}, False),
+    ({}, False),  # a browser session has no scope
+])
+def test_scope_rules_match_a_granted_scope(claims: dict[str, Any], allowed: bool) -> None:
+    identity = signed_in(**claims)
+    decision = decide(compiled(allow={"scopes": ["write", "admin"]}), identity)
+    if allowed:
+        assert decision == Allow(identity, "routes[app].allow[0]")
+    else:
+        assert isinstance(decision, Deny)
+        assert decision.scopes == ("write", "admin")  # what to say in insufficient_scope
+
+
+def test_a_denial_on_other_kinds_lists_no_scope() -> None:
+    access = compiled(allow=[{"groups": ["admins"]}, {"scopes": ["write"]}])
+    decision = decide(access, signed_in(scope="write"))
+    assert isinstance(decision, Allow)
+    decision = decide(compiled(allow={"groups": ["admins"], "scopes": ["x"]}),
+                      signed_in(scope="x"))
+    assert isinstance(decision, Deny) and decision.scopes == ()
+
+
+def test_preflights_pass_only_where_the_route_allows_them() -> None:
+    access = compiled(allow_preflight=True, methods=["GET"], allow={"groups": ["admins"]})
+    assert decide_for(access, None, "OPTIONS", NOW, preflight=True) == \
+        Allow(None, "allow_preflight")
+    assert decide_for(access, None, "OPTIONS", NOW) == WrongMethod(frozenset({"GET", "HEAD"}))
+    assert decide_for(compiled(), None, "OPTIONS", NOW, preflight=True) == Challenge()
+
+
+@pytest.mark.parametrize(("method", "origin", "request_method", "expected"), [
+    ("OPTIONS", True, True, True),
+    ("OPTIONS", True, False, False),
+    ("OPTIONS", False, True, False),
+    ("GET", True, True, False),
+])
+def test_what_a_preflight_is(method: str, origin: bool, request_method: bool,
+                             expected: bool) -> None:
+    assert is_preflight(method, origin, request_method) is expected

@@ -20,6 +20,7 @@ from gateway.oidc.tokens import (
     Expectations,
     TokenError,
     header_of,
+    validate_access_token,
     validate_id_token,
     validate_logout_token,
 )
@@ -344,3 +345,94 @@ def test_a_malformed_crit_header_is_a_refusal_not_a_crash(crit: object) -> None:
     token = f"{b64({'alg': 'RS256', 'kid': 'k1', 'crit': crit})}.{b64(logout_claims())}.c2ln"
     with pytest.raises(TokenError):
         validate_logout_token(token, KEYS, expect())
+
+
+# --- JWT access tokens from API clients (RFC 9068 §4) ---
+
+API = "https://api.example.com"
+
+
+def access_claims(**changes: Any) -> dict[str, Any]:
+    values = {"iss": ISSUER, "sub": "robot", "aud": API, "exp": NOW + 300, "iat": NOW,
+              "client_id": "robot", "scope": "read"}
+    values.update(changes)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def access(token: str, *, any_typ: bool = False, audiences: tuple[str, ...] = (API,),
+           keys: KeySet = KEYS) -> dict[str, object]:
+    return validate_access_token(token, keys, issuer=ISSUER, audiences=audiences,
+                                 any_typ=any_typ, leeway=60, now=lambda: NOW)
+
+
+AT_JWT = {"typ": "at+jwt"}
+
+
+def test_valid_access_token_returns_its_claims() -> None:
+    assert access(sign(access_claims(), header=AT_JWT))["sub"] == "robot"
+    assert access(sign(access_claims(), header={"typ": "application/AT+JWT"}))["sub"] == "robot"
+
+
+def test_access_token_audience_is_any_of_the_configured() -> None:
+    token = sign(access_claims(aud=["https://other.example.com", API]), header=AT_JWT)
+    assert access(token, audiences=("https://third.example.com", API))["sub"] == "robot"
+
+
+@pytest.mark.parametrize(("changes", "code"), [
+    ({"iss": "https://evil.example.com"}, "claim_iss"),
+    ({"aud": "https://other.example.com"}, "claim_aud"),
+    ({"aud": CLIENT_ID}, "claim_aud"),  # an ID token's audience is not the API
+    ({"aud": None}, "claim_aud"),
+    ({"exp": NOW - 61}, "claim_exp"),
+    ({"exp": None}, "claim_exp"),
+    ({"nbf": NOW + 61}, "claim_nbf"),
+    ({"sub": None}, "claim_sub"),
+    ({"sub": "a\nb"}, "claim_sub"),
+])
+def test_access_token_claim_checks(changes: dict[str, Any], code: str) -> None:
+    refused(code, lambda: access(sign(access_claims(**changes), header=AT_JWT)))
+
+
+def test_missing_essential_claims_are_refused() -> None:
+    with pytest.raises(TokenError):
+        access(sign(access_claims(exp=None, sub=None), header=AT_JWT))
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "logout+jwt", "id_token+jwt", "dpop+jwt"])
+def test_access_token_must_be_typed_at_jwt(typ: str | None) -> None:
+    header = {"typ": typ} if typ else {}
+    refused("typ", lambda: access(sign(access_claims(), header=header)))
+
+
+@pytest.mark.parametrize("typ", [None, "JWT"])
+def test_any_typ_accepts_plain_jwts(typ: str | None) -> None:
+    header = {"typ": typ} if typ else {}
+    assert access(sign(access_claims(), header=header), any_typ=True)["sub"] == "robot"
+
+
+@pytest.mark.parametrize("claim", ["nonce", "at_hash", "c_hash", "events"])
+def test_any_typ_still_refuses_id_and_logout_tokens(claim: str) -> None:
+    token = sign(access_claims(**{claim: "x"}), header={"typ": "JWT"})
+    refused("typ", lambda: access(token, any_typ=True))
+    refused("typ", lambda: access(sign(access_claims(), header={"typ": "logout+jwt"}),
+                                  any_typ=True))
+
+
+def test_access_token_signed_by_another_key_is_refused() -> None:
+    refused("bad_signature", lambda: access(sign(access_claims(), OTHER_KEY, header=AT_JWT)))
+
+
+def test_unsigned_access_token_is_refused() -> None:
+    token = f"{b64({'alg': 'none', 'typ': 'at+jwt'})}.{b64(access_claims())}."
+    refused("alg_not_allowed", lambda: access(token))
+
+
+def test_hmac_access_token_is_refused_whatever_the_secret() -> None:
+    """HMAC confusion: the IdP's public key (which anyone can fetch) as the HMAC secret."""
+    pem = KEY.as_pem(private=False)
+    header = b64({"alg": "HS256", "typ": "at+jwt", "kid": "k1"})
+    body = b64(access_claims())
+    mac = hmac.new(pem, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    refused("alg_not_allowed", lambda: access(f"{header}.{body}.{b64(mac)}"))
+    refused("alg_not_allowed", lambda: access(sign(access_claims(), OctKey.import_key(SECRET),
+                                                   "HS256", header=AT_JWT)))

@@ -74,7 +74,9 @@ def begin(metadata: ProviderMetadata, client: Client, *, max_age: int | None = N
     return AuthRequest(state, nonce, verifier, str(url))
 
 
-def _client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
+def client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
+    """The client's authentication for a call to the IdP: added to `form`, or the
+    headers to send (token endpoint, introspection)."""
     if client.auth_method == "client_secret_post":
         form.update(client_id=client.client_id, client_secret=client.client_secret)
         return {}
@@ -83,7 +85,7 @@ def _client_auth(client: Client, form: dict[str, str]) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
 
 
-def _oauth_error(body: object) -> str:
+def oauth_error(body: object) -> str:
     """An OAuth error response's error and error_description (RFC 6749 §5.2), fit for a log
     line: printable, bounded."""
     if not isinstance(body, dict):
@@ -105,7 +107,7 @@ class InvalidGrantError(LoginError):
 async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata,
                          client: Client, form: dict[str, str], *, now: float,
                          previous: TokenSet | None = None) -> TokenSet:
-    headers = {"Accept": "application/json", **_client_auth(client, form)}
+    headers = {"Accept": "application/json", **client_auth(client, form)}
     status, body = await fetch_json(http, "POST", metadata.token_endpoint, data=form,
                                     headers=headers, timeout=client.timeout,
                                     what="token endpoint")
@@ -113,7 +115,7 @@ async def _token_request(http: aiohttp.ClientSession, metadata: ProviderMetadata
         raise InvalidGrantError(f"token endpoint: invalid_grant ({form['grant_type']})")
     if status != 200 or not isinstance(body, dict):
         raise IdPError(f"token endpoint {_without_query(metadata.token_endpoint)} answered "
-                       f"HTTP {status}{_oauth_error(body)}")
+                       f"HTTP {status}{oauth_error(body)}")
     access = body.get("access_token")
     # RFC 6749 §6 / Core §12.2: a refresh may omit the ID and refresh tokens: keep the old ones.
     id_token = body.get("id_token") or (previous.id_token if previous else None)

@@ -50,6 +50,7 @@ class ProviderMetadata:
     userinfo_endpoint: str | None
     end_session_endpoint: str | None
     id_token_signing_algs: tuple[str, ...]
+    introspection_endpoint: str | None = None
 
     @classmethod
     def from_document(cls, doc: dict[str, Any], expected_issuer: str) -> ProviderMetadata:
@@ -67,6 +68,8 @@ class ProviderMetadata:
             jwks_uri=doc["jwks_uri"],
             userinfo_endpoint=doc.get("userinfo_endpoint"),
             end_session_endpoint=doc.get("end_session_endpoint"),
+            introspection_endpoint=doc.get("introspection_endpoint")
+            if isinstance(doc.get("introspection_endpoint"), str) else None,
             # "none" is never acceptable for an ID token from the token endpoint.
             id_token_signing_algs=tuple(a for a in algs if isinstance(a, str) and a != "none"),
         )

@@ -1,5 +1,5 @@
-"""ID and logout token validation per OpenID Connect Core 1.0 §3.1.3.7 and Back-Channel Logout
-1.0 §2.6, with joserfc doing the JOSE work.
+"""ID, logout and access token validation per OpenID Connect Core 1.0 §3.1.3.7, Back-Channel
+Logout 1.0 §2.6 and RFC 9068 (JWT access tokens), with joserfc doing the JOSE work.
 
 Signature and claims are checked in one call, so no caller can get claims that were only half
 checked. Every refusal is a TokenError whose `code` names the failed check (`bad_signature`,
@@ -25,6 +25,14 @@ _MAX_TOKEN_LENGTH = 16384
 MAX_TOKEN_AGE = 600  # seconds; tokens are used at once (callback, back-channel POST)
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _CHECKED_CLAIMS = frozenset({"iss", "aud", "exp", "iat", "nbf", "sub", "jti"})
+# RFC 9068 §4 / RFC 8725 §3.1: access tokens are verified with the IdP's public keys only, so
+# only asymmetric algs are listed; an HMAC token ("signed" with the public key as the secret,
+# the classic confusion) or an unsigned one is refused before any key is looked at.
+ACCESS_TOKEN_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                     "ES512", "EdDSA", "Ed25519")
+# Claims only an ID token carries: with `token_typ: any`, a token holding one is an ID token
+# replayed as an access token (both are JWTs from the same keys, often with the same aud).
+_ID_TOKEN_ONLY = ("nonce", "at_hash", "c_hash", "s_hash", "events")
 
 
 class TokenError(Exception):
@@ -65,12 +73,14 @@ def kid_of(token: str) -> str | None:
     return kid if isinstance(kid, str) else None
 
 
-def _verification_key(alg: str, keys: KeySet, expect: Expectations) -> KeySet | OctKey:
+def _verification_key(alg: str, keys: KeySet, client_secret: str | None) -> KeySet | OctKey:
     # SECURITY: algorithm confusion. An HMAC token is verified only with the client secret
     # (Core §10.1), and an asymmetric one only with the IdP's non-symmetric keys.
     if alg in _HMAC_ALGS:
+        if client_secret is None:
+            raise TokenError("alg_not_allowed", f"signing algorithm {alg!r} is not allowed")
         try:
-            return OctKey.import_key(expect.client_secret)
+            return OctKey.import_key(client_secret)
         except (JoseError, ValueError) as exc:  # joserfc >= 1.8 refuses PEM-like secrets
             raise TokenError("key_unusable", "the client secret is not usable as an HMAC "
                                              "key") from exc
@@ -85,14 +95,16 @@ class _Verified:
     claims: dict[str, object]
 
 
-def _verified(token: str, keys: KeySet, expect: Expectations) -> _Verified:
-    """The signing alg, key curve and claims of a token whose signature checked out."""
+def _verified(token: str, keys: KeySet, *, algorithms: tuple[str, ...],
+              client_secret: str | None) -> _Verified:
+    """The signing alg, key curve and claims of a token whose signature checked out; HMAC
+    tokens only with a client secret."""
     header = header_of(token)
     alg = header.get("alg")
     # Core §3.1.3.7 (7): alg must be one the IdP advertises; "none" never is (see provider).
-    if not isinstance(alg, str) or alg not in expect.algorithms or alg == "none":
+    if not isinstance(alg, str) or alg not in algorithms or alg == "none":
         raise TokenError("alg_not_allowed", f"signing algorithm {alg!r} is not allowed")
-    key = _kid_tolerant(_verification_key(alg, keys, expect), header)
+    key = _kid_tolerant(_verification_key(alg, keys, client_secret), header)
     try:
         decoded = jwt.decode(token, key, algorithms=[alg])
     except InvalidPayloadError as exc:
@@ -129,7 +141,8 @@ def validate_id_token(token: str, keys: KeySet, expect: Expectations, *,
     `access_token` is the one issued with it: when the ID token has at_hash, it must match.
     `max_age` and `acr_values` are what the authorization request asked for (a step-up).
     """
-    verified = _verified(token, keys, expect)
+    verified = _verified(token, keys, algorithms=expect.algorithms,
+                         client_secret=expect.client_secret)
     claims = verified.claims
     _check_claims(claims, expect, nonce)
     if "at_hash" in claims and access_token is not None:
@@ -161,7 +174,8 @@ def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dic
 
     The jti replay check needs the store, so the caller does it with the returned jti.
     """
-    claims = _verified(token, keys, expect).claims
+    claims = _verified(token, keys, algorithms=expect.algorithms,
+                       client_secret=expect.client_secret).claims
     _check_common(claims, expect, sub_required=False)
     events = claims.get("events")
     # §2.4: events must hold the back-channel logout event, as a JSON object.
@@ -174,6 +188,46 @@ def validate_logout_token(token: str, keys: KeySet, expect: Expectations) -> dic
     if not isinstance(claims.get("jti"), str):
         raise TokenError("claim_jti", "logout token has no jti")
     return claims
+
+
+def validate_access_token(token: str, keys: KeySet, *, issuer: str,
+                          audiences: tuple[str, ...], any_typ: bool, leeway: int,
+                          now: Callable[[], float]) -> dict[str, object]:
+    """Verified claims of a JWT access token sent by an API client (RFC 9068 §4), or
+    TokenError naming the failed check.
+
+    typ must be at+jwt (§2.1), unless `any_typ` (IdPs that type their access tokens JWT or
+    not at all: then ID-token-only claims refuse it); the signature must verify with one of
+    the IdP's public keys; iss must be the issuer; aud must hold one of `audiences`; exp is
+    required; nbf, when present, must have passed; sub names who is calling."""
+    typ = header_of(token).get("typ")
+    kind = typ.lower().removeprefix("application/") if isinstance(typ, str) else None
+    if kind != "at+jwt" and not (any_typ and kind in (None, "jwt")):
+        raise TokenError("typ", f"typ {typ!r} is not an access token type accepted here")
+    claims = _verified(token, keys, algorithms=ACCESS_TOKEN_ALGS, client_secret=None).claims
+    options: dict[str, ClaimsOption] = {
+        "iss": {"essential": True, "value": issuer},
+        "aud": {"essential": True, "values": list(audiences)},
+        "exp": {"essential": True},
+        "sub": {"essential": True},
+    }
+    registry = JWTClaimsRegistry(now=lambda: int(now()), leeway=leeway, **options)
+    try:
+        registry.validate(claims)
+    except JoseError as exc:
+        raise TokenError(_claim_code(exc), f"claim check failed ({exc.error})") from exc
+    check_subject(claims)
+    if kind != "at+jwt" and any(name in claims for name in _ID_TOKEN_ONLY):
+        raise TokenError("typ", "the token carries ID token claims")
+    return claims
+
+
+def check_subject(claims: Mapping[str, object]) -> None:
+    """Core §2: sub is a string of at most 255 characters; it becomes a header value, so no
+    control characters either."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not 0 < len(sub) <= 255 or not sub.isprintable():
+        raise TokenError("claim_sub", "sub is not a string of 1 to 255 printable characters")
 
 
 def _kid_tolerant(key: KeySet | OctKey, header: Mapping[str, object]) -> KeySet | OctKey:
@@ -215,11 +269,7 @@ def _check_common(claims: dict[str, object], expect: Expectations, *,
 
 def _check_claims(claims: dict[str, object], expect: Expectations, nonce: str | None) -> None:
     _check_common(claims, expect, sub_required=True)
-    # Core §2: sub is a string of at most 255 characters; it becomes a header value, so no
-    # control characters either.
-    sub = claims["sub"]
-    if not isinstance(sub, str) or not 0 < len(sub) <= 255 or not sub.isprintable():
-        raise TokenError("claim_sub", "sub is not a string of 1 to 255 printable characters")
+    check_subject(claims)
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     # Core §3.1.3.7 (4)-(5): with several audiences, azp must be present and be us.
     if len(audiences) > 1 and claims.get("azp") != expect.client_id:

@@ -1,5 +1,6 @@
 """One place where tokens from the IdP are verified: metadata, the key for the token's kid,
-and validation, for ID tokens (login and refresh) and logout tokens (back-channel logout).
+and validation, for ID tokens (login and refresh), logout tokens (back-channel logout) and
+access tokens that API clients send (bearer.py).
 
 The callers only translate a refusal into their own error (a login error, a failed refresh, a
 400 to the IdP), using the TokenError's code. The IdP's metadata and keys come from the
@@ -49,6 +50,16 @@ class Verifier:
         expect = await self._expectations()
         keys = await self._provider.keys(tokens.kid_of(token), trusted=False)
         return tokens.validate_logout_token(token, keys, expect)
+
+    async def access_token(self, token: str, *, audiences: tuple[str, ...],
+                           any_typ: bool) -> dict[str, object]:
+        """Claims of a JWT access token an API client sent (RFC 9068): anyone can send one,
+        so unknown kids cost refetches from the untrusted budget; TokenError when refused."""
+        issuer = (await self._provider.metadata()).issuer
+        keys = await self._provider.keys(tokens.kid_of(token), trusted=False)
+        return tokens.validate_access_token(token, keys, issuer=issuer, audiences=audiences,
+                                            any_typ=any_typ, leeway=self._leeway,
+                                            now=self._clock)
 
     @property
     def leeway(self) -> int:

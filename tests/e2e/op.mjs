@@ -3,14 +3,27 @@
 // Test-only choices are marked: dev interactions (any login, any password), consent skipped.
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const env = (name, fallback) => process.env[name] ?? fallback;
 const list = (name) => env(name, '').split(',').map((s) => s.trim()).filter(Boolean);
 
 const port = Number(env('OP_PORT'));
 const issuer = env('OP_ISSUER', `http://127.0.0.1:${port}`);
-const jwk = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+// OP_JWK: a private JWK (with its kid) to sign with, so that two OPs can share a key.
+const jwk = process.env.OP_JWK ? JSON.parse(process.env.OP_JWK) : {
+  ...generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' }),
+  kid: randomBytes(8).toString('hex'),
+};
+// OP_API=1: API clients. A second client, `robot` (secret OP_ROBOT_SECRET), gets tokens by the
+// client credentials grant for the resources below (RFC 8707): JWT access tokens (RFC 9068)
+// or opaque ones; the gateway may introspect them (RFC 7662); robot may revoke its own.
+const api = env('OP_API', '') === '1';
+const resources = {
+  'https://api.test': 'jwt',
+  'https://opaque.test': 'opaque',
+  'https://other.test': 'jwt',
+};
 const backchannel = env('OP_BACKCHANNEL_LOGOUT_URI', '');
 
 const client = {
@@ -29,14 +42,23 @@ const client = {
   } : {}),
 };
 
+const robot = {
+  client_id: 'robot',
+  client_secret: env('OP_ROBOT_SECRET', ''),
+  redirect_uris: [],
+  response_types: [],
+  grant_types: ['client_credentials'],
+  token_endpoint_auth_method: 'client_secret_basic',
+};
+
 const groupsOf = (id) => (id === 'alice' ? ['admins', 'staff'] : ['staff']);
 // Claims for policy tests: a nested roles object (Keycloak's shape) and a plain string.
 const rolesOf = (id) => (['alice', 'mallory'].includes(id) ? ['admin', 'user'] : ['user']);
 const departmentOf = (id) => (id === 'carol' ? 'sales' : 'eng');
 
 const provider = new Provider(issuer, {
-  clients: [client],
-  jwks: { keys: [{ ...jwk, kid: randomBytes(8).toString('hex'), use: 'sig', alg: 'RS256' }] },
+  clients: api ? [client, robot] : [client],
+  jwks: { keys: [{ ...jwk, use: 'sig', alg: 'RS256' }] },
   cookies: { keys: [randomBytes(32).toString('hex')] },
   scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
   claims: {
@@ -53,10 +75,34 @@ const provider = new Provider(issuer, {
     devInteractions: { enabled: true }, // test only: a login form that accepts anything
     rpInitiatedLogout: { enabled: true },
     backchannelLogout: { enabled: true },
+    ...(api ? {
+      clientCredentials: { enabled: true },
+      introspection: { enabled: true },
+      revocation: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async (ctx, c, oneOf) => oneOf,
+        useGrantedResource: async () => false,
+        getResourceServerInfo: async (ctx, resource) => {
+          if (!resources[resource]) throw new errors.InvalidTarget();
+          return {
+            scope: 'read write',
+            audience: resource,
+            accessTokenFormat: resources[resource],
+            jwt: { sign: { alg: 'RS256' } },
+          };
+        },
+      },
+    } : {}),
   },
+  // An API client's identity, for policies and identity headers on bearer routes.
+  extraTokenClaims: async (ctx, token) => (token.kind === 'ClientCredentials' ? {
+    email: 'robot@example.org', email_verified: true, preferred_username: 'robot', groups: ['robots'],
+  } : undefined),
   ttl: {
     AccessToken: Number(env('OP_ACCESS_TOKEN_TTL', '3600')),
     IdToken: Number(env('OP_ID_TOKEN_TTL', '3600')),
+    ClientCredentials: Number(env('OP_CLIENT_CREDENTIALS_TTL', '600')),
   },
   issueRefreshToken: async (ctx, c) => c.grantTypeAllowed('refresh_token'),
   // Test only: the relying party under test listens on loopback, which oidc-provider's SSRF
