@@ -13,7 +13,16 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import dispatch, endpoints, login, logout, observability, server, websocket
+from gateway import (
+    dispatch,
+    endpoints,
+    forward_auth,
+    login,
+    logout,
+    observability,
+    server,
+    websocket,
+)
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.observability import access_log_middleware
@@ -100,6 +109,8 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     app.router.add_post("/oauth2/backchannel_logout", logout.backchannel_logout)
     app.router.add_get("/oauth2/frontchannel_logout", logout.frontchannel_logout)
     app.router.add_get("/oauth2/userinfo", endpoints.userinfo)
+    app.router.add_route("*", forward_auth.PATH, forward_auth.auth)
+    app.router.add_route("*", forward_auth.PATH + "/{tail:.*}", forward_auth.auth)
     app.router.add_get("/oauth2/healthz", endpoints.healthz)
     app.router.add_get("/oauth2/readyz", endpoints.readyz)
     app.router.add_route("*", "/{tail:.*}", dispatch.handle,

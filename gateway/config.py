@@ -40,6 +40,7 @@ from gateway.store_url import StoreLocation, parse_store_url
 from gateway.units import Duration, NonNegativeDuration, Size
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DOMAIN_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?")  # RFC 9110 §5.6.2 token
 PROXY_LOGIN_START_FACTOR = 20
 
@@ -60,6 +61,24 @@ class ServerConfig(FrozenModel):
     # Request headers removed before the upstream, beyond the built-in identity headers;
     # "X-Corp-*" names a prefix.
     strip_request_headers: tuple[str, ...] = ()
+    # Hosts a sign-in may return to besides public_url's own (sites behind a forward-auth
+    # front on other hosts): "app.example.com" exactly, ".example.com" for any under it.
+    redirect_domains: tuple[str, ...] = ()
+
+    @field_validator("redirect_domains")
+    @classmethod
+    def _check_redirect_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        domains = []
+        for entry in value:
+            domain = entry.strip().lower()
+            labels = domain.removeprefix(".").split(".")
+            if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+                raise ValueError(f"{entry!r} is not a host name (app.example.com) or a "
+                                 ".domain (.example.com: any host under it)")
+            if domain.startswith(".") and len(labels) < 2:
+                raise ValueError(f"{entry!r} would allow every host under a top-level domain")
+            domains.append(domain)
+        return tuple(domains)
 
     @field_validator("listen")
     @classmethod
@@ -209,6 +228,21 @@ class SessionConfig(FrozenModel):
     # The namespace of every key in the store; default: derived from issuer and client_id, so
     # gateways of different apps sharing one Redis never see each other's sessions.
     key_prefix: str | None = None
+    # The cookies' Domain (default: none, so only public_url's host gets them): a parent
+    # domain, for sites on sibling hosts behind a forward-auth front.
+    cookie_domain: str | None = None
+
+    @field_validator("cookie_domain")
+    @classmethod
+    def _check_cookie_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        domain = value.strip().lower().removeprefix(".")
+        labels = domain.split(".")
+        if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or len(labels) < 2:
+            raise ValueError(f"{value!r} is not a domain under which cookies can be shared "
+                             "(example.com)")
+        return domain
 
     @field_validator("key_prefix")
     @classmethod
@@ -291,6 +325,16 @@ class Config(FrozenModel):
                 known = ", ".join(sorted(self.policies)) or "none are defined"
                 raise ValueError(f"routes[{route.name}].policy: no policy named "
                                  f"{route.policy!r} under policies ({known})")
+        return self
+
+    @model_validator(mode="after")
+    def _cookie_domain_covers_public_url(self) -> Config:
+        domain = self.session.cookie_domain
+        host = URL(self.server.public_url).host or ""
+        if domain is not None and host != domain and not host.endswith("." + domain):
+            raise ValueError(f"session.cookie_domain: {domain!r} does not cover "
+                             f"server.public_url's host {host!r}; browsers would drop the "
+                             "session cookie")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ message that is safe to show (never a token, cookie or secret) and a log event n
      ├── LoginError             400  the login could not complete (state, IdP error, bad token)
      ├── NotAuthenticatedError  401  API client without a session or bearer token
      │    ├── StepUpRequiredError 401  its sign-in is too old or weak for the route (RFC 9470)
+     │    ├── SignInRequiredError 401  a browser at forward-auth: where to sign in, for the front
      │    └── InvalidTokenError 401  its bearer token failed a check (RFC 6750 invalid_token)
      ├── ForbiddenError         403  authenticated but denied by the route's allow rules
      │    └── InsufficientScopeError 403  a bearer token without a scope the route needs
@@ -33,6 +34,8 @@ message that is safe to show (never a token, cookie or secret) and a log event n
 
 from __future__ import annotations
 
+import html
+
 
 class GatewayError(Exception):
     status: int = 500
@@ -48,6 +51,11 @@ class GatewayError(Exception):
     def response_headers(self) -> dict[str, str]:
         """Extra headers the error's response carries (e.g. Retry-After)."""
         return {}
+
+    def extra_html(self) -> str:
+        """Markup the error's page adds after its message, built and escaped by the error
+        (e.g. a link onwards)."""
+        return ""
 
 
 class ConfigError(GatewayError):
@@ -126,6 +134,24 @@ class StepUpRequiredError(NotAuthenticatedError):
         if self.acr_values:
             params.append(f'acr_values="{" ".join(self.acr_values)}"')
         return {"WWW-Authenticate": "Bearer " + ", ".join(params)}
+
+
+class SignInRequiredError(NotAuthenticatedError):
+    """A browser without a session, at forward-auth (/oauth2/auth): 401, naming where to
+    sign in for the front (nginx's error_page redirects there), with a page that goes there
+    by itself (Traefik and Envoy hand the page to the browser)."""
+
+    def __init__(self, detail: str | None = None, *, url: str = "/oauth2/start") -> None:
+        super().__init__(detail)
+        self.url = url
+
+    def response_headers(self) -> dict[str, str]:
+        return {"X-Auth-Request-Sign-In": self.url}
+
+    def extra_html(self) -> str:
+        url = html.escape(self.url)
+        return (f'<meta http-equiv="refresh" content="0; url={url}">'
+                f'<p><a href="{url}">Sign in</a></p>')
 
 
 class InvalidTokenError(NotAuthenticatedError):

@@ -15,15 +15,16 @@ import re
 import secrets
 
 from aiohttp import web
+from yarl import URL
 
-from gateway import ratelimit, refresh
-from gateway.errors import BadRequestError, LoginError
+from gateway import policy, ratelimit, refresh
+from gateway.errors import BadRequestError, GatewayError, LoginError
 from gateway.headers import client_address, client_and_reporter
 from gateway.identity import Identity, wanted_claims
 from gateway.oidc import flow, tokens
 from gateway.oidc.token_set import TokenSet
 from gateway.pages import redirect
-from gateway.redirects import safe_return_path
+from gateway.routing import parse_target
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.model import LoginAttempt
 from gateway.sessions.registry import Browser
@@ -63,7 +64,8 @@ async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str, *,
     await rt.sessions.save_attempt(auth.state, attempt)
     response = redirect(auth.url)
     response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/",
-                        httponly=True, samesite="Lax", secure=rt.config.cookie_secure)
+                        domain=rt.cookie_domain, httponly=True, samesite="Lax",
+                        secure=rt.config.cookie_secure)
     return response
 
 
@@ -74,10 +76,29 @@ async def start(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Sec-Fetch-Dest", "document") not in ("document", "iframe"):
         raise BadRequestError("sign-in started by a subresource request")
     requested = request.query.get("rd")
-    return_to = safe_return_path(requested)
+    return_to = rt.return_target(requested)
     if requested and return_to is None:
         log.warning("redirect_refused param=rd")  # the value itself may be an attack payload
-    return await redirect_to_idp(request, rt, return_to or "/")
+    return_to = return_to or "/"
+    asks = _step_up_for(rt, return_to)
+    if asks is None:
+        return await redirect_to_idp(request, rt, return_to)
+    return await redirect_to_idp(request, rt, return_to, max_age=asks.max_age,
+                                 acr_values=asks.acr_values)
+
+
+def _step_up_for(rt: Runtime, return_to: str) -> policy.StepUp | None:
+    """What the route the sign-in returns to asks of a sign-in (max_age, acr_values), so a
+    sign-in started from elsewhere (a forward-auth front's redirect, a link) is the one that
+    route needs, not one that comes back only to be sent off again."""
+    url = URL(return_to)
+    host = url.host if url.is_absolute() and url.host else rt.config.public_host
+    try:
+        target = parse_target(url.raw_path_qs if url.is_absolute() else return_to)
+    except GatewayError:
+        return None
+    route = rt.snapshot.routes.match(host, target.path)
+    return policy.step_up_of(route.access) if route is not None else None
 
 
 def _idp_error(request: web.Request) -> LoginError:
@@ -154,8 +175,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
     cookie = await rt.sessions.create(identity, token_set, browser)
     request[USER_SUB] = identity.sub
     log.info("login_succeeded sub=%s", identity.sub)
-    response = redirect(safe_return_path(attempt.return_to) or "/")
+    response = redirect(rt.return_target(attempt.return_to) or "/")
     response.set_cookie(rt.session_cookie, cookie.value,
-                        max_age=int(rt.config.session.max_lifetime), path="/", httponly=True,
-                        samesite="Lax", secure=rt.config.cookie_secure)
+                        max_age=int(rt.config.session.max_lifetime), path="/",
+                        domain=rt.cookie_domain, httponly=True, samesite="Lax",
+                        secure=rt.config.cookie_secure)
     return response

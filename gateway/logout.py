@@ -29,7 +29,6 @@ from gateway.errors import (
 )
 from gateway.oidc import tokens
 from gateway.pages import redirect, render
-from gateway.redirects import safe_return_path
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
 
@@ -55,7 +54,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if request.method == "POST" and not _same_origin(request, rt.config.server.public_url):
         raise ForbiddenError("sign-out POST from another origin")
     requested = request.query.get("rd")
-    return_to = safe_return_path(requested) if requested else None
+    return_to = rt.return_target(requested) if requested else None
     loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
     target = return_to or SIGNED_OUT
     if loaded is not None:
@@ -74,14 +73,14 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
                 query["state"] = return_to  # §3: the IdP passes it back to SIGNED_OUT
             target = str(URL(metadata.end_session_endpoint).update_query(query))
     response = redirect(target)
-    response.del_cookie(rt.session_cookie, path="/")
+    response.del_cookie(rt.session_cookie, path="/", domain=rt.cookie_domain)
     return response
 
 
 async def signed_out(request: web.Request) -> web.StreamResponse:
     """Where sign-out ends: the path the user asked for (the `state` the IdP handed back, or
     rd when the IdP has no logout endpoint), else a page saying so, with a way back in."""
-    return_to = safe_return_path(request.query.get("state"))
+    return_to = runtime_from(request).return_target(request.query.get("state"))
     if return_to is not None:
         return redirect(return_to)
     return render(request, 200, "Signed out", "You are signed out.", code="signed_out",

@@ -75,7 +75,7 @@ def _signed_in_as(exc: ForbiddenError) -> str:
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     link = ("/oauth2/start", "Sign in again") if exc.status == 400 and \
         exc.event == "login_failed" else None
-    extra_html, extra_json = "", {}
+    extra_html, extra_json = exc.extra_html(), {}
     if isinstance(exc, ForbiddenError) and exc.signed_in_as:
         extra_html, extra_json = _signed_in_as(exc), {"signed_in_as": exc.signed_in_as}
     response = render(request, exc.status, exc.title, exc.public_message, code=exc.event,

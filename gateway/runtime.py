@@ -25,6 +25,7 @@ from gateway.oidc.flow import Client
 from gateway.oidc.introspection import Introspector
 from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
+from gateway.redirects import safe_return_url
 from gateway.routing import RouteTable
 from gateway.sessions.store import SessionStore
 from gateway.upstreams import Upstreams
@@ -75,6 +76,17 @@ class Runtime:
             return False
         self.warned.add(warning)
         return True
+
+    def return_target(self, value: str | None) -> str | None:
+        """Where a sign-in or sign-out may send the browser back to: a same-origin path, or
+        a URL on server.redirect_domains (redirects.py); None when `value` is neither."""
+        server = self.config.server
+        return safe_return_url(value, public_origin=server.public_url,
+                               domains=server.redirect_domains)
+
+    @property
+    def cookie_domain(self) -> str | None:
+        return self.config.session.cookie_domain
 
     @property
     def session_cookie(self) -> str:

@@ -383,6 +383,37 @@ http {{
     return _spawn("nginx", ports, argv, base, error_log, env=_base_env())
 
 
+def start_nginx_site(directory: Path, port: int, site: str) -> Server:
+    """Debian's nginx serving `site` (server blocks and upstreams, as a file under
+    sites-enabled would hold them) on 127.0.0.1:`port`. Every answer carries X-Seen-Port, so
+    readiness is known whatever the site does with `/`."""
+    _require(NGINX, "nginx")
+    base = Path(tempfile.mkdtemp(prefix="nginx-site-", dir=directory))
+    for sub in ("logs", "tmp"):
+        (base / sub).mkdir()
+    error_log = base / "logs" / "error.log"
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    temp_paths = "\n".join(
+        f"  {kind}_temp_path {base}/tmp/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = base / "nginx.conf"
+    conf.write_text(f"""{user}worker_processes 1;
+pid {base}/nginx.pid;
+error_log {error_log} info;
+events {{ worker_connections 256; }}
+http {{
+  access_log {base}/logs/access.log;
+{temp_paths}
+  default_type text/plain;
+  add_header X-Seen-Port $server_port always;
+{site}
+}}
+""")
+    argv = [NGINX, "-p", f"{base}/", "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"]
+    return _spawn("nginx", [port], argv, base, error_log, env=_base_env())
+
+
 # -------------------------------------------------------------------------------------- Apache
 
 

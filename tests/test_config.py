@@ -152,6 +152,11 @@ def test_bad_durations_are_refused(value: Any) -> None:
     ("session.key_prefix", "app{1}", "no braces"),
     ("session.key_prefix", "", "session.key_prefix"),
     ("session.key_prefix", "a b", "session.key_prefix"),
+    ("server.redirect_domains", ["app.example.com/x"], "is not a host name"),
+    ("server.redirect_domains", [".com"], "every host under a top-level domain"),
+    ("server.redirect_domains", ["*.example.com"], "server.redirect_domains"),
+    ("session.cookie_domain", "localhost", "is not a domain under which cookies"),
+    ("session.cookie_domain", "other.example", "does not cover server.public_url's host"),
     ("api.audiences", ["https://api", " "], "api.audiences: an audience is empty"),
     ("api.token_typ", "JWT", "api.token_typ"),
     ("api.introspection", "opaque", "api.introspection"),
@@ -441,3 +446,13 @@ def test_public_url_is_kept_in_the_form_browsers_send_as_origin(written: str,
     every POST sign-out (the 403 page's button included)."""
     config = parse(with_change("server.public_url", written), ENV)
     assert config.server.public_url == canonical
+
+
+def test_redirect_domains_and_cookie_domain_are_normalised() -> None:
+    raw = minimal()
+    raw["server"]["redirect_domains"] = ["App.Example.COM", ".Example.com"]
+    raw["session"] = {"cookie_domain": ".Example.COM"}
+    raw["server"]["public_url"] = "https://auth.example.com"
+    config = parse(raw, ENV)
+    assert config.server.redirect_domains == ("app.example.com", ".example.com")
+    assert config.session.cookie_domain == "example.com"

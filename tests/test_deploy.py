@@ -127,3 +127,42 @@ def test_every_install_path_uses_the_pinned_set() -> None:
     assert "pip install -c constraints.txt -e . && gateway demo" in first_command
     assert "-c constraints.txt" in (ROOT / ".ci/run").read_text()
     assert "-c constraints.txt" in (ROOT / "deploy/Dockerfile").read_text()
+
+
+FORWARD_AUTH = ROOT / "deploy" / "forward-auth"
+
+
+def test_forward_auth_gateway_config_is_valid_and_trusts_only_the_front() -> None:
+    config = config_module.parse(yaml.safe_load((FORWARD_AUTH / "gateway.yaml").read_text()),
+                                 {"GW_CLIENT_SECRET": "s" * 32, "GW_STORE_URL": "redis://r:6379"})
+    assert config.server.trusted_proxies == ("127.0.0.1/32",)
+    assert [route.name for route in config.routes] == ["admin", "app"]
+
+
+def test_traefik_forward_auth_never_takes_a_clients_description() -> None:
+    """Static checks only: CI has no Traefik binary (the nginx config runs end to end)."""
+    http = yaml.safe_load((FORWARD_AUTH / "traefik.yaml").read_text())["http"]
+    forward = http["middlewares"]["gateway-auth"]["forwardAuth"]
+    assert URL(forward["address"]).path == "/oauth2/auth"
+    assert forward["trustForwardHeader"] is False
+    assert set(forward["authResponseHeaders"]) >= {"X-Auth-Request-User",
+                                                   "X-Auth-Request-Groups"}
+    assert "!Path(`/oauth2/auth`)" in http["routers"]["gateway"]["rule"]
+    assert http["routers"]["app"]["middlewares"] == ["strip-identity", "gateway-auth"]
+
+
+def test_envoy_ext_authz_fails_closed_and_hides_the_check_endpoint() -> None:
+    """Static checks only: CI has no Envoy binary (the nginx config runs end to end)."""
+    listener = yaml.safe_load((FORWARD_AUTH / "envoy.yaml").read_text())[
+        "static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_authz = manager["http_filters"][0]["typed_config"]
+    assert ext_authz["failure_mode_allow"] is False
+    assert ext_authz["http_service"]["path_prefix"] == "/oauth2/auth"
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    hidden = [r["match"] for r in routes if r.get("direct_response", {}).get("status") == 404]
+    assert hidden == [{"path": "/oauth2/auth"}, {"prefix": "/oauth2/auth/"}]
+    unchecked = [r["match"] for r in routes
+                 if r.get("typed_per_filter_config", {}).get(
+                     "envoy.filters.http.ext_authz", {}).get("disabled")]
+    assert {"prefix": "/"} not in unchecked

@@ -173,3 +173,16 @@ async def test_a_first_sign_in_on_a_step_up_route_asks_for_it_at_once(
                            headers={"Accept": "application/json"}) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "not_authenticated"
+
+
+async def test_a_sign_in_started_elsewhere_asks_for_what_its_return_route_needs(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    """/oauth2/start?rd=... (a forward-auth front's redirect, a link) asks the IdP for the
+    step-up of the route it returns to, so the user is not sent round twice."""
+    stack = await make_stack(routes=routes())
+    for rd, asked in (("/vault/x", {"acr_values": ACR_MFA}), ("/pay", {"max_age": "300"}),
+                      ("/echo", {})):
+        resp = await go(browser, f"{stack.gateway}/oauth2/start?rd={rd}")
+        assert resp.status == 302
+        query = URL(resp.headers["Location"]).query
+        assert {k: query[k] for k in ("acr_values", "max_age") if k in query} == asked
