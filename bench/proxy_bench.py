@@ -9,6 +9,10 @@ machine's cores, so compare rows of one run only.
 
     python bench/proxy_bench.py --requests 5000 --concurrency 20
     python bench/proxy_bench.py --store redis://127.0.0.1:6379/15
+    python bench/proxy_bench.py --store redis://127.0.0.1:6379/15 --workers 2 --wrk 10
+
+With --wrk SECONDS the load comes from wrk (Debian's package), 2 threads, --concurrency
+connections, for that long per row: the Python load generator needs a core of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,21 +104,46 @@ def _redis_calls(url: str) -> int:
                if not name.startswith(_OWN_COMMANDS))
 
 
+def _wrk(url: str, cookie: str, seconds: float, connections: int) -> tuple[str, int]:
+    """A wrk run: the row, and the requests it made."""
+    out = subprocess.run(  # noqa: S603  (our own arguments, no shell)
+        [shutil.which("wrk") or "wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s",
+         "--latency",
+         "-H", f"Cookie: gateway_session={cookie}", url],
+        capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    quantiles = dict(re.findall(r"\s(50|90|99)%\s+([\d.]+\w+)", out))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    row = (f"{rate:>9.0f} req/s   p50 {quantiles.get('50')}   p90 {quantiles.get('90')}   "
+           f"p99 {quantiles.get('99')}" + (f"   NON-2xx: {errors.group(1)}" if errors else ""))
+    return row, total
+
+
 async def _measure(args: argparse.Namespace, gateway: str, upstream: str) -> None:
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(cookie_jar=jar, headers=BROWSER_HEADERS) as http:
         await login(http, gateway, "/echo")
-        print(f"{args.requests} requests, concurrency {args.concurrency}, store {args.store}")
+        cookie = next(c.value for c in jar if c.key == "gateway_session")
+        load = f"wrk {args.wrk:g} s per row" if args.wrk else f"{args.requests} requests"
+        print(f"{load}, concurrency {args.concurrency}, store {args.store}, "
+              f"workers {args.workers}")
         for name, url in (("upstream direct", upstream + "/echo"),
                           ("gateway public route", gateway + "/public/echo"),
                           ("gateway with session", gateway + "/echo")):
             await _load(http, url, min(200, args.requests), args.concurrency)  # warm up
             calls = _redis_calls(args.store) if args.store.startswith("redis") else 0
-            started = time.perf_counter()
-            latencies = await _load(http, url, args.requests, args.concurrency)
-            print(_row(name, latencies, time.perf_counter() - started))
+            if args.wrk:
+                row, total = await asyncio.to_thread(_wrk, url, cookie, args.wrk,
+                                                     args.concurrency)
+                print(f"{name:<28} {row}")
+            else:
+                started = time.perf_counter()
+                latencies = await _load(http, url, args.requests, args.concurrency)
+                total = args.requests
+                print(_row(name, latencies, time.perf_counter() - started))
             if args.store.startswith("redis"):
-                per_request = (_redis_calls(args.store) - calls) / args.requests
+                per_request = (_redis_calls(args.store) - calls) / total
                 print(f"{'':<28} Redis commands per request: {per_request:.2f}")
 
 
@@ -123,7 +155,8 @@ async def main(args: argparse.Namespace) -> None:
         target=_serve_backends, args=(idp_port, upstream_port, gateway), daemon=True)
     backends.start()
     with tempfile.TemporaryDirectory() as workdir:
-        raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store)
+        raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store,
+                         server={"workers": args.workers})
         config = Path(workdir) / "gateway.yaml"
         config.write_text(yaml.safe_dump(raw))
         await wait_until_ready(upstream + "/echo")
@@ -146,4 +179,10 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--store", default="memory://")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--workers", default=1, type=lambda v: v if v == "auto" else int(v))
+    parser.add_argument("--wrk", type=float, default=0, metavar="SECONDS",
+                        help="load with wrk for this long per row (needs wrk)")
+    arguments = parser.parse_args()
+    if arguments.wrk and shutil.which("wrk") is None:
+        parser.error("--wrk needs wrk (apt-get install wrk)")
+    asyncio.run(main(arguments))

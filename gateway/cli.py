@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__, admin, observability, server
+from gateway import __version__, admin, observability, server, workers
 from gateway import config as config_module
 from gateway.advisories import advisories
 from gateway.app import build_app
@@ -98,16 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     observability.setup(config.logging)
     log = logging.getLogger("gateway")
-    log.info("gateway_starting listen=%s public_url=%s routes=%d", config.server.listen,
-             config.server.public_url, len(config.routes))
-    for note in advisories(config):
-        log.warning("config_warning %s", note)
+    if workers.is_worker():  # the supervisor said all this once
+        log.info("gateway_worker_starting pid=%d", os.getpid())
+    else:
+        log.info("gateway_starting listen=%s public_url=%s routes=%d workers=%d",
+                 config.server.listen, config.server.public_url, len(config.routes),
+                 workers.count(config))
+        for note in advisories(config):
+            log.warning("config_warning %s", note)
     if config.session.store_location.kind == "memory":
         # Nothing can tell from here whether other replicas run; say what this choice means.
         log.warning("session_store_in_memory: sessions live in this process only; they end "
                     "on restart and other replicas cannot see them (use redis:// for more "
                     "than one replica)")
     try:
+        if workers.count(config) > 1 and not workers.is_worker():
+            return asyncio.run(workers.Supervisor(config, workers.worker_argv()).run())
         asyncio.run(server.serve(build_app(config), config))
     except ConfigError as exc:  # found only once serving starts: the address is taken
         print(f"config error: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -61,6 +61,9 @@ class ServerConfig(FrozenModel):
     # Request headers removed before the upstream, beyond the built-in identity headers;
     # "X-Corp-*" names a prefix.
     strip_request_headers: tuple[str, ...] = ()
+    # Processes serving the port (SO_REUSEPORT), under a supervisor that restarts one that
+    # dies; "auto": one per CPU. More than one needs a shared session store.
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     # Hosts a sign-in may return to besides public_url's own (sites behind a forward-auth
     # front on other hosts): "app.example.com" exactly, ".example.com" for any under it.
     redirect_domains: tuple[str, ...] = ()
@@ -325,6 +328,14 @@ class Config(FrozenModel):
                 known = ", ".join(sorted(self.policies)) or "none are defined"
                 raise ValueError(f"routes[{route.name}].policy: no policy named "
                                  f"{route.policy!r} under policies ({known})")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_share_the_store(self) -> Config:
+        if self.server.workers != 1 and self.session.store_location.kind == "memory":
+            raise ValueError("server.workers: more than one worker needs a shared session "
+                             "store (session.store: redis://...): memory:// is per process, "
+                             "so each worker would know only its own sessions")
         return self
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import pages
+from gateway import pages, workers
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URITooLongError
 from gateway.runtime import RUNTIME
@@ -135,7 +135,10 @@ async def serve(app: web.Application, config: Config) -> None:
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, config.server.host, config.server.port).start()
+            # A worker serves the socket its supervisor bound; a single process binds its own.
+            site = web.SockSite(runner, workers.inherited_socket()) if workers.is_worker() \
+                else web.TCPSite(runner, config.server.host, config.server.port)
+            await site.start()
         except OSError as exc:
             reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
             raise ConfigError("server.listen", f"cannot listen on {config.server.listen} "

@@ -1,0 +1,129 @@
+"""`server.workers`: N processes serving one port, under a supervisor.
+
+One Python process does all its work on one core; `workers: N` (or `auto`: one per CPU the
+process may use) runs N of them. The supervisor (`gateway run`) binds the listening sockets
+itself, one per worker slot, all on the configured address with SO_REUSEPORT, so the kernel
+spreads new connections over them evenly; each worker inherits its slot's socket and serves
+on it with its own event loop, pools and caches (sessions live in the shared store, which is
+why `memory://` is refused with more than one worker).
+
+The supervisor keeps every socket open. When a worker dies, the connections the kernel has
+queued on its socket wait there (they are not reset) until the replacement, started at once,
+accepts them; one that keeps dying is restarted with a growing pause (up to 10 s), so a crash
+loop does not spin. SIGTERM or SIGINT is passed on to every worker, which drains as a single
+process does (shutdown_delay, then shutdown_timeout); the supervisor exits when they all have,
+with status 0 only if they all ended cleanly. A second signal is passed on too (workers then
+stop at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway")
+
+LISTEN_FD = "GATEWAY_LISTEN_FD"  # set for a worker: the inherited socket it serves on
+_FAST_EXIT = 5.0  # a worker that dies sooner than this after starting counts as crash-looping
+_MAX_PAUSE = 10.0
+
+
+def count(config: Config) -> int:
+    workers = config.server.workers
+    if workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return workers
+
+
+def listening_socket(config: Config) -> socket.socket:
+    """A socket bound to server.listen with SO_REUSEPORT (one per worker slot)."""
+    host, port = config.server.host, config.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise ConfigError("server.listen", f"cannot listen on {config.server.listen} "
+                                           f"({reason})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_worker() -> bool:
+    """Was this process started by a supervisor, to serve the socket it handed over?"""
+    return LISTEN_FD in os.environ
+
+
+def inherited_socket() -> socket.socket:
+    """In a worker: the socket the supervisor handed it (to be made once: the object owns
+    the descriptor)."""
+    return socket.socket(fileno=int(os.environ[LISTEN_FD]))
+
+
+class Supervisor:
+    def __init__(self, config: Config, argv: Sequence[str]) -> None:
+        self._sockets = [listening_socket(config) for _ in range(count(config))]
+        self._argv = list(argv)  # how this process was started: each worker runs the same
+        self._stopping = False
+        self._clean = True
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        slots = [asyncio.create_task(self._keep(index, sock))
+                 for index, sock in enumerate(self._sockets)]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop, sig)
+        log.info("gateway_supervising workers=%d pid=%d", len(slots), os.getpid())
+        await asyncio.gather(*slots)
+        for sock in self._sockets:
+            sock.close()
+        return 0 if self._clean else 1
+
+    def _stop(self, sig: signal.Signals) -> None:
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(sig)
+
+    async def _keep(self, index: int, sock: socket.socket) -> None:
+        """Run slot `index`'s worker until the supervisor stops; restart it when it dies."""
+        pause = 0.0
+        while not self._stopping:
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv, pass_fds=(sock.fileno(),),
+                env={**os.environ, LISTEN_FD: str(sock.fileno())})
+            self._procs[index] = proc
+            if self._stopping:  # a signal came while it started
+                proc.terminate()
+            status = await proc.wait()
+            if self._stopping:
+                if status != 0:
+                    self._clean = False
+                return
+            log.error("gateway_worker_died slot=%d pid=%d status=%d (restarting)", index,
+                      proc.pid, status)
+            pause = min(_MAX_PAUSE, pause * 2 or 0.5) \
+                if time.monotonic() - started < _FAST_EXIT else 0.0
+            if pause:
+                await asyncio.sleep(pause)
+
+
+def worker_argv() -> list[str]:
+    """The command that started this process, to start each worker the same way."""
+    return [sys.executable, "-m", "gateway", *sys.argv[1:]]

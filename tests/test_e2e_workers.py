@@ -1,0 +1,147 @@
+"""server.workers: `gateway run` as a supervisor of worker processes on one port, on a real
+Redis. A worker killed under load is replaced and the service keeps answering; SIGTERM
+drains them all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    login,
+    raw_config,
+    serve,
+    wait_until_ready,
+)
+
+from gateway.demo.idp import DemoClient, create_idp_app
+from gateway.demo.upstream import create_upstream_app
+
+pytestmark = pytest.mark.e2e
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def children(pid: int) -> set[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(child) for child in text.split()}
+
+
+@contextlib.asynccontextmanager
+async def supervised(tmp_path: Path, redis_url: str, workers: int
+                     ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    port, idp_port = free_port(), free_port()
+    gateway, idp = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{idp_port}"
+    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",))
+    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
+    upstream_runner, upstream = await serve(create_upstream_app())
+    config = raw_config(gateway, idp, upstream, store=redis_url,
+                        server={"workers": workers, "shutdown_timeout": "5s"})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with (tmp_path / "gateway.log").open("wb") as log:  # a pipe would fill up and block
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(path),
+            env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=log)
+    try:
+        await wait_until_ready(gateway + "/oauth2/readyz")
+        yield gateway, proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await upstream_runner.cleanup()
+        await idp_runner.cleanup()
+
+
+async def hammer(url: str, cookie: str, until: float, outcomes: Counter[str],
+                 times: list[tuple[float, str]]) -> None:
+    """Requests one after another, each on a new connection (so the kernel spreads them
+    over the workers), until `until`; what each came to is counted."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector,
+                                     cookies={"gateway_session": cookie}) as http:
+        while time.monotonic() < until:
+            try:
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    await resp.read()
+                    outcome = str(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcome = type(exc).__name__
+            outcomes[outcome] += 1
+            times.append((time.monotonic(), outcome))
+
+
+async def test_a_worker_killed_under_load_is_replaced_and_the_service_keeps_answering(
+        tmp_path: Path, redis_url: str, browser: aiohttp.ClientSession) -> None:
+    async with supervised(tmp_path, redis_url, workers=2) as (gateway, proc):
+        first = children(proc.pid)
+        assert len(first) == 2
+        await login(browser, gateway, "/echo")
+        cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
+        outcomes: Counter[str] = Counter()
+        times: list[tuple[float, str]] = []
+        start = time.monotonic()
+        load = [asyncio.create_task(hammer(gateway + "/echo", cookie, start + 6, outcomes,
+                                           times)) for _ in range(6)]
+        await asyncio.sleep(1.5)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.gather(*load)
+        now = children(proc.pid)
+        assert len(now) == 2 and victim not in now  # replaced
+        assert outcomes["200"] > 100, outcomes
+        # Only requests the killed worker held at that moment can fail: at most one per
+        # client loop. Everything later (queued connections included) is answered.
+        failed = [t for t, outcome in times if outcome != "200"]
+        assert len(failed) <= 6, outcomes
+        assert all(t < killed_at + 0.5 for t in failed), (killed_at, failed)
+        assert any(t > killed_at + 1 and outcome == "200" for t, outcome in times)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+        assert not any(alive(pid) for pid in now)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "gateway_worker_died slot=" in log and f"pid={victim} status=-9" in log
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+async def test_every_worker_serves_and_all_drain_on_sigterm(
+        tmp_path: Path, redis_url: str) -> None:
+    async with supervised(tmp_path, redis_url, workers=3) as (gateway, proc):
+        workers = children(proc.pid)
+        assert len(workers) == 3
+        before = {pid: cpu_ticks(pid) for pid in workers}
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async def some() -> None:
+                for _ in range(150):  # new connections: SO_REUSEPORT spreads them
+                    async with http.get(gateway + "/public/echo") as resp:
+                        assert resp.status == 200
+                        await resp.read()
+            await asyncio.gather(*(some() for _ in range(4)))
+        worked = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
+        assert all(ticks > 0 for ticks in worked.values()), worked
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+        assert not any(alive(pid) for pid in workers)
