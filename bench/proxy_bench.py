@@ -127,7 +127,7 @@ async def _measure(args: argparse.Namespace, gateway: str, upstream: str) -> Non
         cookie = next(c.value for c in jar if c.key == "gateway_session")
         load = f"wrk {args.wrk:g} s per row" if args.wrk else f"{args.requests} requests"
         print(f"{load}, concurrency {args.concurrency}, store {args.store}, "
-              f"workers {args.workers}")
+              f"workers {args.workers}, cache_ttl {args.cache_ttl}")
         for name, url in (("upstream direct", upstream + "/echo"),
                           ("gateway public route", gateway + "/public/echo"),
                           ("gateway with session", gateway + "/echo")):
@@ -156,7 +156,8 @@ async def main(args: argparse.Namespace) -> None:
     backends.start()
     with tempfile.TemporaryDirectory() as workdir:
         raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store,
-                         server={"workers": args.workers})
+                         server={"workers": args.workers},
+                         session={"cache_ttl": args.cache_ttl})
         config = Path(workdir) / "gateway.yaml"
         config.write_text(yaml.safe_dump(raw))
         await wait_until_ready(upstream + "/echo")
@@ -180,6 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--store", default="memory://")
     parser.add_argument("--workers", default=1, type=lambda v: v if v == "auto" else int(v))
+    parser.add_argument("--cache-ttl", default="0s", help="session.cache_ttl, e.g. 1s")
     parser.add_argument("--wrk", type=float, default=0, metavar="SECONDS",
                         help="load with wrk for this long per row (needs wrk)")
     arguments = parser.parse_args()

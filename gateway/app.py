@@ -58,7 +58,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
         idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         sessions = SessionStore(backend, config.store_keys,
                                 idle_timeout=config.session.idle_timeout,
-                                max_lifetime=config.session.max_lifetime, clock=clock)
+                                max_lifetime=config.session.max_lifetime, clock=clock,
+                                cache_ttl=config.session.cache_ttl)
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
                                 clock=clock)

@@ -43,7 +43,7 @@ def children(pid: int) -> set[int]:
 
 
 @contextlib.asynccontextmanager
-async def supervised(tmp_path: Path, redis_url: str, workers: int
+async def supervised(tmp_path: Path, redis_url: str, workers: int, **session: str
                      ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     port, idp_port = free_port(), free_port()
     gateway, idp = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{idp_port}"
@@ -51,7 +51,8 @@ async def supervised(tmp_path: Path, redis_url: str, workers: int
     idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
     upstream_runner, upstream = await serve(create_upstream_app())
     config = raw_config(gateway, idp, upstream, store=redis_url,
-                        server={"workers": workers, "shutdown_timeout": "5s"})
+                        server={"workers": workers, "shutdown_timeout": "5s"},
+                        session=session)
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     with (tmp_path / "gateway.log").open("wb") as log:  # a pipe would fill up and block
@@ -145,3 +146,29 @@ async def test_every_worker_serves_and_all_drain_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
         assert not any(alive(pid) for pid in workers)
+
+
+async def test_with_the_session_cache_a_sign_out_reaches_every_worker_within_1s(
+        tmp_path: Path, redis_url: str, browser: aiohttp.ClientSession) -> None:
+    async with supervised(tmp_path, redis_url, workers=3, cache_ttl="1s") as (gateway, _):
+        await login(browser, gateway, "/echo")
+        cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
+        connector = aiohttp.TCPConnector(force_close=True)  # new connections: every worker
+        async with aiohttp.ClientSession(connector=connector,
+                                         cookies={"gateway_session": cookie}) as http:
+            async def status() -> int:
+                async with http.get(gateway + "/echo") as resp:
+                    await resp.read()
+                    return resp.status
+            assert {await status() for _ in range(60)} == {200}  # every worker has it cached
+            async with browser.get(gateway + "/oauth2/sign_out",
+                                   allow_redirects=False) as resp:
+                assert resp.status == 302
+            signed_out = time.monotonic()
+            last_served = signed_out
+            while time.monotonic() < signed_out + 2.5:
+                statuses = await asyncio.gather(*(status() for _ in range(6)))
+                if 200 in statuses:
+                    last_served = time.monotonic()
+                assert set(statuses) <= {200, 401}
+            assert last_served - signed_out < 1.2, last_served - signed_out

@@ -21,6 +21,7 @@ from conftest import FakeClock
 from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
+from gateway.sessions import store as store_module
 from gateway.sessions.backends import Backend, MemoryBackend, gcra
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
@@ -564,3 +565,90 @@ def test_gcra_refills_evenly(clock: FakeClock) -> None:
     clock.advance(60)
     decision, tat = gcra(tat, clock.now, 5, 60.0)
     assert decision.allowed and decision.remaining == 4  # full again, and no more than full
+
+
+# --- The recently-loaded cache (session.cache_ttl) ---
+
+
+class CountingReads(CountingBackend):
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = super().__getattr__(name)
+        if name != "get":
+            return attribute
+
+        async def counted(*args: Any) -> Any:
+            self.reads += 1
+            return await attribute(*args)
+
+        return counted
+
+
+async def test_a_recently_loaded_session_costs_no_store_round_trip(clock: FakeClock) -> None:
+    backend: Any = CountingReads(MemoryBackend(clock))
+    store = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                         cache_ttl=1.0)
+    cookie = await store.create(ALICE, TOKENS)
+    for _ in range(5):
+        loaded = await store.load(cookie.value)
+        assert loaded is not None and loaded.session.identity == ALICE
+    assert backend.reads == 1
+    clock.advance(1.0)  # as old as cache_ttl: read again
+    assert await store.load(cookie.value) is not None
+    assert backend.reads == 2
+
+
+async def test_the_cache_answers_only_the_exact_cookie(clock: FakeClock) -> None:
+    """An entry is keyed by the whole cookie: the right id with another key is no session,
+    cached or not."""
+    store = SessionStore(MemoryBackend(clock), KEYS, idle_timeout=IDLE, max_lifetime=MAX,
+                         clock=clock, cache_ttl=1.0)
+    cookie = await store.create(ALICE, TOKENS)
+    assert await store.load(cookie.value) is not None
+    forged = SessionCookie(cookie.session_id, bytes(32))
+    assert await store.load(forged.value) is None
+
+
+async def test_this_process_sees_its_own_deletes_and_replaces_at_once(clock: FakeClock) -> None:
+    store = SessionStore(MemoryBackend(clock), KEYS, idle_timeout=IDLE, max_lifetime=MAX,
+                         clock=clock, cache_ttl=1.0)
+    cookie = await store.create(ALICE, TOKENS)
+    loaded = await store.load(cookie.value)
+    assert loaded is not None
+    newer = TokenSet("access-2", "id.token.2", "refresh-2", 2e10)
+    replaced = await store.replace(loaded, dataclasses.replace(loaded.session, tokens=newer))
+    assert replaced is not None
+    again = await store.load(cookie.value)
+    assert again is not None and again.session.tokens == newer
+    await store.delete(again)
+    assert await store.load(cookie.value) is None
+
+
+async def test_another_processes_revocation_lands_within_cache_ttl(clock: FakeClock) -> None:
+    backend = MemoryBackend(clock)
+    here = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                        cache_ttl=0.5)
+    there = make_store(backend, clock)
+    cookie = await here.create(ALICE, TOKENS)
+    assert await here.load(cookie.value) is not None
+    loaded_there = await there.load(cookie.value)
+    assert loaded_there is not None
+    await there.delete(loaded_there)
+    assert await here.load(cookie.value) is not None  # still the cached copy
+    clock.advance(0.5)
+    assert await here.load(cookie.value) is None
+
+
+async def test_the_cache_is_bounded(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "CACHE_ENTRIES", 2)
+    backend: Any = CountingReads(MemoryBackend(clock))
+    store = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                         cache_ttl=1.0)
+    cookies = [await store.create(ALICE, TOKENS) for _ in range(3)]
+    for cookie in cookies:
+        await store.load(cookie.value)
+    await store.load(cookies[0].value)  # evicted by the third: read again
+    assert backend.reads == 4

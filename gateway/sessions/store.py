@@ -14,6 +14,14 @@ Sliding idle timeout without a write per request: the record's TTL *is* the idle
 together with the value in one round trip; it is pushed forward only once the session has been
 idle for a touch interval, and never beyond max_lifetime from login.
 
+Recently loaded sessions (`cache_ttl`, off by default): a session loaded in the last
+`cache_ttl` seconds is served from this process's memory, unsealed, with no store round trip.
+The cache is keyed by a hash of the whole cookie (its key included, so no other cookie can
+hit an entry), bounded (least recently used first), updated by this process's own replace
+and emptied of a session this process deletes. What other processes do (a sign-out on
+another worker or replica, a back-channel logout, an admin revoke, a refresh) is seen here
+once the entry is older than `cache_ttl`: that is the bound on how late a revocation lands.
+
 A revoked session stays revoked: every write that follows a read (new tokens after a refresh,
 the idle touch, the registry entry) is conditional on the record still being there (SET XX,
 PEXPIRE), so a sign-out, back-channel logout or admin revoke that lands while a refresh is in
@@ -22,8 +30,10 @@ flight is never undone.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -44,6 +54,7 @@ log = logging.getLogger("gateway.store")
 
 ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
 _NONCE_BYTES = 12
+CACHE_ENTRIES = 10_000  # sessions kept unsealed at most, per process
 
 
 def _attempt_key(state: str) -> bytes:
@@ -67,8 +78,12 @@ class Loaded:
 
 class SessionStore:
     def __init__(self, backend: Backend, keys: Keys, *, idle_timeout: float,
-                 max_lifetime: float, clock: Callable[[], float]) -> None:
+                 max_lifetime: float, clock: Callable[[], float],
+                 cache_ttl: float = 0.0) -> None:
         self.backend = backend
+        self._cache_ttl = cache_ttl
+        # sha256(cookie) -> (when it was loaded from the store, what was loaded)
+        self._recent: OrderedDict[bytes, tuple[float, Loaded]] = OrderedDict()
         self.keys = keys
         self.registry = Registry(backend, keys)
         self._idle = idle_timeout
@@ -123,6 +138,39 @@ class SessionStore:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is None:
             return None
+        if self._cache_ttl > 0:
+            recent = self._cached(cookie)
+            if recent is not None:
+                return recent
+        loaded = await self._load(cookie)
+        if self._cache_ttl > 0:
+            self._remember(cookie, loaded)
+        return loaded
+
+    def _cached(self, cookie: SessionCookie) -> Loaded | None:
+        key = hashlib.sha256(cookie.value.encode()).digest()
+        entry = self._recent.get(key)
+        if entry is None:
+            return None
+        loaded_at, loaded = entry
+        if self._clock() - loaded_at >= self._cache_ttl \
+                or self._ttl(loaded.session.created_at) <= 0:
+            del self._recent[key]
+            return None
+        self._recent.move_to_end(key)
+        return loaded
+
+    def _remember(self, cookie: SessionCookie, loaded: Loaded | None) -> None:
+        key = hashlib.sha256(cookie.value.encode()).digest()
+        if loaded is None:
+            self._recent.pop(key, None)
+            return
+        self._recent[key] = (self._clock(), loaded)
+        self._recent.move_to_end(key)
+        while len(self._recent) > CACHE_ENTRIES:
+            self._recent.popitem(last=False)
+
+    async def _load(self, cookie: SessionCookie) -> Loaded | None:
         name = self._name(cookie)
         sealed, ttl = await self.backend.get(name)
         if sealed is None:
@@ -151,15 +199,23 @@ class SessionStore:
         ttl = self._ttl(session.created_at)
         sealed = self._seal(cookie.key, name, session.to_bytes())
         if not await self.backend.replace(name, sealed, ttl):
+            self._forget(cookie)
             return None
         await self.registry.update(self._info(cookie, session), ttl, session.identity)
-        return Loaded(cookie, session)
+        replaced = Loaded(cookie, session)
+        if self._cache_ttl > 0:
+            self._remember(cookie, replaced)
+        return replaced
 
     async def delete(self, loaded: Loaded) -> None:
         """Sign-out: the record, its entry and its index members (a session whose entry was
         lost leaves members that run out with its time)."""
+        self._forget(loaded.cookie)
         info = await self.registry.get(loaded.storage_id)
         await self.registry.revoke([info or SessionInfo.bare(loaded.storage_id)])
+
+    def _forget(self, cookie: SessionCookie) -> None:
+        self._recent.pop(hashlib.sha256(cookie.value.encode()).digest(), None)
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name = self.keys.attempt(state)
