@@ -42,6 +42,9 @@ class GatewayError(Exception):
     title: str = "Internal error"
     public_message: str = "The gateway could not handle this request."
     event: str = "gateway_error"
+    # Logged at DEBUG, not WARNING: routine answers the access log line already tells (a
+    # request without a session), which a flood would otherwise double in the log.
+    routine: bool = False
 
     def __init__(self, detail: str | None = None) -> None:
         # `detail` is for the log line only; it may name internals but never secrets.
@@ -104,6 +107,7 @@ class NotAuthenticatedError(GatewayError):
     title = "Authentication required"
     public_message = "Sign in to access this resource."
     event = "not_authenticated"
+    routine = True
 
     def __init__(self, detail: str | None = None, *, bearer: bool = False) -> None:
         """`bearer`: the route takes bearer tokens, so the answer says so (RFC 6750 §3: with
@@ -120,6 +124,7 @@ class StepUpRequiredError(NotAuthenticatedError):
 
     public_message = "Sign in again to access this resource."
     event = "insufficient_user_authentication"
+    routine = False
 
     def __init__(self, detail: str | None = None, *, max_age: int | None = None,
                  acr_values: tuple[str, ...] = ()) -> None:
@@ -160,6 +165,7 @@ class InvalidTokenError(NotAuthenticatedError):
 
     public_message = "The access token is not valid here."
     event = "invalid_token"
+    routine = False  # a refused token is worth a line: expiry storms, forgeries
 
     def __init__(self, detail: str | None = None, *,
                  description: str = "the token is not valid") -> None:

@@ -89,7 +89,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        log.warning("%s status=%d detail=%s", exc.event, exc.status, exc.detail)
+        log.log(logging.DEBUG if exc.routine else logging.WARNING, "%s status=%d detail=%s",
+                exc.event, exc.status, exc.detail)
         return error_response(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
