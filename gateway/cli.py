@@ -1,4 +1,5 @@
-"""Command line: `gateway run | check-config | demo | sessions`. The only reader of GATEWAY_CONFIG.
+"""Command line: `gateway run | check-config | reload | demo | sessions`. The only reader of
+GATEWAY_CONFIG.
 
 main(argv) returns the exit code, so tests call it directly.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from gateway import __version__, admin, observability, server, workers
 from gateway import config as config_module
@@ -24,8 +27,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway", description="Identity-aware reverse proxy with OpenID Connect login.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "serve until SIGTERM/SIGINT"),
-                       ("check-config", "validate a config file and exit")):
+    for name, text in (("run", "serve until SIGTERM/SIGINT (SIGHUP: reload the config)"),
+                       ("check-config", "validate a config file and exit"),
+                       ("reload", "check the config, then make the running gateway (by "
+                                  "server.pid_file) reload it")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
     demo = commands.add_parser("demo", help="run a self-contained demo (dev IdP, sample app)")
@@ -83,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config OK: {len(config.routes)} route(s)\n"
                   f"store namespace: {config.store_keys.prefix}:")
             return 0
+        if args.command == "reload":
+            return _signal_reload(config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
@@ -111,11 +118,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("session_store_in_memory: sessions live in this process only; they end "
                     "on restart and other replicas cannot see them (use redis:// for more "
                     "than one replica)")
+    path = args.config or os.environ["GATEWAY_CONFIG"]  # _load found one of them
     try:
-        if workers.count(config) > 1 and not workers.is_worker():
-            return asyncio.run(workers.Supervisor(config, workers.worker_argv()).run())
-        asyncio.run(server.serve(build_app(config), config))
+        with _pid_file(config):
+            if workers.count(config) > 1 and not workers.is_worker():
+                return asyncio.run(workers.Supervisor(config, workers.worker_argv()).run())
+            asyncio.run(server.serve(build_app(config), config, path))
     except ConfigError as exc:  # found only once serving starts: the address is taken
         print(f"config error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+@contextlib.contextmanager
+def _pid_file(config: config_module.Config) -> Iterator[None]:
+    """server.pid_file holds this process's pid while it serves (not a worker's: the
+    supervisor passes signals on)."""
+    path = config.server.pid_file
+    if path is None or workers.is_worker():
+        yield
+        return
+    try:
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        raise ConfigError("server.pid_file", f"cannot write {path}: {exc.strerror}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _signal_reload(config: config_module.Config) -> int:
+    """`gateway reload`: the config was valid (or main said why not); SIGHUP the process in
+    server.pid_file, which re-reads it."""
+    path = config.server.pid_file
+    if path is None:
+        print("config error: server.pid_file: not set, so the running gateway cannot be "
+              "found (or send it SIGHUP yourself)", file=sys.stderr)
+        return 1
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a pid"
+        print(f"reload failed: server.pid_file {path}: {reason} (is the gateway running?)",
+              file=sys.stderr)
+        return 1
+    print(f"config OK; reload signalled to pid {pid}")
     return 0

@@ -61,6 +61,8 @@ class ServerConfig(FrozenModel):
     # Request headers removed before the upstream, beyond the built-in identity headers;
     # "X-Corp-*" names a prefix.
     strip_request_headers: tuple[str, ...] = ()
+    # Where `gateway run` writes its pid (for `gateway reload`); removed when it exits.
+    pid_file: Path | None = None
     # Processes serving the port (SO_REUSEPORT), under a supervisor that restarts one that
     # dies; "auto": one per CPU. More than one needs a shared session store.
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1

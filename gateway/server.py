@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import pages, workers
+from gateway import pages, reload, workers
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URITooLongError
 from gateway.runtime import RUNTIME
@@ -127,9 +127,10 @@ async def _delay_shutdown(app: web.Application, delay: float, stop: asyncio.Even
         await asyncio.wait_for(stop.wait(), timeout=delay)
 
 
-async def serve(app: web.Application, config: Config) -> None:
+async def serve(app: web.Application, config: Config, config_path: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, close idle connections and
-    WebSockets (1001), let in-flight requests finish for up to server.shutdown_timeout."""
+    WebSockets (1001), let in-flight requests finish for up to server.shutdown_timeout.
+    SIGHUP re-reads `config_path` (reload.py)."""
     runner = GatewayRunner(app, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()
@@ -147,6 +148,8 @@ async def serve(app: web.Application, config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload.reload, app[RUNTIME], config_path)
         await stop.wait()
         await _delay_shutdown(app, config.server.shutdown_delay, stop)
         log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)

@@ -121,11 +121,15 @@ class Upstreams:
             limit=0, limit_per_host=0, enable_cleanup_closed=True,
             keepalive_timeout=KEEPALIVE_TIMEOUT))
         self._sessions = [self._shared]
+        self._unix: dict[str, aiohttp.ClientSession] = {}  # by socket path: a reload reuses
 
     def for_route(self, route: RouteConfig) -> Upstream:
         if route.upstream.startswith("unix:"):
-            session = _client_session(aiohttp.UnixConnector(route.upstream.removeprefix("unix:")))
-            self._sessions.append(session)
+            path = route.upstream.removeprefix("unix:")
+            session = self._unix.get(path)
+            if session is None:
+                session = self._unix[path] = _client_session(aiohttp.UnixConnector(path))
+                self._sessions.append(session)
             return Upstream.at(session, _UNIX_BASE, True)
         tls: ssl.SSLContext | bool = True
         if route.upstream_tls is not None:

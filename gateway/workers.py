@@ -13,7 +13,7 @@ accepts them; one that keeps dying is restarted with a growing pause (up to 10 s
 loop does not spin. SIGTERM or SIGINT is passed on to every worker, which drains as a single
 process does (shutdown_delay, then shutdown_timeout); the supervisor exits when they all have,
 with status 0 only if they all ended cleanly. A second signal is passed on too (workers then
-stop at once).
+stop at once). SIGHUP (a config reload) is passed on to every worker, each of which reloads.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class Supervisor:
                  for index, sock in enumerate(self._sockets)]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._pass_on, signal.SIGHUP)  # reload
         log.info("gateway_supervising workers=%d pid=%d", len(slots), os.getpid())
         await asyncio.gather(*slots)
         for sock in self._sockets:
@@ -96,6 +97,9 @@ class Supervisor:
 
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping = True
+        self._pass_on(sig)
+
+    def _pass_on(self, sig: signal.Signals) -> None:
         for proc in self._procs.values():
             if proc.returncode is None:
                 proc.send_signal(sig)
