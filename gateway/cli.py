@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
-from gateway import __version__, admin, observability, server, workers
+from gateway import __version__, admin, observability, online, server, workers
 from gateway import config as config_module
 from gateway.advisories import advisories
 from gateway.app import build_app
@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                                   "server.pid_file) reload it")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+        if name == "check-config":
+            sub.add_argument("--online", action="store_true",
+                             help="also ask the IdP, ping the store and each upstream, and "
+                                  "print the routes")
     demo = commands.add_parser("demo", help="run a self-contained demo (dev IdP, sample app)")
     demo.add_argument("--port", type=int, default=4180,
                       help="the gateway's port on 127.0.0.1 (default 4180); the demo IdP and "
@@ -87,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"warning: {note}", file=sys.stderr)
             print(f"config OK: {len(config.routes)} route(s)\n"
                   f"store namespace: {config.store_keys.prefix}:")
-            return 0
+            if not args.online:
+                return 0
+            report, healthy = asyncio.run(online.check(config))
+            print(report)
+            return 0 if healthy else 1
         if args.command == "reload":
             return _signal_reload(config)
     except ConfigError as exc:

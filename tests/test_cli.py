@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import signal
 import socket
 import sys
@@ -14,10 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from conftest import free_port, serve
+from conftest import CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve
 
 from gateway import __version__
 from gateway.cli import main
+from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,3 +376,46 @@ def test_the_table_shows_no_control_sequence_and_survives_any_value() -> None:
     seen = Browser.seen("10.0.0.1\x9b", "Mozilla\x1b[2J\udc9b" + "x" * 300)
     assert seen.ip == "10.0.0.1?" and seen.user_agent.startswith("Mozilla?[2J?")
     assert len(seen.user_agent) == 200
+
+
+async def test_check_config_online_asks_the_idp_the_store_and_every_upstream(
+        tmp_path: Path, redis_url: str) -> None:
+    idp_port, gw_port = free_port(), free_port()
+    idp = f"http://127.0.0.1:{idp_port}"
+    gateway = f"http://127.0.0.1:{gw_port}"
+    idp_runner, _ = await serve(create_idp_app(idp, [DemoClient(CLIENT_ID, CLIENT_SECRET, (
+        gateway + "/oauth2/callback",))]), idp_port)
+    upstream_runner, upstream = await serve(create_upstream_app())
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    async def run(routes: list[dict[str, object]], store: str) -> tuple[int, str]:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(raw_config(gateway, idp, upstream, store=store,
+                                                  routes=routes)))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "check-config", "--online", "--config",
+            str(path), env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    try:
+        status, out = await run([
+            {"name": "admin", "path_prefix": "/admin", "allow": {"groups": ["admins"]}},
+            {"name": "public", "path_prefix": "/public", "auth": "public"},
+            {"name": "app", "path_prefix": "/"}], redis_url)
+        assert status == 0, out
+        assert f"idp    ok   {idp} (1 signing key(s)" in out
+        assert "store  ok   redis, namespace gateway:" in out
+        assert re.search(r"^admin +\* +/admin +1 allow rule\(s\) +http\S+ +ok \(\d+\)$", out,
+                         re.M), out
+        assert re.search(r"^public +\* +/public +public ", out, re.M), out
+        status, out = await run([{"name": "gone", "path_prefix": "/", "upstream": dead}],
+                                f"redis://127.0.0.1:{free_port()}/0")
+        assert status == 1
+        assert re.search(r"^store  FAIL redis: ", out, re.M), out
+        assert re.search(r"^gone .* FAIL: ClientConnectorError$", out, re.M), out
+    finally:
+        await upstream_runner.cleanup()
+        await idp_runner.cleanup()
