@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -33,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.pipeline import Principal, Resolved
 from gateway.routing import Route, Target, host_name
-from gateway.runtime import Runtime, Snapshot
+from gateway.runtime import REQUEST_ID, UPSTREAM_MS, Runtime, Snapshot
 from gateway.upstreams import relaying_interim
 
 log = logging.getLogger("gateway.proxy")
@@ -119,7 +120,9 @@ async def forward(request: web.Request, rt: Runtime,
              if route.config.early_hints else contextlib.nullcontext())
     try:
         with relay:
+            sent = time.perf_counter()
             upstream = await _send(request, route, url, upstream_headers, body)
+            request[UPSTREAM_MS] = (time.perf_counter() - sent) * 1000
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
@@ -151,9 +154,10 @@ def _request_headers(request: web.Request, rt: Runtime, snapshot: Snapshot, rout
     return headers.for_upstream(
         request.headers, identity, _client_info(request, snapshot),
         gateway_cookies=rt.gateway_cookies, host=_host_header(request, snapshot, route),
-        injected=headers.credential_headers(
+        injected={**headers.credential_headers(
             route, identity, access_token, id_token,
             unverified_email=snapshot.config.oidc.allow_unverified_email),
+            "X-Request-ID": request.get(REQUEST_ID)},  # the client's own only if trusted
         stripped=snapshot.stripped_headers,
         unverified_email=snapshot.config.oidc.allow_unverified_email,
         forwarded_prefix=stripped)

@@ -106,6 +106,8 @@ RUNTIME = web.AppKey("runtime", Runtime)
 ROUTE_NAME = web.RequestKey("route_name", str)
 USER_SUB = web.RequestKey("user_sub", str)
 DECIDED_BY = web.RequestKey("decided_by", str)  # the allow or deny rule that decided
+REQUEST_ID = web.RequestKey("request_id", str)  # the access line's and the upstream's
+UPSTREAM_MS = web.RequestKey("upstream_ms", float)  # until the upstream's response head
 
 
 def runtime_from(request: web.Request) -> Runtime:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -21,6 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import config as config_module
+from gateway import observability
 from gateway.demo.upstream import create_upstream_app
 from gateway.runtime import RUNTIME, Snapshot
 
@@ -251,6 +254,48 @@ async def test_access_log_has_one_line_per_request_with_route_status_and_user(
     assert "secret-value" not in lines[0]
     assert "route=admin status=403" in lines[1]
     assert lines[1].endswith("user=bob rule=routes[admin].allow")  # none of them matched
+
+
+async def test_access_lines_as_json_have_typed_fields_and_the_request_id_goes_upstream(
+        stack: Stack, browser: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    await login(browser, stack.gateway, "/echo", user="bob")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    # The test client is not a trusted proxy: its own X-Request-ID is replaced.
+    async with browser.get(stack.gateway + "/echo/q?code=secret-value",
+                           headers={"X-Request-ID": "chosen-by-client"}) as resp:
+        sent = {k.lower(): v for k, v in (await resp.json())["headers"]}
+    async with browser.get(stack.gateway + "/admin/") as resp:
+        assert resp.status == 403
+    formatter = observability._JSONFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records
+             if r.name == "gateway.access"]
+    assert len(lines) == 2
+    proxied, denied = lines
+    assert proxied["request_id"] == sent["x-request-id"] != "chosen-by-client"
+    assert re.fullmatch(r"[0-9a-f]{32}", proxied["request_id"])
+    assert {k: proxied[k] for k in ("event", "method", "path", "route", "status", "outcome",
+                                    "user", "rule")} == {
+        "event": "access", "method": "GET", "path": "/echo/q", "route": "app", "status": 200,
+        "outcome": "proxied", "user": "bob", "rule": None}
+    assert isinstance(proxied["duration_ms"], float) and isinstance(proxied["upstream_ms"],
+                                                                    float)
+    assert proxied["upstream_ms"] <= proxied["duration_ms"]
+    assert (denied["outcome"], denied["upstream_ms"], denied["rule"]) == (
+        "denied", None, "routes[admin].allow")
+    assert "secret-value" not in json.dumps(lines)
+
+
+async def test_a_trusted_proxys_request_id_is_kept(make_stack: StackFactory) -> None:
+    stack = await make_stack(server={"trusted_proxies": ["127.0.0.1/32"]})
+    async with aiohttp.ClientSession() as http:
+        for given, kept in (("req-7f3a:01", True), ("bad id with spaces", False),
+                            ("x" * 129, False)):
+            async with http.get(stack.gateway + "/public/echo",
+                                headers={"X-Request-ID": given}) as resp:
+                sent = {k.lower(): v for k, v in (await resp.json())["headers"]}
+            assert (sent["x-request-id"] == given) is kept
 
 
 async def test_websocket_is_proxied_after_the_session_check(
