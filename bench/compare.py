@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -53,6 +52,7 @@ from conftest import (  # noqa: E402
     login,
     raw_config,
     serve,
+    start_gateway,
     wait_until_ready,
 )
 from real_upstreams import APACHE, APACHE_MODULES, start_nginx_site  # noqa: E402
@@ -242,11 +242,8 @@ async def _run(args: argparse.Namespace, workdir: Path) -> list[Row]:
              "strip_prefix": True},
             {"name": "app", "path_prefix": "/"}],
             server={"workers": args.workers}, session={"cache_ttl": args.cache_ttl})
-        config = workdir / "gateway.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        gateway_proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(config),
-            env={**os.environ, "SECRET": CLIENT_SECRET}, stderr=asyncio.subprocess.DEVNULL)
+        gateway_proc = await start_gateway(raw, workdir / "gateway.yaml",
+                                           env={**os.environ, "SECRET": CLIENT_SECRET})
         apache = _start_apache(workdir, ap_port, idp, upstream, redis_port)
         await wait_until_ready(gateway + "/oauth2/readyz")
         await wait_until_ready(apache_url + "/public/hello")

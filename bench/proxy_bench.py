@@ -32,7 +32,6 @@ from pathlib import Path
 
 import aiohttp
 import redis
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -44,6 +43,7 @@ from conftest import (
     login,
     raw_config,
     serve,
+    start_gateway,
     wait_until_ready,
 )
 
@@ -158,13 +158,10 @@ async def main(args: argparse.Namespace) -> None:
         raw = raw_config(gateway, f"http://127.0.0.1:{idp_port}", upstream, store=args.store,
                          server={"workers": args.workers},
                          session={"cache_ttl": args.cache_ttl})
-        config = Path(workdir) / "gateway.yaml"
-        config.write_text(yaml.safe_dump(raw))
         await wait_until_ready(upstream + "/echo")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(config),
-            env={**os.environ, "SECRET": CLIENT_SECRET},
-            stderr=asyncio.subprocess.DEVNULL)  # the access log is written, as in production
+        # The access log is written (to nowhere), as in production.
+        proc = await start_gateway(raw, Path(workdir) / "gateway.yaml",
+                                   env={**os.environ, "SECRET": CLIENT_SECRET})
         try:
             await wait_until_ready(gateway + "/oauth2/readyz")
             await _measure(args, gateway, upstream)

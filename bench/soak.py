@@ -25,7 +25,6 @@ from pathlib import Path
 
 import aiohttp
 import redis.asyncio as aioredis
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -35,6 +34,7 @@ from conftest import (
     free_port,
     login,
     raw_config,
+    start_gateway,
     wait_until_ready,
 )
 from proxy_bench import _serve_backends
@@ -126,12 +126,9 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         raw = raw_config(gateway, idp, upstream, store=args.store,
                          server={"login_starts_per_minute": 0})
-        config = Path(workdir) / "gateway.yaml"
-        config.write_text(yaml.safe_dump(raw))
         await wait_until_ready(upstream + "/echo")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(config),
-            env={**os.environ, "SECRET": CLIENT_SECRET}, stderr=asyncio.subprocess.DEVNULL)
+        proc = await start_gateway(raw, Path(workdir) / "gateway.yaml",
+                                   env={**os.environ, "SECRET": CLIENT_SECRET})
         try:
             await wait_until_ready(gateway + "/oauth2/readyz")
             prefix = default_prefix(idp, raw["oidc"]["client_id"])

@@ -12,7 +12,15 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -109,6 +117,26 @@ async def wait_until_ready(url: str, *, attempts: int = 150) -> None:
     raise AssertionError(f"{url} did not answer 200")
 
 
+GATEWAY_ENV = {"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"}
+
+
+def _write_yaml(path: Path, config: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(config))
+
+
+async def start_gateway(config: dict[str, Any], path: Path, *, log: Path | None = None,
+                        env: Mapping[str, str] = GATEWAY_ENV) -> asyncio.subprocess.Process:
+    """`gateway run` on `config`, written as YAML to `path` (the client secret from $SECRET);
+    its log to the file `log` (a pipe nobody reads would fill up and block it) or nowhere."""
+    _write_yaml(path, config)
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None \
+            else asyncio.subprocess.DEVNULL
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(path), env=dict(env),
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+
+
 @contextlib.asynccontextmanager
 async def gateway_replicas(configs: Sequence[dict[str, Any]], tmp_path: Path
                            ) -> AsyncIterator[list[str]]:
@@ -117,12 +145,7 @@ async def gateway_replicas(configs: Sequence[dict[str, Any]], tmp_path: Path
     processes = []
     try:
         for index, config in enumerate(configs):
-            path = tmp_path / f"replica-{index}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            processes.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "run", "--config", str(path),
-                env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            processes.append(await start_gateway(config, tmp_path / f"replica-{index}.yaml"))
         urls = ["http://" + config["server"]["listen"] for config in configs]
         for url in urls:
             await wait_until_ready(url + "/oauth2/readyz")

@@ -15,14 +15,23 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, raw_config, serve, wait_until_ready
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    GATEWAY_ENV,
+    free_port,
+    raw_config,
+    serve,
+    start_gateway,
+    wait_until_ready,
+)
 
 from gateway.demo.idp import DemoClient, create_idp_app
 from gateway.demo.upstream import create_upstream_app
 
 pytestmark = pytest.mark.e2e
 
-ENV = {"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"}
+ENV = GATEWAY_ENV
 
 
 class Running:
@@ -59,11 +68,7 @@ async def running(tmp_path: Path, **server: Any) -> AsyncIterator[Running]:
     store = server.pop("store", "memory://")
     config = raw_config(url, idp, upstream, store=store, server=server)
     path, log = tmp_path / "gateway.yaml", tmp_path / "gateway.log"
-    path.write_text(yaml.safe_dump(config))
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(path), env=ENV,
-            stdout=asyncio.subprocess.DEVNULL, stderr=sink)
+    proc = await start_gateway(config, path, log=log)
     try:
         await wait_until_ready(url + "/oauth2/readyz")
         yield Running(url, config, path, log, proc)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -24,6 +22,7 @@ from conftest import (
     login,
     raw_config,
     serve,
+    start_gateway,
     wait_until_ready,
 )
 
@@ -53,13 +52,7 @@ async def supervised(tmp_path: Path, redis_url: str, workers: int, **session: st
     config = raw_config(gateway, idp, upstream, store=redis_url,
                         server={"workers": workers, "shutdown_timeout": "5s"},
                         session=session)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with (tmp_path / "gateway.log").open("wb") as log:  # a pipe would fill up and block
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(path),
-            env={"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"},
-            stdout=asyncio.subprocess.DEVNULL, stderr=log)
+    proc = await start_gateway(config, tmp_path / "gateway.yaml", log=tmp_path / "gateway.log")
     try:
         await wait_until_ready(gateway + "/oauth2/readyz")
         yield gateway, proc
