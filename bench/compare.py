@@ -28,7 +28,6 @@ import asyncio
 import multiprocessing
 import os
 import platform
-import re
 import secrets
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import wrk  # noqa: E402  (bench/wrk.py)
 from conftest import (  # noqa: E402
     BROWSER_HEADERS,
     CLIENT_ID,
@@ -170,26 +170,6 @@ async def _apache_login(http: aiohttp.ClientSession, apache: str) -> str:
     return f"{name}={cookies[name]}"
 
 
-def _wrk(url: str, headers: dict[str, str], seconds: int, connections: int
-         ) -> tuple[float, float, float, int]:
-    """(req/s, p50 ms, p99 ms, non-2xx/3xx count) of one wrk run."""
-    argv = [shutil.which("wrk") or "wrk", "-t2", f"-c{connections}", f"-d{seconds}s",
-            "--latency"]
-    for name, value in headers.items():
-        argv += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*argv, url], capture_output=True, text=True,  # noqa: S603
-                         check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    quantiles = {q: _ms(v) for q, v in re.findall(r"\s(50|99)%\s+([\d.]+\w+)", out)}
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rate, quantiles["50"], quantiles["99"], int(errors.group(1)) if errors else 0
-
-
-def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
 @dataclass
 class Row:
     name: str
@@ -203,10 +183,10 @@ def _median_row(name: str, url: str, headers: dict[str, str], args: argparse.Nam
                 status: int = 200) -> Row:
     runs = []
     for _ in range(args.runs):
-        rate, p50, p99, non_2xx = _wrk(url, headers, args.seconds, args.connections)
-        if status < 400 and non_2xx:
-            raise SystemExit(f"{name}: {non_2xx} responses were not 2xx/3xx")
-        runs.append((rate, p50, p99))
+        result = wrk.run(url, headers, args.seconds, args.connections)
+        if status < 400 and result.non_2xx:
+            raise SystemExit(f"{name}: {result.non_2xx} responses were not 2xx/3xx")
+        runs.append((result.rate, result.p50, result.p99))
     rate, p50, p99 = sorted(runs)[len(runs) // 2]
     return Row(name, rate, p50, p99, status)
 

@@ -21,10 +21,8 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import wrk  # bench/wrk.py
 from conftest import (
     BROWSER_HEADERS,
     CLIENT_ID,
@@ -104,20 +103,13 @@ def _redis_calls(url: str) -> int:
                if not name.startswith(_OWN_COMMANDS))
 
 
-def _wrk(url: str, cookie: str, seconds: float, connections: int) -> tuple[str, int]:
+def _wrk_row(url: str, cookie: str, seconds: float, connections: int) -> tuple[str, int]:
     """A wrk run: the row, and the requests it made."""
-    out = subprocess.run(  # noqa: S603  (our own arguments, no shell)
-        [shutil.which("wrk") or "wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s",
-         "--latency",
-         "-H", f"Cookie: gateway_session={cookie}", url],
-        capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    quantiles = dict(re.findall(r"\s(50|90|99)%\s+([\d.]+\w+)", out))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    row = (f"{rate:>9.0f} req/s   p50 {quantiles.get('50')}   p90 {quantiles.get('90')}   "
-           f"p99 {quantiles.get('99')}" + (f"   NON-2xx: {errors.group(1)}" if errors else ""))
-    return row, total
+    result = wrk.run(url, {"Cookie": f"gateway_session={cookie}"}, seconds, connections)
+    row = (f"{result.rate:>9.0f} req/s   p50 {result.p50:.2f}ms   p90 {result.p90:.2f}ms   "
+           f"p99 {result.p99:.2f}ms"
+           + (f"   NON-2xx: {result.non_2xx}" if result.non_2xx else ""))
+    return row, result.total
 
 
 async def _measure(args: argparse.Namespace, gateway: str, upstream: str) -> None:
@@ -134,7 +126,7 @@ async def _measure(args: argparse.Namespace, gateway: str, upstream: str) -> Non
             await _load(http, url, min(200, args.requests), args.concurrency)  # warm up
             calls = _redis_calls(args.store) if args.store.startswith("redis") else 0
             if args.wrk:
-                row, total = await asyncio.to_thread(_wrk, url, cookie, args.wrk,
+                row, total = await asyncio.to_thread(_wrk_row, url, cookie, args.wrk,
                                                      args.concurrency)
                 print(f"{name:<28} {row}")
             else:
