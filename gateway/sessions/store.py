@@ -57,6 +57,11 @@ _NONCE_BYTES = 12
 CACHE_ENTRIES = 10_000  # sessions kept unsealed at most, per process
 
 
+def _cache_key(cookie: SessionCookie) -> bytes:
+    """The recently-loaded cache's key: the whole cookie, its key half included, hashed."""
+    return hashlib.sha256(cookie.value.encode()).digest()
+
+
 def _attempt_key(state: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=b"gateway login attempt").derive(state.encode())
@@ -138,17 +143,16 @@ class SessionStore:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is None:
             return None
-        if self._cache_ttl > 0:
-            recent = self._cached(cookie)
-            if recent is not None:
-                return recent
-        loaded = await self._load(cookie)
-        if self._cache_ttl > 0:
-            self._remember(cookie, loaded)
+        if self._cache_ttl <= 0:
+            return await self._load(cookie)
+        key = _cache_key(cookie)
+        loaded = self._cached(key)
+        if loaded is None:
+            loaded = await self._load(cookie)
+            self._remember(key, loaded)
         return loaded
 
-    def _cached(self, cookie: SessionCookie) -> Loaded | None:
-        key = hashlib.sha256(cookie.value.encode()).digest()
+    def _cached(self, key: bytes) -> Loaded | None:
         entry = self._recent.get(key)
         if entry is None:
             return None
@@ -160,8 +164,7 @@ class SessionStore:
         self._recent.move_to_end(key)
         return loaded
 
-    def _remember(self, cookie: SessionCookie, loaded: Loaded | None) -> None:
-        key = hashlib.sha256(cookie.value.encode()).digest()
+    def _remember(self, key: bytes, loaded: Loaded | None) -> None:
         if loaded is None:
             self._recent.pop(key, None)
             return
@@ -204,7 +207,7 @@ class SessionStore:
         await self.registry.update(self._info(cookie, session), ttl, session.identity)
         replaced = Loaded(cookie, session)
         if self._cache_ttl > 0:
-            self._remember(cookie, replaced)
+            self._remember(_cache_key(cookie), replaced)
         return replaced
 
     async def delete(self, loaded: Loaded) -> None:
@@ -215,7 +218,7 @@ class SessionStore:
         await self.registry.revoke([info or SessionInfo.bare(loaded.storage_id)])
 
     def _forget(self, cookie: SessionCookie) -> None:
-        self._recent.pop(hashlib.sha256(cookie.value.encode()).digest(), None)
+        self._recent.pop(_cache_key(cookie), None)
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name = self.keys.attempt(state)
