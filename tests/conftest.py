@@ -157,6 +157,24 @@ async def gateway_replicas(configs: Sequence[dict[str, Any]], tmp_path: Path
             assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
 
 
+@contextlib.asynccontextmanager
+async def idp_and_upstream(public_url: str) -> AsyncIterator[tuple[str, str]]:
+    """The demo IdP, with the test client registered for a gateway at `public_url` (its
+    callback; its signed-out page and `/` after a sign-out), and the demo upstream, on real
+    sockets while the context lasts: (issuer, upstream URL)."""
+    idp_port = free_port()
+    idp = f"http://127.0.0.1:{idp_port}"
+    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (public_url + "/oauth2/callback",),
+                        (public_url + "/oauth2/signed_out", public_url + "/"))
+    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
+    upstream_runner, upstream = await serve(create_upstream_app())
+    try:
+        yield idp, upstream
+    finally:
+        await upstream_runner.cleanup()
+        await idp_runner.cleanup()
+
+
 def raw_config(public_url: str, issuer: str, upstream: str, *, store: str = "memory://",
                routes: list[dict[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {

@@ -18,15 +18,20 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import BROWSER_HEADERS, CLIENT_ID, CLIENT_SECRET, idp_sign_in, raw_config, serve
+from conftest import (
+    BROWSER_HEADERS,
+    CLIENT_SECRET,
+    idp_and_upstream,
+    idp_sign_in,
+    raw_config,
+    serve,
+)
 from ports import free_port
 from real_upstreams import start_nginx_site
 from yarl import URL
 
 from gateway import config as config_module
 from gateway.app import build_app
-from gateway.demo.idp import DemoClient, create_idp_app
-from gateway.demo.upstream import create_upstream_app
 
 pytestmark = pytest.mark.e2e
 
@@ -65,28 +70,23 @@ async def nginx(tmp_path: Path, port: int, conf: str) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def forward_auth_site(tmp_path: Path, **routes_and_sections: Any
                             ) -> AsyncIterator[Site]:
-    front_port, gateway_port, idp_port = free_port(), free_port(), free_port()
-    front, idp = f"http://127.0.0.1:{front_port}", f"http://127.0.0.1:{idp_port}"
-    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (front + "/oauth2/callback",),
-                        (front + "/oauth2/signed_out",))
-    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
-    app_runner, app = await serve(create_upstream_app())
-    raw = raw_config(front, idp, app, routes=[
-        {"name": "admin", "path_prefix": "/echo/admin", "allow": {"groups": ["admins"]}},
-        {"name": "public", "path_prefix": "/public", "auth": "public"},
-        {"name": "app", "path_prefix": "/"},
-    ], server={"listen": f"127.0.0.1:{gateway_port}", "trusted_proxies": [FRONT_ADDRESS]},
-        **routes_and_sections)
-    config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
-    gateway_runner, gateway = await serve(build_app(config), gateway_port)
-    try:
-        async with nginx(tmp_path, front_port, site_conf(front_port, gateway_port,
-                                                         int(URL(app).port or 0))):
-            yield Site(front, gateway)
-    finally:
-        await gateway_runner.cleanup()
-        await app_runner.cleanup()
-        await idp_runner.cleanup()
+    front_port, gateway_port = free_port(), free_port()
+    front = f"http://127.0.0.1:{front_port}"
+    async with idp_and_upstream(front) as (idp, app):
+        raw = raw_config(front, idp, app, routes=[
+            {"name": "admin", "path_prefix": "/echo/admin", "allow": {"groups": ["admins"]}},
+            {"name": "public", "path_prefix": "/public", "auth": "public"},
+            {"name": "app", "path_prefix": "/"},
+        ], server={"listen": f"127.0.0.1:{gateway_port}", "trusted_proxies": [FRONT_ADDRESS]},
+            **routes_and_sections)
+        config = config_module.parse(raw, {"SECRET": CLIENT_SECRET})
+        gateway_runner, gateway = await serve(build_app(config), gateway_port)
+        try:
+            async with nginx(tmp_path, front_port, site_conf(front_port, gateway_port,
+                                                             int(URL(app).port or 0))):
+                yield Site(front, gateway)
+        finally:
+            await gateway_runner.cleanup()
 
 
 async def sign_in_through_nginx(browser: aiohttp.ClientSession, site: Site, path: str,

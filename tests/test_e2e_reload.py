@@ -16,18 +16,13 @@ import aiohttp
 import pytest
 import yaml
 from conftest import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     GATEWAY_ENV,
     free_port,
+    idp_and_upstream,
     raw_config,
-    serve,
     start_gateway,
     wait_until_ready,
 )
-
-from gateway.demo.idp import DemoClient, create_idp_app
-from gateway.demo.upstream import create_upstream_app
 
 pytestmark = pytest.mark.e2e
 
@@ -60,23 +55,18 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, **server: Any) -> AsyncIterator[Running]:
-    port, idp_port = free_port(), free_port()
-    url, idp = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{idp_port}"
-    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (url + "/oauth2/callback",))
-    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
-    upstream_runner, upstream = await serve(create_upstream_app())
-    store = server.pop("store", "memory://")
-    config = raw_config(url, idp, upstream, store=store, server=server)
-    path, log = tmp_path / "gateway.yaml", tmp_path / "gateway.log"
-    proc = await start_gateway(config, path, log=log)
-    try:
-        await wait_until_ready(url + "/oauth2/readyz")
-        yield Running(url, config, path, log, proc)
-    finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
-        await upstream_runner.cleanup()
-        await idp_runner.cleanup()
+    url = f"http://127.0.0.1:{free_port()}"
+    async with idp_and_upstream(url) as (idp, upstream):
+        store = server.pop("store", "memory://")
+        config = raw_config(url, idp, upstream, store=store, server=server)
+        path, log = tmp_path / "gateway.yaml", tmp_path / "gateway.log"
+        proc = await start_gateway(config, path, log=log)
+        try:
+            await wait_until_ready(url + "/oauth2/readyz")
+            yield Running(url, config, path, log, proc)
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
 
 
 def changed(config: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, login, serve, wait_until_ready
-
-from gateway.demo.idp import DemoClient, create_idp_app
-from gateway.demo.upstream import create_upstream_app
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    idp_and_upstream,
+    login,
+    wait_until_ready,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,29 +58,25 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(redis_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
-    port, idp_port = free_port(), free_port()
-    url, idp = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{idp_port}"
-    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (url + "/oauth2/callback",), (url + "/",))
-    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
-    upstream_runner, upstream = await serve(create_upstream_app())
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"listen": f"127.0.0.1:{port}", "public_url": url,
-                   "shutdown_timeout": f"{DRAIN}s"},
-        "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
-        "session": {"store": redis_url},
-        "routes": [{"name": "app", "upstream": upstream}],
-    }))
-    gw = Gateway(url, config, tmp_path / "gateway.log")
-    await gw.start()
-    try:
-        yield gw
-    finally:
-        if gw.proc is not None and gw.proc.returncode is None:
-            gw.proc.kill()
-            await gw.proc.wait()
-        await upstream_runner.cleanup()
-        await idp_runner.cleanup()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with idp_and_upstream(url) as (idp, upstream):
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": {"listen": f"127.0.0.1:{port}", "public_url": url,
+                       "shutdown_timeout": f"{DRAIN}s"},
+            "oidc": {"issuer": idp, "client_id": CLIENT_ID, "client_secret": "${SECRET}"},
+            "session": {"store": redis_url},
+            "routes": [{"name": "app", "upstream": upstream}],
+        }))
+        gw = Gateway(url, config, tmp_path / "gateway.log")
+        await gw.start()
+        try:
+            yield gw
+        finally:
+            if gw.proc is not None and gw.proc.returncode is None:
+                gw.proc.kill()
+                await gw.proc.wait()
 
 
 async def test_sigterm_drains_in_flight_work_closes_websockets_and_exits_zero(

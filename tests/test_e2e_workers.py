@@ -16,18 +16,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     free_port,
+    idp_and_upstream,
     login,
     raw_config,
-    serve,
     start_gateway,
     wait_until_ready,
 )
-
-from gateway.demo.idp import DemoClient, create_idp_app
-from gateway.demo.upstream import create_upstream_app
 
 pytestmark = pytest.mark.e2e
 
@@ -44,24 +39,20 @@ def children(pid: int) -> set[int]:
 @contextlib.asynccontextmanager
 async def supervised(tmp_path: Path, redis_url: str, workers: int, **session: str
                      ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    port, idp_port = free_port(), free_port()
-    gateway, idp = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{idp_port}"
-    client = DemoClient(CLIENT_ID, CLIENT_SECRET, (gateway + "/oauth2/callback",))
-    idp_runner, _ = await serve(create_idp_app(idp, [client]), idp_port)
-    upstream_runner, upstream = await serve(create_upstream_app())
-    config = raw_config(gateway, idp, upstream, store=redis_url,
-                        server={"workers": workers, "shutdown_timeout": "5s"},
-                        session=session)
-    proc = await start_gateway(config, tmp_path / "gateway.yaml", log=tmp_path / "gateway.log")
-    try:
-        await wait_until_ready(gateway + "/oauth2/readyz")
-        yield gateway, proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await upstream_runner.cleanup()
-        await idp_runner.cleanup()
+    gateway = f"http://127.0.0.1:{free_port()}"
+    async with idp_and_upstream(gateway) as (idp, upstream):
+        config = raw_config(gateway, idp, upstream, store=redis_url,
+                            server={"workers": workers, "shutdown_timeout": "5s"},
+                            session=session)
+        proc = await start_gateway(config, tmp_path / "gateway.yaml",
+                                   log=tmp_path / "gateway.log")
+        try:
+            await wait_until_ready(gateway + "/oauth2/readyz")
+            yield gateway, proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def hammer(url: str, cookie: str, until: float, outcomes: Counter[str],
