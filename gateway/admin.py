@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.observability import audit_log
 from gateway.sessions.backends import open_backend
 from gateway.sessions.registry import Registry, SessionInfo
 
@@ -101,6 +102,8 @@ async def run(config: Config, action: str, *, user: str | None = None,
         infos = await _select(registry, user, session)
         if action == "revoke":
             revoked = await registry.revoke(infos)
+            audit_log.info("session_revoked by=%s sessions=%d user=%s session=%s all=%s",
+                           "admin", revoked, user, session, every)
             return f"revoked {revoked} session(s)", revoked
         now = time.time()
         rows = []

@@ -25,6 +25,7 @@ from gateway import (
 )
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.observability import access_log_middleware
 from gateway.oidc.flow import Client
 from gateway.oidc.introspection import Introspector
@@ -53,7 +54,8 @@ def _client(config: Config) -> Client:
 def _runtime_context(config: Config, clock: Callable[[], float]
                      ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        backend = open_backend(config.session, clock=clock)
+        metrics = Metrics()
+        backend = open_backend(config.session, clock=clock, observe=metrics.store_call)
         upstreams = Upstreams()
         idp_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         sessions = SessionStore(backend, config.store_keys,
@@ -62,7 +64,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                                 cache_ttl=config.session.cache_ttl)
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
-                                clock=clock)
+                                clock=clock, observe=metrics.idp_fetch)
             client = _client(config)
             verifier = Verifier(provider, client_id=client.client_id,
                                 client_secret=client.client_secret,
@@ -75,7 +77,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 snapshot=Snapshot.build(config, upstreams), sessions=sessions,
                 provider=provider, verifier=verifier, introspector=introspector,
                 client=client, upstreams=upstreams,
-                idp_http=idp_http, clock=clock, sockets=websocket.SocketWatch(sessions.alive))
+                idp_http=idp_http, clock=clock, metrics=metrics,
+                sockets=websocket.SocketWatch(sessions.alive, counted=metrics.websockets))
             try:
                 await provider.metadata()
             except GatewayError as exc:

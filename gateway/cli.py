@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sessions":  # ops run these without the client secret
             config = _load(args.config, secret_needed=False)
+            observability.setup(config.logging)  # a revocation's audit line, on stderr
             text, matched = asyncio.run(admin.run(
                 config, args.action, user=args.user, session=args.session,
                 every=getattr(args, "all", False), as_json=getattr(args, "json", False)))
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  config.server.listen, config.server.public_url, len(config.routes),
                  workers.count(config))
         for note in advisories(config):
-            log.warning("config_warning %s", note)
+            log.warning("config_warning advice=%s", note)
     if config.session.store_location.kind == "memory":
         # Nothing can tell from here whether other replicas run; say what this choice means.
         log.warning("session_store_in_memory: sessions live in this process only; they end "

@@ -45,6 +45,12 @@ _HEADER_NAME = re.compile(r"[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?")  # RFC 9110 §5.6.2
 PROXY_LOGIN_START_FACTOR = 20
 
 
+def host_and_port(listen: str) -> tuple[str, int]:
+    """A checked HOST:PORT (brackets around an IPv6 host removed)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class ServerConfig(FrozenModel):
     listen: str = "127.0.0.1:4180"
     public_url: str
@@ -69,6 +75,9 @@ class ServerConfig(FrozenModel):
     # Hosts a sign-in may return to besides public_url's own (sites behind a forward-auth
     # front on other hosts): "app.example.com" exactly, ".example.com" for any under it.
     redirect_domains: tuple[str, ...] = ()
+    # HOST:PORT of the Prometheus listener (GET /metrics); off unless set. Never the public
+    # port: keep it on an address only the monitoring can reach.
+    metrics_listen: str | None = None
 
     @field_validator("redirect_domains")
     @classmethod
@@ -85,13 +94,22 @@ class ServerConfig(FrozenModel):
             domains.append(domain)
         return tuple(domains)
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _check_listen(cls, value: str) -> str:
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} must be HOST:PORT, like 127.0.0.1:4180")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_apart(self) -> ServerConfig:
+        if self.metrics_listen is not None and self.metrics_listen == self.listen:
+            raise ValueError("metrics_listen: must not be the public listen address (anyone "
+                             "who reaches the gateway could read its metrics)")
+        return self
 
     @field_validator("public_url")
     @classmethod
@@ -129,11 +147,11 @@ class ServerConfig(FrozenModel):
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return host_and_port(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return host_and_port(self.listen)[1]
 
     @cached_property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

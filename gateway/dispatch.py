@@ -59,14 +59,17 @@ def denial(rt: Runtime, resolved: pipeline.Resolved, deny: policy.Deny) -> Forbi
     principal, route = resolved.principal, resolved.route
     assert principal is not None
     detail = f"route {route.name}: {deny.reason}"
+    error: ForbiddenError
     if principal.bearer:
-        if deny.scopes:
-            return InsufficientScopeError(detail, scopes=deny.scopes)
-        return ForbiddenError(detail)
-    identity = principal.identity
-    return ForbiddenError(
-        detail, signed_in_as=identity.preferred_username or identity.email or identity.sub,
-        sign_out_by_post="POST" in rt.config.session.sign_out_methods)
+        error = InsufficientScopeError(detail, scopes=deny.scopes) if deny.scopes \
+            else ForbiddenError(detail)
+    else:
+        identity = principal.identity
+        error = ForbiddenError(
+            detail, signed_in_as=identity.preferred_username or identity.email or identity.sub,
+            sign_out_by_post="POST" in rt.config.session.sign_out_methods)
+    error.routine = True  # pipeline.resolve's audit line has told it
+    return error
 
 
 def api_challenge(request: web.Request, resolved: pipeline.Resolved,

@@ -34,7 +34,10 @@ message that is safe to show (never a token, cookie or secret) and a log event n
 
 from __future__ import annotations
 
+import contextlib
 import html
+import os
+from collections.abc import Iterator
 
 
 class GatewayError(Exception):
@@ -43,7 +46,8 @@ class GatewayError(Exception):
     public_message: str = "The gateway could not handle this request."
     event: str = "gateway_error"
     # Logged at DEBUG, not WARNING: routine answers the access log line already tells (a
-    # request without a session), which a flood would otherwise double in the log.
+    # request without a session), which a flood would otherwise double in the log; set on
+    # an instance whose audit line has told it already (a refusal, a failed sign-in).
     routine: bool = False
 
     def __init__(self, detail: str | None = None) -> None:
@@ -96,8 +100,11 @@ class LoginError(GatewayError):
     public_message = "Sign-in could not be completed. Please start again."
     event = "login_failed"
 
-    def __init__(self, detail: str, public_message: str | None = None) -> None:
+    def __init__(self, detail: str, public_message: str | None = None, *,
+                 reason: str = "invalid_callback") -> None:
+        """`reason`: a short code for the metrics and the audit line (never the detail)."""
         super().__init__(detail)
+        self.reason = reason
         if public_message:
             self.public_message = public_message
 
@@ -352,3 +359,14 @@ class UpstreamTimeoutError(UpstreamError):
     title = "Gateway timeout"
     public_message = "The application behind the gateway did not answer in time."
     event = "upstream_timeout"
+
+
+@contextlib.contextmanager
+def bind_errors(key: str, address: str) -> Iterator[None]:
+    """Binding a listener: an address that is taken or not ours is the config's fault (the
+    OSError becomes a ConfigError naming `key` and why)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise ConfigError(key, f"cannot listen on {address} ({reason})") from None

@@ -21,6 +21,7 @@ from gateway import policy, ratelimit, refresh
 from gateway.errors import BadRequestError, GatewayError, LoginError
 from gateway.headers import client_address, client_and_reporter
 from gateway.identity import Identity, wanted_claims
+from gateway.observability import audit_log
 from gateway.oidc import flow, tokens
 from gateway.oidc.token_set import TokenSet
 from gateway.pages import redirect
@@ -62,6 +63,7 @@ async def redirect_to_idp(request: web.Request, rt: Runtime, return_to: str, *,
     attempt = LoginAttempt(auth.nonce, auth.code_verifier, return_to, _binding_hash(binding),
                            max_age, acr_values)
     await rt.sessions.save_attempt(auth.state, attempt)
+    rt.metrics.login("started")
     response = redirect(auth.url)
     response.set_cookie(rt.binding_cookie, binding, max_age=int(ATTEMPT_TTL), path="/",
                         domain=rt.cookie_domain, httponly=True, samesite="Lax",
@@ -106,7 +108,7 @@ def _idp_error(request: web.Request) -> LoginError:
     code = code if _IDP_ERROR_CODE.fullmatch(code) else "invalid_error_code"
     return LoginError(f"identity provider returned error={code}",
                       public_message=f"The identity provider did not complete the sign-in "
-                                     f"({code}). You can try again.")
+                                     f"({code}). You can try again.", reason="idp_error")
 
 
 async def _complete(rt: Runtime, attempt: LoginAttempt,
@@ -122,7 +124,7 @@ async def _complete(rt: Runtime, attempt: LoginAttempt,
                                             max_age=attempt.max_age,
                                             acr_values=attempt.acr_values)
     except tokens.TokenError as exc:
-        raise LoginError(f"ID token refused: {exc}") from exc
+        raise LoginError(f"ID token refused: {exc}", reason="id_token_refused") from exc
     claims = await flow.with_userinfo(rt.idp_http, metadata, rt.client, token_set.access_token,
                                       claims, wanted=wanted_claims(rt.config.oidc.groups_claim))
     refresh.note_token_lifetime(rt, token_set)
@@ -145,36 +147,54 @@ def _warn_if_groups_missing(rt: Runtime, claims: dict[str, object]) -> None:
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
+    """The IdP's answer: a session, or a failed sign-in counted and audited by its reason."""
     rt = runtime_from(request)
+    try:
+        return await _callback(request, rt)
+    except GatewayError as exc:
+        reason = exc.reason if isinstance(exc, LoginError) else exc.event
+        rt.metrics.login("failed", reason)
+        audit_log.warning("login_failed reason=%s status=%d detail=%s", reason, exc.status,
+                          exc.detail)
+        exc.routine = True  # told: the error middleware need not say it again
+        raise
+
+
+async def _callback(request: web.Request, rt: Runtime) -> web.StreamResponse:
     state = request.query.get("state", "")
     attempt = await rt.sessions.pop_attempt(state) if 0 < len(state) <= 256 else None
     if "error" in request.query:
         raise _idp_error(request)
     code = request.query.get("code", "")
     if attempt is None:
-        raise LoginError("unknown, expired or already used state")
+        raise LoginError("unknown, expired or already used state", reason="unknown_state")
     binding = request.cookies.get(rt.binding_cookie, "")
     # SECURITY: login CSRF / replayed callback: the state must belong to this browser.
     if not hmac.compare_digest(_binding_hash(binding), attempt.browser_binding):
-        raise LoginError("callback came from a browser that did not start this login")
+        raise LoginError("callback came from a browser that did not start this login",
+                         reason="other_browser")
     if not code:
-        raise LoginError("callback has no code")
+        raise LoginError("callback has no code", reason="no_code")
     # RFC 9207 (mix-up attacks): when the IdP names itself in the response, it must be ours.
     if "iss" in request.query and request.query["iss"] != rt.config.oidc.issuer:
-        raise LoginError("authorization response came from another issuer")
+        raise LoginError("authorization response came from another issuer",
+                         reason="issuer_mismatch")
     claims, token_set = await _complete(rt, attempt, code)
     _warn_if_groups_missing(rt, claims)
     try:
         identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
     except ValueError as exc:
-        raise LoginError(f"claims unusable: {exc}") from exc
+        raise LoginError(f"claims unusable: {exc}", reason="claims_unusable") from exc
     previous = await rt.sessions.load(request.cookies.get(rt.session_cookie))
     if previous is not None:  # a new login ends this browser's old session
         await rt.sessions.delete(previous)
     browser = Browser.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
     cookie = await rt.sessions.create(identity, token_set, browser)
     request[USER_SUB] = identity.sub
-    log.info("login_succeeded sub=%s", identity.sub)
+    rt.metrics.login("completed")
+    audit_log.info("login_succeeded sub=%s sid=%s client=%s step_up=%s", identity.sub,
+                   identity.sid, browser.ip, bool(attempt.max_age is not None or
+                                                  attempt.acr_values))
     response = redirect(rt.return_target(attempt.return_to) or "/")
     response.set_cookie(rt.session_cookie, cookie.value,
                         max_age=int(rt.config.session.max_lifetime), path="/",

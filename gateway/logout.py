@@ -27,6 +27,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     NotFoundError,
 )
+from gateway.observability import audit_log
 from gateway.oidc import tokens
 from gateway.pages import redirect, render
 from gateway.runtime import USER_SUB, Runtime, runtime_from
@@ -61,7 +62,9 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         await rt.sessions.delete(loaded)
         session = loaded.session
         request[USER_SUB] = session.identity.sub
-        log.info("session_signed_out sub=%s", session.identity.sub)
+        rt.metrics.logout("sign_out")
+        audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", "sign_out", 1,
+                       session.identity.sub, session.identity.sid)
         try:
             metadata = await rt.provider.metadata()
         except (IdPError, IdPUnavailableError):
@@ -119,7 +122,9 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
                                                      tokens.MAX_TOKEN_AGE + rt.verifier.leeway):
         raise LogoutTokenError("logout token replayed (jti seen before)")
     revoked = await rt.sessions.registry.revoke(await _sessions_named(rt, claims))
-    log.info("backchannel_logout sessions=%d", revoked)
+    rt.metrics.logout("backchannel", revoked)
+    audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", "backchannel", revoked,
+                   claims.get("sub"), claims.get("sid"))
     return web.Response(status=200, headers={"Cache-Control": "no-store"})
 
 
@@ -136,6 +141,7 @@ async def frontchannel_logout(request: web.Request) -> web.StreamResponse:
     if request.query.get("iss") != rt.config.oidc.issuer or not sid:
         raise BadRequestError("front-channel logout needs this IdP's iss and a sid")
     revoked = await rt.sessions.registry.revoke(await rt.sessions.registry.by_sid(sid))
-    log.info("frontchannel_logout sessions=%d", revoked)
+    rt.metrics.logout("frontchannel", revoked)
+    audit_log.info("logout kind=%s sessions=%d sid=%s", "frontchannel", revoked, sid)
     return web.Response(text="<!doctype html><title>Signed out</title>", content_type="text/html",
                         headers={"Cache-Control": "no-store"})

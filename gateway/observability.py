@@ -1,10 +1,21 @@
-"""Logging setup and the access log: one line per request, never a token, code or cookie.
+"""Logging setup, the access log and the request metrics: one line per request, never a
+token, code or cookie.
 
 The access line carries the method, the path without its query (queries carry OAuth codes
 and state), the route, the status, the whole and the upstream durations, what became of the
-request (outcome), its request id, the user's sub and the rule that decided. With
-`logging.format: json` it is one JSON object with those as typed fields; other lines are
-objects with the message.
+request (outcome), its request id, the user's sub and the rule that decided. The same
+middleware counts the request in the metrics (metrics.py).
+
+With `logging.format: json` every line is one JSON object with typed fields. The access line
+gives its own; every other line of the gateway's is written as `event key=%s key=%d ...`
+(a test holds every log call in gateway/ to that shape), and the formatter reads the fields
+from that template and its arguments (not from the rendered text, so a value with spaces
+stays one value): the event name, then each key with its argument as a JSON string, number,
+boolean or null; any explanation after the fields is the `message`. A line logged while a
+request is handled carries that request's id, audit lines included.
+
+Audit lines (logger `gateway.audit`) record what changed who may do what: sign-ins and their
+failures, each kind of sign-out and revocation, refusals, step-ups and config reloads.
 
 The request id is the X-Request-ID a trusted proxy sent (server.trusted_proxies; a plain
 token of at most 128 characters), else a new random one; the upstream gets it as
@@ -13,6 +24,7 @@ X-Request-ID, so its logs and the gateway's meet.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -36,10 +48,58 @@ from gateway.runtime import (
 )
 
 access_log = logging.getLogger("gateway.access")
+audit_log = logging.getLogger("gateway.audit")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The id of the request being handled, for every line logged meanwhile (JSON lines).
+_current_request = contextvars.ContextVar[str | None]("request_id", default=None)
+# A printf placeholder, and `key=` or an event name just before it.
+_PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdifgr%]")
+_EVENT = re.compile(r"[a-z][a-z0-9_]*")
+_KEY = re.compile(r"(?:^|\s)([a-z][a-z0-9_]*)=$")
+_UNIT = re.compile(r"m?s\b")
 # What became of a request that did not reach an upstream, by status.
 _OUTCOMES = {302: "sign_in", 401: "unauthenticated", 403: "denied", 404: "no_route",
              429: "rate_limited"}
+
+
+def _typed(value: object, conversion: str) -> object:
+    if value is None or isinstance(value, bool):
+        return value
+    if conversion in "di" and isinstance(value, int | float):
+        return int(value)
+    if conversion in "fg" and isinstance(value, int | float):
+        return float(value)
+    return value if isinstance(value, int | float | str) else str(value)
+
+
+def template_fields(template: str, args: tuple[object, ...]) -> dict[str, object] | None:
+    """`event key=%s key=%d ... [explanation]` and its arguments as typed fields; None when
+    the template is not of that shape."""
+    fields: dict[str, object] = {}
+    placeholders = list(_PLACEHOLDER.finditer(template))
+    if len(placeholders) != len(args) or any(m.group() == "%%" for m in placeholders):
+        return None
+    event, _, _ = template.partition(" ")
+    if event == "%s" and args and isinstance(args[0], str) and _EVENT.fullmatch(args[0]):
+        fields["event"], placeholders, args = args[0], placeholders[1:], args[1:]
+    elif _EVENT.fullmatch(event.rstrip(":")):
+        fields["event"] = event.rstrip(":")
+    else:
+        return None
+    end = template.find(" ") if " " in template else len(template)
+    for match, value in zip(placeholders, args, strict=True):
+        key = _KEY.search(template, 0, match.start())
+        if key is None or key.end() != match.start():
+            return None
+        fields[key.group(1)] = _typed(value, match.group()[-1])
+        end = match.end()
+        unit = _UNIT.match(template, end)  # lifetime=%gs: the unit stays in the docs
+        if unit is not None:
+            end = unit.end()
+    rest = template[end:].strip(" :(),;.") if placeholders else template[end:].strip(" :")
+    if rest:
+        fields["message"] = rest.replace("%%", "%")
+    return fields
 
 
 class _JSONFormatter(logging.Formatter):
@@ -47,13 +107,27 @@ class _JSONFormatter(logging.Formatter):
         entry: dict[str, object] = {"time": self.formatTime(record),
                                     "level": record.levelname.lower(), "logger": record.name}
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):  # the access line: typed fields, no text to parse
-            entry.update(fields)
-        else:
-            entry["message"] = record.getMessage()
+        if not isinstance(fields, dict):  # the access line brings its own fields
+            args = record.args if isinstance(record.args, tuple) else ()
+            fields = template_fields(str(record.msg), args) if isinstance(record.msg, str) \
+                else None
+        entry.update(fields if fields is not None else {"message": record.getMessage()})
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry.setdefault("request_id", request_id)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
+
+
+class RequestIds(logging.Filter):
+    """Stamps a record with the id of the request being handled when it was logged (the
+    handler's filters run then, in the request's context), for the JSON line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = _current_request.get()
+        return True
 
 
 class RedactParserErrors(logging.Filter):
@@ -81,6 +155,7 @@ def redact_framework_logs() -> None:
 
 def setup(config: LoggingConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIds())
     if config.format == "json":
         handler.setFormatter(_JSONFormatter())
     else:
@@ -116,20 +191,26 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     started = time.perf_counter()
     status = 500
     request[REQUEST_ID] = request_id = _request_id(request)
+    current = _current_request.set(request_id)
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
+        _current_request.reset(current)
         duration = (time.perf_counter() - started) * 1000
         upstream = request.get(UPSTREAM_MS)
+        outcome, route = _outcome(request, status), request.get(ROUTE_NAME)
+        runtime_from(request).metrics.request(
+            route, status, outcome, duration / 1000,
+            upstream / 1000 if upstream is not None else None)
         fields = {
             "event": "access", "method": request.method,
             # SECURITY: the raw path (no decoded CR/LF) and never the query (OAuth code, state)
-            "path": request.raw_path.split("?", 1)[0], "route": request.get(ROUTE_NAME),
+            "path": request.raw_path.split("?", 1)[0], "route": route,
             "status": status, "duration_ms": round(duration, 1),
             "upstream_ms": round(upstream, 1) if upstream is not None else None,
-            "outcome": _outcome(request, status), "request_id": request_id,
+            "outcome": outcome, "request_id": request_id,
             "user": request.get(USER_SUB), "rule": request.get(DECIDED_BY)}
         access_log.info(
             "%s %s route=%s status=%d duration_ms=%.1f upstream_ms=%s outcome=%s id=%s "

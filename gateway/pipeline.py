@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway import bearer, policy, ratelimit, refresh
 from gateway.errors import NotFoundError
 from gateway.identity import Identity
+from gateway.observability import audit_log
 from gateway.routing import Route, Target
 from gateway.runtime import DECIDED_BY, ROUTE_NAME, USER_SUB, Runtime, Snapshot
 
@@ -71,11 +72,25 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     match decision:
         case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
             request[DECIDED_BY] = rule
+    _audit(route, principal, decision)
     rate_fields: dict[str, str] = {}
     if isinstance(decision, policy.Allow):  # only what would reach the upstream counts
         rate_fields = await ratelimit.check_route(
             request, rt, snapshot, route, principal.identity.sub if principal else None)
     return Resolved(route, target, principal, decision, snapshot, rate_fields)
+
+
+def _audit(route: Route, principal: Principal | None, decision: policy.Decision) -> None:
+    """The audit line of a refusal or a step-up, whoever acts on it (proxy, WebSocket,
+    forward-auth)."""
+    sub = principal.identity.sub if principal is not None else None
+    match decision:
+        case policy.Deny(rule=rule, reason=reason):
+            audit_log.info("access_denied route=%s sub=%s rule=%s reason=%s", route.name, sub,
+                           rule, reason)
+        case policy.StepUp(max_age=max_age, acr_values=acr_values):
+            audit_log.info("step_up_required route=%s sub=%s max_age=%s acr_values=%s",
+                           route.name, sub, max_age, " ".join(acr_values) or None)
 
 
 async def _principal(request: web.Request, rt: Runtime, snapshot: Snapshot,

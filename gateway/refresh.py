@@ -25,6 +25,7 @@ import secrets
 from gateway.config import SessionConfig
 from gateway.errors import IdPError, IdPUnavailableError
 from gateway.identity import Identity, wanted_claims
+from gateway.observability import audit_log
 from gateway.oidc import flow, tokens
 from gateway.oidc.provider import ProviderMetadata
 from gateway.oidc.token_set import TokenSet
@@ -72,10 +73,10 @@ def note_token_lifetime(rt: Runtime, token_set: TokenSet) -> None:
     lifetime = token_set.expires_at - token_set.issued_at
     margin = rt.config.session.refresh_margin
     if lifetime <= margin and rt.first_time("access_token_lifetime_short"):
-        log.warning("access_token_lifetime_short lifetime=%gs refresh_margin=%gs: sessions "
-                    "refresh half way through the token's life instead, and at most every "
-                    "%gs (session.refresh_min_interval)", lifetime, margin,
-                    rt.config.session.refresh_min_interval)
+        log.warning("access_token_lifetime_short lifetime=%gs refresh_margin=%gs "
+                    "refresh_min_interval=%gs: sessions refresh half way through the token's "
+                    "life instead, and at most every session.refresh_min_interval", lifetime,
+                    margin, rt.config.session.refresh_min_interval)
 
 
 def _usable(session: Session, rt: Runtime) -> bool:
@@ -158,10 +159,15 @@ async def _refresh(rt: Runtime, loaded: Loaded) -> Loaded | None:
                                         now=rt.clock())
         identity = await _refreshed_identity(rt, metadata, session, new_tokens)
     except flow.InvalidGrantError:
-        log.info("refresh_refused sub=%s (session ended)", session.identity.sub)
+        rt.metrics.refresh("refused")
+        rt.metrics.logout("refresh_refused")
+        audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s: the IdP refused the "
+                       "refresh token", "refresh_refused", 1, session.identity.sub,
+                       session.identity.sid)
         await rt.sessions.delete(loaded)
         return None
     except (IdPError, IdPUnavailableError) as exc:
+        rt.metrics.refresh("failed")
         log.warning("refresh_failed sub=%s detail=%s", session.identity.sub, exc.detail)
         raise _RefreshFailed from exc
     note_token_lifetime(rt, new_tokens)
@@ -170,8 +176,10 @@ async def _refresh(rt: Runtime, loaded: Loaded) -> Loaded | None:
     # landed while the token request was in flight stays in force.
     stored = await rt.sessions.replace(loaded, refreshed)
     if stored is None:
+        rt.metrics.refresh("discarded")
         log.info("refresh_discarded sub=%s (the session ended meanwhile)", identity.sub)
         return None
+    rt.metrics.refresh("refreshed")
     log.info("session_refreshed sub=%s identity_changed=%s", identity.sub,
              identity != session.identity)
     return stored

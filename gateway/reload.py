@@ -14,20 +14,18 @@ value stays in force, and everything else in the new config is applied.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from gateway.config import Config
 from gateway.config import load as load_config
 from gateway.errors import ConfigError
+from gateway.observability import audit_log as log  # every line here is an audit line
 from gateway.runtime import Runtime, Snapshot
-
-log = logging.getLogger("gateway")
 
 # server.* keys that belong to the listener or the process, not to a request.
 _SERVER_AT_START = ("listen", "workers", "public_url", "max_header_size", "shutdown_timeout",
-                    "shutdown_delay", "pid_file")
+                    "shutdown_delay", "pid_file", "metrics_listen")
 _API_AT_START = ("introspection_endpoint", "introspection_cache")
 _SECTIONS_AT_START = ("oidc", "session", "logging")
 
@@ -59,15 +57,21 @@ def applicable(old: Config, new: Config) -> Config:
 def reload(rt: Runtime, path: str | Path) -> bool:
     """Re-read `path` and swap the runtime's snapshot; False (and the old config kept) when
     the file is not a valid config."""
+    applied = _reload(rt, path)
+    rt.metrics.reload(applied)
+    return applied
+
+
+def _reload(rt: Runtime, path: str | Path) -> bool:
     try:
         new = load_config(path, os.environ)
         new.oidc.secret()  # as at start: a secret file that cannot be read is a config error
     except ConfigError as exc:
-        log.error("config_reload_refused %s (the running config stays)", exc)
+        log.error("config_reload_refused error=%s (the running config stays)", exc)
         return False
     except OSError as exc:
-        log.error("config_reload_refused oidc.client_secret_file: %s (the running config "
-                  "stays)", exc.strerror)
+        log.error("config_reload_refused error=%s (the running config stays)",
+                  f"oidc.client_secret_file: {exc.strerror}")
         return False
     old = rt.config
     restart = needs_restart(old, new)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.headers import Stripped
+from gateway.metrics import Metrics
 from gateway.oidc.flow import Client
 from gateway.oidc.introspection import Introspector
 from gateway.oidc.provider import Provider
@@ -56,6 +57,7 @@ class Runtime:
     idp_http: aiohttp.ClientSession  # no cookies; decompresses JSON
     clock: Callable[[], float]
     sockets: SocketWatch  # open client websockets, watched for their session's end
+    metrics: Metrics  # what /metrics shows (server.metrics_listen); counted always
     # Sessions whose last refresh failed in this process, and when (refresh.py backs off).
     refresh_failures: dict[str, float] = field(default_factory=dict)
     # Warnings this process has logged once already (first_time).

@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import pages, reload, workers
+from gateway import metrics, pages, reload, workers
 from gateway.config import Config
-from gateway.errors import ConfigError, GatewayError, HeadersTooLargeError, URITooLongError
+from gateway.errors import GatewayError, HeadersTooLargeError, URITooLongError, bind_errors
 from gateway.runtime import RUNTIME
 
 log = logging.getLogger("gateway")
@@ -134,16 +134,17 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
     runner = GatewayRunner(app, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()
-    try:
-        try:
+    async with contextlib.AsyncExitStack() as listeners:
+        listeners.push_async_callback(runner.cleanup)
+        with bind_errors("server.listen", config.server.listen):
             # A worker serves the socket its supervisor bound; a single process binds its own.
             site = web.SockSite(runner, workers.inherited_socket()) if workers.is_worker() \
                 else web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
-        except OSError as exc:
-            reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise ConfigError("server.listen", f"cannot listen on {config.server.listen} "
-                                               f"({reason})") from None
+        if config.server.metrics_listen is not None and not workers.is_worker():
+            # (a worker's numbers are shown by its supervisor's listener, added up)
+            await listeners.enter_async_context(metrics.listener(
+                config.server.metrics_listen, lambda: app[RUNTIME].metrics.registry))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -155,5 +156,3 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
         log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not wait
             loop.add_signal_handler(sig, _stop_now)
-    finally:
-        await runner.cleanup()

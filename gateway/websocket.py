@@ -48,9 +48,11 @@ class _Socket:
 class SocketWatch:
     """Every open client socket of this process, and the one task that watches them."""
 
-    def __init__(self, alive: Alive, interval: float = WS_RECHECK_INTERVAL) -> None:
+    def __init__(self, alive: Alive, interval: float = WS_RECHECK_INTERVAL, *,
+                 counted: Callable[[int], None] | None = None) -> None:
         self._alive = alive  # which of these sessions still exist (one store round trip)
         self._interval = interval
+        self._counted = counted  # told how many are open after each change (the metrics)
         self._sockets: set[_Socket] = set()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
@@ -60,11 +62,17 @@ class SocketWatch:
 
     def add(self, socket: _Socket) -> None:
         self._sockets.add(socket)
+        self._changed()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._watch())
 
     def discard(self, socket: _Socket) -> None:
         self._sockets.discard(socket)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._counted is not None:
+            self._counted(len(self._sockets))
 
     async def close_all(self) -> None:
         """on_shutdown: tell every client we are going away (1001), so they reconnect."""
@@ -100,7 +108,7 @@ class SocketWatch:
 
     def _close(self, socket: _Socket, code: int, message: bytes) -> None:
         """Closing waits for the client's close frame: not in the watch's own loop."""
-        self._sockets.discard(socket)
+        self.discard(socket)
         task = asyncio.create_task(socket.client.close(code=code, message=message))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

@@ -19,6 +19,7 @@ stop at once). SIGHUP (a config reload) is passed on to every worker, each of wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -27,8 +28,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from gateway import metrics
 from gateway.config import Config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, bind_errors
 
 log = logging.getLogger("gateway")
 
@@ -50,15 +52,14 @@ def listening_socket(config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
+        with bind_errors("server.listen", config.server.listen):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+    except ConfigError:
         sock.close()
-        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-        raise ConfigError("server.listen", f"cannot listen on {config.server.listen} "
-                                           f"({reason})") from None
+        raise
     sock.set_inheritable(True)
     return sock
 
@@ -81,8 +82,23 @@ class Supervisor:
         self._stopping = False
         self._clean = True
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._metrics_listen = config.server.metrics_listen
+        self._metrics: metrics.WorkerMetrics | None = None
 
     async def run(self) -> int:
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self._metrics_listen is not None:  # the workers' numbers, added up
+                    self._metrics = metrics.WorkerMetrics()
+                    stack.callback(self._metrics.close)
+                    await stack.enter_async_context(
+                        metrics.listener(self._metrics_listen, self._metrics.registry))
+                return await self._supervise()
+        finally:
+            for sock in self._sockets:
+                sock.close()
+
+    async def _supervise(self) -> int:
         loop = asyncio.get_running_loop()
         slots = [asyncio.create_task(self._keep(index, sock))
                  for index, sock in enumerate(self._sockets)]
@@ -91,8 +107,6 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._pass_on, signal.SIGHUP)  # reload
         log.info("gateway_supervising workers=%d pid=%d", len(slots), os.getpid())
         await asyncio.gather(*slots)
-        for sock in self._sockets:
-            sock.close()
         return 0 if self._clean else 1
 
     def _stop(self, sig: signal.Signals) -> None:
@@ -109,13 +123,16 @@ class Supervisor:
         pause = 0.0
         while not self._stopping:
             started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv, pass_fds=(sock.fileno(),),
-                env={**os.environ, LISTEN_FD: str(sock.fileno())})
+            env = {**os.environ, LISTEN_FD: str(sock.fileno()),
+                   **(self._metrics.environment() if self._metrics else {})}
+            proc = await asyncio.create_subprocess_exec(*self._argv, pass_fds=(sock.fileno(),),
+                                                        env=env)
             self._procs[index] = proc
             if self._stopping:  # a signal came while it started
                 proc.terminate()
             status = await proc.wait()
+            if self._metrics is not None:
+                self._metrics.worker_gone(proc.pid)
             if self._stopping:
                 if status != 0:
                     self._clean = False

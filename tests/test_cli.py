@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import re
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -170,6 +172,18 @@ def redis_config(tmp_path: Path, redis_url: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The sessions commands set up the process's logging (their audit lines): undo it, so
+    later tests' log capture still sees the gateway's loggers."""
+    logger = logging.getLogger("gateway")
+    kept = (list(logger.handlers), logger.propagate, logger.level)
+    aiohttp_handlers = list(logging.getLogger("aiohttp").handlers)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = kept[0], kept[1], kept[2]
+    logging.getLogger("aiohttp").handlers[:] = aiohttp_handlers
+
+
 async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,7 +219,10 @@ async def test_sessions_list_and_revoke_by_user(tmp_path: Path, redis_url: str,
         assert "usage: gateway sessions revoke" in err and "config error" not in err
         assert await cli(["sessions", "revoke", "--config", str(path),
                           "--user", "alice@example.com"]) == 0
-        assert "revoked 1 session(s)" in capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert "revoked 1 session(s)" in out
+        assert "gateway.audit session_revoked by=admin sessions=1 user=alice@example.com " \
+            "session=None all=False" in err
         assert await store.load(alice.value) is None
         assert await store.load(bob.value) is not None
         assert await cli(["sessions", "revoke", "--all", "--config", str(path)]) == 0

@@ -461,3 +461,14 @@ def test_redirect_domains_and_cookie_domain_are_normalised() -> None:
     config = parse(raw, ENV)
     assert config.server.redirect_domains == ("app.example.com", ".example.com")
     assert config.session.cookie_domain == "example.com"
+
+
+def test_metrics_listen_is_off_by_default_and_never_the_public_address() -> None:
+    assert parse(minimal(), ENV).server.metrics_listen is None
+    assert parse(with_change("server.metrics_listen", "127.0.0.1:9180"),
+                 ENV).server.metrics_listen == "127.0.0.1:9180"
+    assert error_of(with_change("server.metrics_listen", "9180")) == (
+        "server.metrics_listen: '9180' must be HOST:PORT, like 127.0.0.1:4180")
+    assert error_of(with_change("server.metrics_listen", "127.0.0.1:4180")) == (
+        "server: metrics_listen: must not be the public listen address (anyone who reaches "
+        "the gateway could read its metrics)")

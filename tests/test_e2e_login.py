@@ -28,6 +28,7 @@ from conftest import (
 from joserfc.jwk import RSAKey
 from yarl import URL
 
+from gateway import observability
 from gateway.app import build_app
 from gateway.demo.idp import STATE
 
@@ -405,8 +406,11 @@ async def test_tokens_codes_and_cookies_never_reach_the_logs(
                     *cookie.split(".")]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "login_succeeded sub=alice" in logged
+    as_json = "\n".join(observability._JSONFormatter().format(r) for r in caplog.records)
+    assert '"event": "login_succeeded", "sub": "alice"' in as_json
     for value in secrets_seen:
         assert value not in logged
+        assert value not in as_json
 
 
 async def test_authorization_response_from_another_issuer_is_refused(

@@ -256,7 +256,7 @@ async def test_logout_at_oidc_provider_ends_only_that_browsers_session_by_back_c
             assert resp.status == 302  # this browser's session is gone
         async with other.get(node_stack.gateway + "/echo", allow_redirects=False) as resp:
             assert resp.status == 200  # the other browser's OP session (sid) is untouched
-    assert "backchannel_logout sessions=1" in caplog.text
+    assert "logout kind=backchannel sessions=1" in caplog.text
 
 
 async def test_tokens_from_oidc_provider_are_refreshed(
@@ -320,7 +320,7 @@ async def test_back_channel_logout_by_sub_ends_every_session_of_that_user_only(
                 async with browser.get(stack.gateway + "/echo", allow_redirects=False) as resp:
                     statuses.append(resp.status)
             assert statuses == [302, 302, 200]  # both of alice's sessions, not bob's
-            assert "backchannel_logout sessions=2" in caplog.text
+            assert "logout kind=backchannel sessions=2" in caplog.text
         finally:
             for browser in browsers:
                 await browser.close()

@@ -20,7 +20,8 @@ Failed fetches count like successful ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +104,10 @@ async def fetch_json(
 
 class Provider:
     def __init__(self, http: aiohttp.ClientSession, issuer: str, *, timeout: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 observe: Callable[[str, bool], None] | None = None) -> None:
         self._http = http
+        self._observe = observe  # told of each fetch: "discovery" or "jwks", and if it worked
         self._issuer = issuer
         self._timeout = timeout
         self._clock = clock
@@ -163,12 +166,23 @@ class Provider:
         return metadata
 
     async def _discover(self) -> ProviderMetadata:
-        url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
-        status, doc = await fetch_json(self._http, "GET", url, timeout=self._timeout,
-                                       what="discovery")
-        if status != 200 or not isinstance(doc, dict):
-            raise IdPUnavailableError(f"discovery answered HTTP {status}")
-        return ProviderMetadata.from_document(doc, self._issuer)
+        with self._fetching("discovery"):
+            url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
+            status, doc = await fetch_json(self._http, "GET", url, timeout=self._timeout,
+                                           what="discovery")
+            if status != 200 or not isinstance(doc, dict):
+                raise IdPUnavailableError(f"discovery answered HTTP {status}")
+            return ProviderMetadata.from_document(doc, self._issuer)
+
+    @contextlib.contextmanager
+    def _fetching(self, document: str) -> Iterator[None]:
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if self._observe is not None:
+                self._observe(document, ok)
 
     async def keys(self, kid: str | None, *, trusted: bool) -> KeySet:
         """The JWKS, refetched when it lacks `kid` (bounded: see the module docstring).
@@ -213,14 +227,15 @@ class Provider:
         self._unknown_kids[kid] = now
 
     async def _fetch_keys(self, jwks_uri: str) -> KeySet:
-        status, doc = await fetch_json(self._http, "GET", jwks_uri,
-                                       timeout=self._timeout, what="jwks")
-        if status != 200 or not isinstance(doc, dict):
-            raise IdPUnavailableError(f"JWKS answered HTTP {status}")
-        try:
-            return KeySet.import_key_set(doc)  # type: ignore[arg-type]  # validated by joserfc
-        except (JoseError, ValueError, KeyError, TypeError) as exc:
-            raise IdPError("JWKS is not a valid key set") from exc
+        with self._fetching("jwks"):
+            status, doc = await fetch_json(self._http, "GET", jwks_uri,
+                                           timeout=self._timeout, what="jwks")
+            if status != 200 or not isinstance(doc, dict):
+                raise IdPUnavailableError(f"JWKS answered HTTP {status}")
+            try:
+                return KeySet.import_key_set(doc)  # type: ignore[arg-type]  # joserfc checks
+            except (JoseError, ValueError, KeyError, TypeError) as exc:
+                raise IdPError("JWKS is not a valid key set") from exc
 
 
 def _has_kid(keys: KeySet, kid: str) -> bool:

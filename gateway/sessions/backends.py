@@ -238,10 +238,16 @@ class MemoryBackend:
         self._sets.clear()
 
 
-def open_backend(config: SessionConfig, *, clock: Callable[[], float]) -> Backend:
+# Told of every store call: its operation, how long it took, and whether it failed.
+Observer = Callable[[str, float, bool], None]
+
+
+def open_backend(config: SessionConfig, *, clock: Callable[[], float],
+                 observe: Observer | None = None) -> Backend:
+    """`observe` sees Redis's calls (the metrics); the in-memory store's are not calls."""
     if config.store_location.kind == "memory":
         return MemoryBackend(clock)
     from gateway.sessions.redis import RedisBackend  # only deployments with Redis import it
 
     return RedisBackend.from_url(config.store, timeout=config.store_timeout,
-                                 tls=config.redis_tls)
+                                 tls=config.redis_tls, observe=observe)

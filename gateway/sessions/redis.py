@@ -1,16 +1,18 @@
 """RedisBackend on redis.asyncio: one pooled client, a timeout on every call, fail closed.
 
-Every redis/socket failure becomes StoreUnavailableError here (and nowhere else), which the
-error middleware turns into a 503: a store that is down never lets a request through unchecked.
+Every call goes through `_op`: there every redis/socket failure becomes StoreUnavailableError
+(and nowhere else), which the error middleware turns into a 503, so a store that is down
+never lets a request through unchecked; and there each call is timed for the metrics.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,7 +22,7 @@ from redis.exceptions import RedisError
 
 from gateway.config import RedisTLSConfig
 from gateway.errors import StoreUnavailableError
-from gateway.sessions.backends import Rate
+from gateway.sessions.backends import Observer, Rate
 from gateway.store_url import StoreLocation, parse_store_url
 
 log = logging.getLogger("gateway.store")
@@ -100,33 +102,35 @@ def _now_ms() -> int:
 
 class RedisBackend:
     def __init__(self, client: aioredis.Redis | RedisCluster,
-                 helpers: list[aioredis.Redis] | None = None) -> None:
+                 helpers: list[aioredis.Redis] | None = None, *,
+                 observe: Observer | None = None) -> None:
         self._client = client
         self._helpers = helpers or []  # e.g. Sentinel connections, closed with the client
+        self._observe = observe
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float,
-                 tls: RedisTLSConfig = DEFAULT_TLS) -> RedisBackend:
+    def from_url(cls, url: str, *, timeout: float, tls: RedisTLSConfig = DEFAULT_TLS,
+                 observe: Observer | None = None) -> RedisBackend:
         location = parse_store_url(url)
         common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         if location.tls:
             common.update(_tls_options(tls))
         if location.kind == "sentinel":
-            return cls(*_sentinel_clients(location, common))
+            return cls(*_sentinel_clients(location, common), observe=observe)
         if location.kind == "cluster":
             return cls(RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in location.hosts],
-                username=location.username, password=location.password, **common))
-        return cls(aioredis.Redis.from_url(url, health_check_interval=30, **common))
+                username=location.username, password=location.password, **common),
+                observe=observe)
+        return cls(aioredis.Redis.from_url(url, health_check_interval=30, **common),
+                   observe=observe)
 
     async def get(self, key: str) -> tuple[bytes | None, float | None]:
-        try:
+        with self._op("GET"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(key)
                 pipe.pttl(key)
                 value, pttl = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis GET failed: {type(exc).__name__}") from exc
         if value is None:
             return None, None
         return value, (pttl / 1000 if pttl and pttl > 0 else None)
@@ -160,13 +164,11 @@ class RedisBackend:
         await self._call("EVAL", self._client.eval(_DELETE_IF, 1, key, value))
 
     async def count(self, key: str, ttl: float) -> int:
-        try:
+        with self._op("INCR"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.incr(key)
                 pipe.pexpire(key, _ms(ttl), nx=True)  # only the first count sets the window
                 value, _ = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis INCR failed: {type(exc).__name__}") from exc
         return int(value)
 
     async def rate(self, key: str, limit: int, period: float) -> Rate:
@@ -181,15 +183,13 @@ class RedisBackend:
         # A sorted set scored by each member's end (this host's clock, in ms): the
         # same pipeline drops the ended members, and the key lives as long as its last one.
         now = _now_ms()
-        try:
+        with self._op("ZADD"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # an end only moves later
                 pipe.zremrangebyscore(key, "-inf", now)
                 pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest member
                 pipe.pexpire(key, _ms(ttl), nx=True)
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis ZADD failed: {type(exc).__name__}") from exc
 
     async def index_members(self, key: str) -> builtins.set[str]:
         members = await self._call("ZRANGEBYSCORE",
@@ -205,33 +205,27 @@ class RedisBackend:
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
             return []
-        try:
+        with self._op("EXISTS"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.exists(key)
                 answers = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis EXISTS failed: {type(exc).__name__}") from exc
         return [bool(answer) for answer in answers]
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        try:
+        with self._op("GET many"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(key)
                 values = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis GET failed: {type(exc).__name__}") from exc
         return [value if isinstance(value, bytes) else None for value in values]
 
     async def keys(self, prefix: str) -> list[str]:
-        try:
+        with self._op("SCAN"):
             return [key.decode() if isinstance(key, bytes) else str(key)
                     async for key in self._client.scan_iter(match=prefix + "*", count=500)]
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis SCAN failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         await self._call("PING", self._client.ping())
@@ -255,9 +249,20 @@ class RedisBackend:
         for helper in self._helpers:
             await helper.aclose()
 
-    @staticmethod
-    async def _call(name: str, awaitable: object) -> object:
-        try:
+    async def _call(self, name: str, awaitable: object) -> object:
+        with self._op(name):
             return await awaitable  # type: ignore[misc]  # redis-py's stubs return unions
+
+    @contextlib.contextmanager
+    def _op(self, name: str) -> Iterator[None]:
+        """One store call: timed for the observer, and failures translated (fail closed)."""
+        started = time.perf_counter()
+        failed = False
+        try:
+            yield
         except (RedisError, OSError, TimeoutError) as exc:
+            failed = True
             raise StoreUnavailableError(f"redis {name} failed: {type(exc).__name__}") from exc
+        finally:
+            if self._observe is not None:
+                self._observe(name, time.perf_counter() - started, failed)

@@ -269,6 +269,6 @@ class SessionStore:
         so at start when the store shows a policy that evicts."""
         policy = await self.backend.eviction_policy()
         if policy not in (None, "noeviction"):
-            log.warning("store_evicts_keys maxmemory-policy=%s: evicted registry entries and "
-                        "indexes leave sessions that no revocation finds; set "
-                        "maxmemory-policy noeviction", policy)
+            log.warning("store_evicts_keys policy=%s: the store's maxmemory-policy evicts; "
+                        "evicted registry entries and indexes leave sessions that no "
+                        "revocation finds; set maxmemory-policy noeviction", policy)
