@@ -21,6 +21,7 @@ from gateway import (
     logout,
     observability,
     server,
+    sessions_page,
     websocket,
 )
 from gateway.config import Config
@@ -113,6 +114,8 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     app.router.add_post("/oauth2/backchannel_logout", logout.backchannel_logout)
     app.router.add_get("/oauth2/frontchannel_logout", logout.frontchannel_logout)
     app.router.add_get("/oauth2/userinfo", endpoints.userinfo)
+    app.router.add_get(sessions_page.PATH, sessions_page.show)
+    app.router.add_post(sessions_page.PATH, sessions_page.end)
     app.router.add_route("*", forward_auth.PATH, forward_auth.auth)
     app.router.add_route("*", forward_auth.PATH + "/{tail:.*}", forward_auth.auth)
     app.router.add_get("/oauth2/healthz", endpoints.healthz)

@@ -38,7 +38,7 @@ log = logging.getLogger("gateway.logout")
 SIGNED_OUT = "/oauth2/signed_out"
 
 
-def _same_origin(request: web.Request, public_url: str) -> bool:
+def same_origin(request: web.Request, public_url: str) -> bool:
     """CSRF check for POST: the form must come from a page of our own origin."""
     origin = request.headers.get("Origin")
     if origin is not None:
@@ -52,7 +52,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if request.method not in rt.config.session.sign_out_methods:
         raise MethodNotAllowedError(f"sign-out by {request.method} is not enabled")
     # SECURITY: logout CSRF. A cross-site form must not end the user's session.
-    if request.method == "POST" and not _same_origin(request, rt.config.server.public_url):
+    if request.method == "POST" and not same_origin(request, rt.config.server.public_url):
         raise ForbiddenError("sign-out POST from another origin")
     requested = request.query.get("rd")
     return_to = rt.return_target(requested) if requested else None

@@ -75,7 +75,7 @@ class Metrics:
             "discarded: the session ended meanwhile).", ("result",), registry=registry)
         self._logouts = Counter(
             "gateway_logouts", "Sessions ended, by kind (sign_out, backchannel, "
-            "frontchannel, refresh_refused).", ("kind",), registry=registry)
+            "frontchannel, refresh_refused, user_revoked).", ("kind",), registry=registry)
         self._store_seconds = Histogram(
             "gateway_store_duration_seconds", "Session store (Redis) calls, by operation.",
             ("operation",), buckets=_STORE_BUCKETS, registry=registry)

@@ -124,6 +124,10 @@ class SessionStore:
                            session.client_ip, session.user_agent, identity.email_verified,
                            self.keys.deployment_tag)
 
+    def info_of(self, loaded: Loaded) -> SessionInfo:
+        """A live session's registry entry, as it would be written now."""
+        return self._info(loaded.cookie, loaded.session)
+
     def _ttl(self, created_at: float) -> float:
         return min(self._idle, created_at + self._max - self._clock())
 
