@@ -151,6 +151,8 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
             loop.add_signal_handler(sig, stop.set)
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload.reload, app[RUNTIME], config_path)
+            # a worker starts with it blocked (workers.py): one sent meanwhile arrives now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await stop.wait()
         await _delay_shutdown(app, config.server.shutdown_delay, stop)
         log.info("gateway_stopping drain_timeout=%s", config.server.shutdown_timeout)

@@ -84,6 +84,7 @@ class Supervisor:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._metrics_listen = config.server.metrics_listen
         self._metrics: metrics.WorkerMetrics | None = None
+        self._starting = asyncio.Lock()
 
     async def run(self) -> int:
         try:
@@ -125,8 +126,18 @@ class Supervisor:
             started = time.monotonic()
             env = {**os.environ, LISTEN_FD: str(sock.fileno()),
                    **(self._metrics.environment() if self._metrics else {})}
-            proc = await asyncio.create_subprocess_exec(*self._argv, pass_fds=(sock.fileno(),),
-                                                        env=env)
+            # A worker starts with SIGHUP blocked, and unblocks it once it reloads on it
+            # (server.serve): a reload signalled while it starts waits for it, instead of
+            # killing it (SIGHUP's default action). The blocked mask passes through fork and
+            # exec; a SIGHUP to the supervisor meanwhile waits too, for the line after. One
+            # start at a time, so that no other restores the mask while this one forks.
+            async with self._starting:
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *self._argv, pass_fds=(sock.fileno(),), env=env)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._procs[index] = proc
             if self._stopping:  # a signal came while it started
                 proc.terminate()

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,51 @@ async def test_every_worker_switches_and_gateway_reload_finds_the_supervisor(
         _, err = await reload.communicate()
         assert reload.returncode == 1 and b"not valid YAML" in err
     assert not pid_file.exists()
+
+
+def with_public_route(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """`config` plus a public route /<name> onto the app's /echo."""
+    route = {"name": name, "path_prefix": f"/{name}", "auth": "public", "strip_prefix": True,
+             "upstream": config["routes"][0]["upstream"]}
+    return {**config, "routes": [route, *config["routes"]]}
+
+
+async def test_requests_keep_running_through_five_reloads_valid_and_invalid(
+        tmp_path: Path, redis_url: str) -> None:
+    async with running(tmp_path, store=redis_url, workers=2) as gw:
+        stop = asyncio.Event()
+        outcomes: Counter[str] = Counter()
+
+        async def load(new_connections: bool) -> None:
+            connector = aiohttp.TCPConnector(force_close=new_connections)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                while not stop.is_set():
+                    try:
+                        async with http.get(gw.url + "/public/echo") as resp:
+                            await resp.read()
+                            outcomes[str(resp.status)] += 1
+                    except aiohttp.ClientError as exc:
+                        outcomes[type(exc).__name__] += 1
+
+        clients = [asyncio.create_task(load(new_connections=i % 2 == 0)) for i in range(4)]
+        steps = [with_public_route(gw.config, "one"), "routes: [unclosed",
+                 with_public_route(gw.config, "two"), {**gw.config, "routes": [{"name": "x"}]},
+                 with_public_route(gw.config, "three")]
+        for done, config in enumerate(steps, start=1):
+            gw.write(config)
+            gw.proc.send_signal(signal.SIGHUP)
+
+            async def both_workers_answered(done: int = done) -> bool:
+                log = gw.log.read_text()
+                return log.count("config_reloaded") + log.count("config_reload_refused") \
+                    == 2 * done
+            await gw.until(both_workers_answered)
+            await asyncio.sleep(0.2)  # requests keep coming between reloads
+        stop.set()
+        await asyncio.gather(*clients)
+        assert set(outcomes) == {"200"} and outcomes["200"] > 100, outcomes
+        log = gw.log.read_text()
+        assert (log.count("config_reloaded"), log.count("config_reload_refused")) == (6, 4)
+        statuses = await asyncio.gather(*(gw.status(path) for path in
+                                          ("/three/x", "/one/x", "/two/x") for _ in range(10)))
+        assert statuses == [200] * 10 + [401] * 20  # the last valid config, on both workers
