@@ -45,7 +45,8 @@ def test_bench_reports_every_target_and_two_redis_commands_per_signed_in_request
     )
     assert set(rows) == {"upstream direct", "gateway public route", "gateway with session"}
     assert float(rows["gateway public route"]) == 0
-    assert float(rows["gateway with session"]) == 2  # GET + PTTL, one pipelined round trip
+    # one round trip: an EVALSHA that runs GET and PTTL (Redis counts all three)
+    assert float(rows["gateway with session"]) == 3
 
 
 def _cells(table: str) -> dict[str, list[str]]:
@@ -132,9 +133,10 @@ def test_the_comparison_with_apache_runs_with_one_command_and_measures_every_row
         "nginx upstream direct",
     ):
         assert redis[name] == 0, name
-    # Without the cache, a signed-in request reads its session in one pipelined round trip
-    # (GET + PTTL: 2 commands) and writes nothing; with it, almost never.
-    assert 0.5 < redis["gateway, signed in, Redis, 1 worker, no cache"] <= 2.5
+    # Without the cache, a signed-in request reads its session in one round trip (an EVALSHA
+    # running GET and PTTL: 3 commands in Redis's counts) and writes nothing; with it,
+    # almost never.
+    assert 0.5 < redis["gateway, signed in, Redis, 1 worker, no cache"] <= 3.5
     assert redis["gateway, signed in, Redis, 2 workers, cache_ttl 1s"] < 0.5
     assert redis["Apache + mod_auth_openidc, signed in"] > 0  # its sessions are in Redis too
 
@@ -146,7 +148,8 @@ def test_the_comparison_with_apache_runs_with_one_command_and_measures_every_row
 
     for name in ("nginx direct, 50 MB download", "gateway, signed in, 50 MB download"):
         rate, seconds, cpu, before, peak, _growth = (_number(c) for c in cells[name])
-        assert min(rate, seconds, cpu, before, peak) > 0, (name, cells[name])
+        # (nginx's CPU for 50 MB can round to 0.00 s per GB)
+        assert min(rate, seconds, before, peak) > 0 and cpu >= 0, (name, cells[name])
     # The body streams through: the gateway's memory does not grow with it.
     assert _number(cells["gateway, signed in, 50 MB download"][5]) < 25
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.config import RedisTLSConfig
@@ -27,6 +28,15 @@ from gateway.store_url import StoreLocation, parse_store_url
 
 log = logging.getLogger("gateway.store")
 DEFAULT_TLS = RedisTLSConfig()
+
+# A record and its remaining time (ms) in one command: one round trip per signed-in request,
+# and cheaper for the client than a pipeline of GET and PTTL (about half the time here).
+_GET_WITH_TTL = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+return {value, redis.call('PTTL', KEYS[1])}
+"""
+
 
 # Compare-and-delete in one step, so a lock that expired and was taken by another replica is
 # never released by the late holder. One key: safe on a Cluster.
@@ -107,6 +117,7 @@ class RedisBackend:
         self._client = client
         self._helpers = helpers or []  # e.g. Sentinel connections, closed with the client
         self._observe = observe
+        self._scripts: dict[str, AsyncScript] = {}  # registered on first use: EVALSHA
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, tls: RedisTLSConfig = DEFAULT_TLS,
@@ -126,14 +137,12 @@ class RedisBackend:
                    observe=observe)
 
     async def get(self, key: str) -> tuple[bytes | None, float | None]:
-        with self._op("GET"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.pttl(key)
-                value, pttl = await pipe.execute()
-        if value is None:
+        reply = await self._run("GET", _GET_WITH_TTL, [key])
+        if not isinstance(reply, list):
             return None, None
-        return value, (pttl / 1000 if pttl and pttl > 0 else None)
+        value, pttl = reply
+        assert isinstance(value, bytes) and isinstance(pttl, int), reply
+        return value, (pttl / 1000 if pttl > 0 else None)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call("SET", self._client.set(key, value, px=_ms(ttl)))
@@ -142,9 +151,7 @@ class RedisBackend:
         return bool(await self._call("SET XX", self._client.set(key, value, px=_ms(ttl), xx=True)))
 
     async def set_beside(self, key: str, value: bytes, ttl: float, anchor: str) -> bool:
-        done = await self._call("EVAL", self._client.eval(_SET_BESIDE, 2, anchor, key, value,
-                                                           _ms(ttl)))
-        return bool(done)
+        return bool(await self._run("SET beside", _SET_BESIDE, [anchor, key], [value, _ms(ttl)]))
 
     async def expire(self, key: str, ttl: float) -> None:
         await self._call("PEXPIRE", self._client.pexpire(key, _ms(ttl)))
@@ -161,7 +168,7 @@ class RedisBackend:
         return bool(await self._call("SET NX", self._client.set(key, value, px=_ms(ttl), nx=True)))
 
     async def delete_if(self, key: str, value: bytes) -> None:
-        await self._call("EVAL", self._client.eval(_DELETE_IF, 1, key, value))
+        await self._run("DEL if", _DELETE_IF, [key], [value])
 
     async def count(self, key: str, ttl: float) -> int:
         with self._op("INCR"):
@@ -172,8 +179,7 @@ class RedisBackend:
         return int(value)
 
     async def rate(self, key: str, limit: int, period: float) -> Rate:
-        reply = await self._call(
-            "EVAL", self._client.eval(_GCRA, 1, key, limit, int(period * 1_000_000)))
+        reply = await self._run("GCRA", _GCRA, [key], [limit, int(period * 1_000_000)])
         assert isinstance(reply, list) and len(reply) == 4, reply
         allowed, remaining, retry_us, reset_us = reply
         return Rate(bool(allowed), int(remaining), float(retry_us) / 1_000_000,
@@ -248,6 +254,14 @@ class RedisBackend:
         await self._client.aclose()
         for helper in self._helpers:
             await helper.aclose()
+
+    async def _run(self, name: str, script: str, keys: list[str],
+                   args: list[bytes | int] | None = None) -> object:
+        """A Lua script by its SHA (EVALSHA; loaded by redis-py when the server lacks it)."""
+        runner = self._scripts.get(script)
+        if runner is None:
+            runner = self._scripts[script] = self._client.register_script(script)
+        return await self._call(name, runner(keys=keys, args=args or []))
 
     async def _call(self, name: str, awaitable: object) -> object:
         with self._op(name):
