@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,7 +27,7 @@ from gateway.sessions import store as store_module
 from gateway.sessions.backends import Backend, MemoryBackend, gcra
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
-from gateway.sessions.model import LoginAttempt
+from gateway.sessions.model import LoginAttempt, Session
 from gateway.sessions.redis import RedisBackend
 from gateway.sessions.store import ATTEMPT_TTL, SessionStore
 
@@ -652,3 +654,38 @@ async def test_the_cache_is_bounded(clock: FakeClock, monkeypatch: pytest.Monkey
         await store.load(cookie.value)
     await store.load(cookies[0].value)  # evicted by the third: read again
     assert backend.reads == 4
+
+
+def _session(**claims: Any) -> Session:
+    token = "eyJhbGciOiJSUzI1NiJ9." + "eyJzdWIiOiJhbGljZSJ9" * 20 + ".c2lnbmF0dXJl" * 20
+    identity = Identity("alice", "alice@example.com", True, "alice", ("staff",), "sid-1",
+                        {"sub": "alice", "auth_time": 1_700_000_000, **claims})
+    return Session(identity, TokenSet(token, token, "refresh", 1_700_003_600.0,
+                                      1_700_000_000.0), 1_700_000_000.0, "192.0.2.1", "Firefox")
+
+
+def test_a_session_record_is_compressed_and_reads_back_the_same() -> None:
+    session = _session()
+    raw = session.to_bytes()
+    assert raw[:1] == b"\x02"
+    assert len(raw) < len(zlib.decompress(raw[1:])) * 0.7  # the JSON inside is far larger
+    assert Session.from_bytes(raw) == session
+
+
+def test_a_record_of_the_previous_release_is_still_read() -> None:
+    session = _session()
+    data = json.loads(zlib.decompress(session.to_bytes()[1:]))
+    legacy = json.dumps({**data, "v": 1}).encode()  # version 1: plain JSON, no marker
+    assert Session.from_bytes(legacy) == session
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x02" + zlib.compress(json.dumps({"v": 1}).encode()),  # a marker with the wrong version
+    b"\x02" + zlib.compress(b"{}")[:-3],  # truncated
+    b"\x02not zlib",
+    b"\x02" + zlib.compress(b" " * (2 << 20)),  # inflates past any real record
+    json.dumps({"v": 2}).encode(),  # version 2 always comes compressed
+])
+def test_a_record_that_is_not_exactly_readable_is_refused(raw: bytes) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        Session.from_bytes(raw)
