@@ -6,6 +6,8 @@ opened in one cleanup context, so they are closed only if they were opened, in r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -85,7 +87,15 @@ def _runtime_context(config: Config, clock: Callable[[], float]
             except GatewayError as exc:
                 log.warning("discovery_failed_at_startup detail=%s (will retry)", exc.detail)
             await app[RUNTIME].sessions.warn_if_evicting()
-            yield
+            follow = asyncio.create_task(sessions.follow_invalidations()) \
+                if config.session.cache_ttl > 0 else None
+            try:
+                yield
+            finally:
+                if follow is not None:
+                    follow.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await follow
         finally:
             await upstreams.aclose()
             await idp_http.close()

@@ -252,15 +252,16 @@ class SessionConfig(FrozenModel):
     # gateways of different apps sharing one Redis never see each other's sessions.
     key_prefix: str | None = None
     # Serve a session loaded in the last cache_ttl from this process's memory (no store round
-    # trip). Other processes' revocations land here up to this late; 0: off. At most 1s.
-    cache_ttl: NonNegativeDuration = 0.0
+    # trip), while the store's invalidation channel is up: any process's revocation drops it
+    # everywhere at once (sessions/cache.py). 0: off. At most 10s.
+    cache_ttl: NonNegativeDuration = 2.0
 
     @field_validator("cache_ttl")
     @classmethod
     def _check_cache_ttl(cls, value: float) -> float:
-        if value > 1.0:
-            raise ValueError("at most 1s: a sign-out or revocation on another worker or "
-                             "replica reaches this one only once its cached copy is older")
+        if value > 10.0:
+            raise ValueError("at most 10s: it bounds how late a revocation lands should the "
+                             "invalidation channel die without a word")
         return value
     # The cookies' Domain (default: none, so only public_url's host gets them): a parent
     # domain, for sites on sibling hosts behind a forward-auth front.

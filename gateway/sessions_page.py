@@ -10,9 +10,9 @@ under the signed-in user's own sub can be named: the ids shown are opaque hashes
 in that list, so another user's session is neither listed nor reachable, whatever is sent.
 The form is CSRF-checked twice: the request must come from our own origin (as sign-out's
 POST), and carry a token only the cookie's holder can make (an HMAC under the session's own
-key, which never leaves the cookie). An ended session's record is deleted from the store, so
-every replica refuses it at its next request (within session.cache_ttl, at most 1 s, where
-that cache is on). The current session is ended by signing out, which also ends it at the IdP.
+key, which never leaves the cookie). An ended session's record is deleted from the store and
+named on the invalidation channel, so every replica refuses it at its next request, session
+caches included. The current session is ended by signing out, which also ends it at the IdP.
 """
 
 from __future__ import annotations

@@ -43,7 +43,10 @@ async def status_of(browser: aiohttp.ClientSession, url: str, **headers: str) ->
 async def test_hung_store_gives_503_fast_then_recovers_with_every_session(
         make_stack: StackFactory, own_redis: Deployment,
         browser: aiohttp.ClientSession) -> None:
-    stack = await make_stack(store=own_redis.url, session={"store_timeout": "500ms"})
+    # (without the session cache, which would answer from memory for up to cache_ttl: nobody
+    # can revoke a session while the store does not answer)
+    stack = await make_stack(store=own_redis.url,
+                             session={"store_timeout": "500ms", "cache_ttl": "0s"})
     await login(browser, stack.gateway, "/echo")
     os.kill(own_redis.processes[0].pid, signal.SIGSTOP)  # Redis stops answering
     try:

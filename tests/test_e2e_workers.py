@@ -132,9 +132,11 @@ async def test_every_worker_serves_and_all_drain_on_sigterm(
         assert not any(alive(pid) for pid in workers)
 
 
-async def test_with_the_session_cache_a_sign_out_reaches_every_worker_within_1s(
+async def test_with_the_session_cache_a_sign_out_reaches_every_worker_at_once(
         tmp_path: Path, redis_url: str, browser: aiohttp.ClientSession) -> None:
-    async with supervised(tmp_path, redis_url, workers=3, cache_ttl="1s") as (gateway, _):
+    """cache_ttl is 10 s, yet every worker refuses the session well within 1 s: the
+    invalidation channel, not the cache's age, ends it."""
+    async with supervised(tmp_path, redis_url, workers=3, cache_ttl="10s") as (gateway, _):
         await login(browser, gateway, "/echo")
         cookie = next(c.value for c in browser.cookie_jar if c.key == "gateway_session")
         connector = aiohttp.TCPConnector(force_close=True)  # new connections: every worker
@@ -155,4 +157,4 @@ async def test_with_the_session_cache_a_sign_out_reaches_every_worker_within_1s(
                 if 200 in statuses:
                     last_served = time.monotonic()
                 assert set(statuses) <= {200, 401}
-            assert last_served - signed_out < 1.2, last_served - signed_out
+            assert last_served - signed_out < 0.5, last_served - signed_out

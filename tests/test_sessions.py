@@ -8,9 +8,11 @@ that was set, since Redis expires keys on its own clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,12 +25,13 @@ from conftest import FakeClock
 from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
-from gateway.sessions import store as store_module
+from gateway.sessions import cache as cache_module
 from gateway.sessions.backends import Backend, MemoryBackend, gcra
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session
 from gateway.sessions.redis import RedisBackend
+from gateway.sessions.registry import SessionInfo
 from gateway.sessions.store import ATTEMPT_TTL, SessionStore
 
 IDLE = 1800.0
@@ -569,7 +572,7 @@ def test_gcra_refills_evenly(clock: FakeClock) -> None:
     assert decision.allowed and decision.remaining == 4  # full again, and no more than full
 
 
-# --- The recently-loaded cache (session.cache_ttl) ---
+# --- The recently-loaded cache (session.cache_ttl), kept true by invalidations ---
 
 
 class CountingReads(CountingBackend):
@@ -589,71 +592,200 @@ class CountingReads(CountingBackend):
         return counted
 
 
+@contextlib.asynccontextmanager
+async def following(*stores: SessionStore) -> AsyncIterator[None]:
+    """The stores listen to their invalidation channel (as the app's task does)."""
+    tasks = [asyncio.create_task(store.follow_invalidations()) for store in stores]
+    try:
+        for _ in range(200):
+            if all(store.recent.on for store in stores):
+                break
+            await asyncio.sleep(0.01)
+        assert all(store.recent.on for store in stores)
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def delivered() -> None:
+    """Let an in-process invalidation reach its listeners."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def cached_store(backend: Backend, clock: Callable[[], float],
+                 ttl: float = 1.0) -> SessionStore:
+    return SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                        cache_ttl=ttl)
+
+
 async def test_a_recently_loaded_session_costs_no_store_round_trip(clock: FakeClock) -> None:
     backend: Any = CountingReads(MemoryBackend(clock))
-    store = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
-                         cache_ttl=1.0)
+    store = cached_store(backend, clock)
     cookie = await store.create(ALICE, TOKENS)
-    for _ in range(5):
-        loaded = await store.load(cookie.value)
-        assert loaded is not None and loaded.session.identity == ALICE
-    assert backend.reads == 1
-    clock.advance(1.0)  # as old as cache_ttl: read again
+    async with following(store):
+        for _ in range(5):
+            loaded = await store.load(cookie.value)
+            assert loaded is not None and loaded.session.identity == ALICE
+        assert backend.reads == 1
+        clock.advance(1.0)  # as old as cache_ttl: read again
+        assert await store.load(cookie.value) is not None
+        assert backend.reads == 2
+
+
+async def test_without_the_invalidation_channel_nothing_is_cached(clock: FakeClock) -> None:
+    backend: Any = CountingReads(MemoryBackend(clock))
+    store = cached_store(backend, clock)
+    cookie = await store.create(ALICE, TOKENS)
+    for _ in range(3):  # not listening (yet): every load asks the store
+        assert await store.load(cookie.value) is not None
+    assert backend.reads == 3
+    async with following(store):
+        assert await store.load(cookie.value) is not None
+        assert await store.load(cookie.value) is not None
+        assert backend.reads == 4
+    assert not store.recent.on  # listening stopped: the cache is off and empty again
     assert await store.load(cookie.value) is not None
-    assert backend.reads == 2
+    assert backend.reads == 5
 
 
 async def test_the_cache_answers_only_the_exact_cookie(clock: FakeClock) -> None:
-    """An entry is keyed by the whole cookie: the right id with another key is no session,
-    cached or not."""
-    store = SessionStore(MemoryBackend(clock), KEYS, idle_timeout=IDLE, max_lifetime=MAX,
-                         clock=clock, cache_ttl=1.0)
+    """An entry holds a hash of the whole cookie: the right id with another key is no
+    session, cached or not."""
+    store = cached_store(MemoryBackend(clock), clock)
     cookie = await store.create(ALICE, TOKENS)
-    assert await store.load(cookie.value) is not None
-    forged = SessionCookie(cookie.session_id, bytes(32))
-    assert await store.load(forged.value) is None
+    async with following(store):
+        assert await store.load(cookie.value) is not None
+        forged = SessionCookie(cookie.session_id, bytes(32))
+        assert await store.load(forged.value) is None
+        assert await store.load(cookie.value) is not None
 
 
 async def test_this_process_sees_its_own_deletes_and_replaces_at_once(clock: FakeClock) -> None:
-    store = SessionStore(MemoryBackend(clock), KEYS, idle_timeout=IDLE, max_lifetime=MAX,
-                         clock=clock, cache_ttl=1.0)
+    store = cached_store(MemoryBackend(clock), clock)
     cookie = await store.create(ALICE, TOKENS)
-    loaded = await store.load(cookie.value)
-    assert loaded is not None
-    newer = TokenSet("access-2", "id.token.2", "refresh-2", 2e10)
-    replaced = await store.replace(loaded, dataclasses.replace(loaded.session, tokens=newer))
-    assert replaced is not None
-    again = await store.load(cookie.value)
-    assert again is not None and again.session.tokens == newer
-    await store.delete(again)
-    assert await store.load(cookie.value) is None
+    async with following(store):
+        loaded = await store.load(cookie.value)
+        assert loaded is not None
+        newer = TokenSet("access-2", "id.token.2", "refresh-2", 2e10)
+        replaced = await store.replace(loaded, dataclasses.replace(loaded.session,
+                                                                   tokens=newer))
+        assert replaced is not None
+        again = await store.load(cookie.value)
+        assert again is not None and again.session.tokens == newer
+        await store.delete(again)
+        assert await store.load(cookie.value) is None
 
 
-async def test_another_processes_revocation_lands_within_cache_ttl(clock: FakeClock) -> None:
+async def test_another_processes_revocation_and_refresh_land_at_once(clock: FakeClock) -> None:
     backend = MemoryBackend(clock)
-    here = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
-                        cache_ttl=0.5)
-    there = make_store(backend, clock)
+    here, there = cached_store(backend, clock, ttl=10.0), cached_store(backend, clock)
     cookie = await here.create(ALICE, TOKENS)
-    assert await here.load(cookie.value) is not None
-    loaded_there = await there.load(cookie.value)
-    assert loaded_there is not None
-    await there.delete(loaded_there)
-    assert await here.load(cookie.value) is not None  # still the cached copy
-    clock.advance(0.5)
-    assert await here.load(cookie.value) is None
+    async with following(here, there):
+        assert await here.load(cookie.value) is not None
+        loaded_there = await there.load(cookie.value)
+        assert loaded_there is not None
+        newer = TokenSet("access-2", "id.token.2", "refresh-2", 2e10)
+        loaded_there = await there.replace(loaded_there, dataclasses.replace(
+            loaded_there.session, tokens=newer))
+        assert loaded_there is not None
+        await delivered()
+        seen = await here.load(cookie.value)
+        assert seen is not None and seen.session.tokens == newer  # not the cached copy
+        await there.registry.revoke([SessionInfo.bare(cookie.storage_id)])  # e.g. the admin CLI
+        await delivered()
+        assert await here.load(cookie.value) is None  # well within cache_ttl
+
+
+class SlowReads:
+    """A backend whose reads wait for `release`: a load in flight while something happens."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str) -> tuple[bytes | None, float | None]:
+        found = await self.inner.get(key)
+        await self.release.wait()
+        return found
+
+
+async def test_a_load_under_way_when_its_session_is_revoked_is_not_cached(
+        clock: FakeClock) -> None:
+    backend: Any = SlowReads(MemoryBackend(clock))
+    here, there = cached_store(backend, clock), make_store(backend.inner, clock)
+    cookie = await here.create(ALICE, TOKENS)
+    async with following(here):
+        load = asyncio.create_task(here.load(cookie.value))  # reads the record, then waits
+        await delivered()
+        await there.registry.revoke([SessionInfo.bare(cookie.storage_id)])
+        await delivered()
+        backend.release.set()
+        assert await load is not None  # it read the record before the revocation
+        assert await here.load(cookie.value) is None  # but did not keep it
 
 
 async def test_the_cache_is_bounded(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CACHE_ENTRIES", 2)
+    monkeypatch.setattr(cache_module, "ENTRIES", 2)
     backend: Any = CountingReads(MemoryBackend(clock))
-    store = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
-                         cache_ttl=1.0)
+    store = cached_store(backend, clock)
     cookies = [await store.create(ALICE, TOKENS) for _ in range(3)]
-    for cookie in cookies:
-        await store.load(cookie.value)
-    await store.load(cookies[0].value)  # evicted by the third: read again
-    assert backend.reads == 4
+    async with following(store):
+        for cookie in cookies:
+            await store.load(cookie.value)
+        await store.load(cookies[0].value)  # evicted by the third: read again
+        assert backend.reads == 4
+
+
+async def test_on_redis_a_revocation_reaches_every_store_and_a_lost_channel_turns_the_cache_off(
+        redis_url: str, clock: FakeClock) -> None:
+    """Real pub/sub: two stores (two replicas) on one Redis. A revocation by one drops the
+    other's copy at once; when the other's pub/sub connection is killed, it reads the store
+    until it has listened again, and its cache is empty when it comes back."""
+    keys = Keys("gateway:test-cache", "https://idp.example", "client")
+    backends = [RedisBackend.from_url(redis_url, timeout=2.0) for _ in range(2)]
+    counting: Any = CountingReads(backends[0])
+    here = SessionStore(counting, keys, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                        cache_ttl=10.0)
+    there = SessionStore(backends[1], keys, idle_timeout=IDLE, max_lifetime=MAX, clock=clock)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        cookie = await there.create(ALICE, TOKENS)
+        async with following(here):
+            assert await here.load(cookie.value) is not None
+            assert await here.load(cookie.value) is not None
+            assert counting.reads == 1
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            for _ in range(200):  # noticed: the cache is off until it listens again
+                if not here.recent.on:
+                    break
+                await asyncio.sleep(0.01)
+            assert not here.recent.on
+            assert await here.load(cookie.value) is not None
+            assert counting.reads == 2
+            for _ in range(300):
+                if here.recent.on:
+                    break
+                await asyncio.sleep(0.01)
+            assert here.recent.on  # back, and empty: the next load reads the store
+            assert await here.load(cookie.value) is not None
+            assert counting.reads == 3
+            loaded = await there.load(cookie.value)
+            assert loaded is not None
+            started = time.monotonic()
+            await there.delete(loaded)
+            while await here.load(cookie.value) is not None:
+                assert time.monotonic() - started < 0.5
+                await asyncio.sleep(0.005)
+    finally:
+        await admin.aclose()
+        for backend in backends:
+            await backend.aclose()
 
 
 def _session(**claims: Any) -> Session:

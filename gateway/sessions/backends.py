@@ -6,8 +6,9 @@ contract test suite covers every backend. `open_backend(config)` picks one from 
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,6 +105,14 @@ class Backend(Protocol):
         """The store's policy when it runs out of memory, if it will say (None: it will not,
         or it never evicts on its own)."""
 
+    async def publish(self, channel: str, message: str) -> None:
+        """Tell every listener of `channel`, in every process sharing the store."""
+
+    def listen(self, channel: str, subscribed: Callable[[], None]) -> AsyncIterator[str]:
+        """The messages published on `channel` from the moment `subscribed` is called (the
+        subscription is confirmed) on; StoreUnavailableError when the connection is lost
+        (nothing published meanwhile will be seen: listen again)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -114,6 +123,7 @@ class MemoryBackend:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}
         self._sets: dict[str, dict[str, float]] = {}  # index -> member -> until
+        self._listeners: dict[str, builtins.set[asyncio.Queue[str]]] = {}
         self._next_sweep = clock() + _SWEEP_INTERVAL
 
     def _live(self, key: str) -> tuple[bytes, float] | None:
@@ -232,6 +242,21 @@ class MemoryBackend:
 
     async def eviction_policy(self) -> str | None:
         return None
+
+    async def publish(self, channel: str, message: str) -> None:
+        for queue in self._listeners.get(channel, ()):
+            queue.put_nowait(message)
+
+    async def listen(self, channel: str,
+                     subscribed: Callable[[], None]) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._listeners.setdefault(channel, set()).add(queue)
+        try:
+            subscribed()
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners[channel].discard(queue)
 
     async def aclose(self) -> None:
         self._data.clear()

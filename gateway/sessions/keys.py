@@ -83,6 +83,12 @@ class Keys:
     def by_sid(self, sid: str) -> str:
         return f"{self.prefix}:sid:{{{_hex(self.issuer, self.client_id, sid)}}}"
 
+    @property
+    def invalidations(self) -> str:
+        """The pub/sub channel on which a revoked or changed session is named, so that every
+        process drops its cached copy (store.py)."""
+        return f"{self.prefix}:invalidate"
+
     def attempt(self, state: str) -> str:
         return f"{self.prefix}:attempt:{{{_hex(state)}}}"
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -249,6 +249,33 @@ class RedisBackend:
             return value.decode() if isinstance(value, bytes) else value \
                 if isinstance(value, str) else None
         return None
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._call("PUBLISH", self._client.publish(channel, message))
+
+    async def listen(self, channel: str,
+                     subscribed: Callable[[], None]) -> AsyncIterator[str]:
+        """One pub/sub connection, waiting for messages a second at a time (so redis-py's
+        health check pings it while it is quiet: a dead connection is noticed)."""
+        pubsub = self._client.pubsub()
+        try:
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        subscribed()
+                    elif message["type"] == "message":
+                        data = message["data"]
+                        yield data.decode() if isinstance(data, bytes) else str(data)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreUnavailableError(
+                    f"redis SUBSCRIBE {channel} lost: {type(exc).__name__}") from exc
+        finally:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -193,5 +193,8 @@ class Registry:
         names = [name for info in infos
                  for name in (keys.session(info.storage_id), keys.meta(info.storage_id))]
         await self._backend.delete(*names)
+        if infos:  # every process drops its cached copy (cache.py)
+            await self._backend.publish(keys.invalidations,
+                                        " ".join(info.storage_id for info in infos))
         await self.forget(infos)
         return len(infos)

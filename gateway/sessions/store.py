@@ -14,13 +14,10 @@ Sliding idle timeout without a write per request: the record's TTL *is* the idle
 together with the value in one round trip; it is pushed forward only once the session has been
 idle for a touch interval, and never beyond max_lifetime from login.
 
-Recently loaded sessions (`cache_ttl`, off by default): a session loaded in the last
-`cache_ttl` seconds is served from this process's memory, unsealed, with no store round trip.
-The cache is keyed by a hash of the whole cookie (its key included, so no other cookie can
-hit an entry), bounded (least recently used first), updated by this process's own replace
-and emptied of a session this process deletes. What other processes do (a sign-out on
-another worker or replica, a back-channel logout, an admin revoke, a refresh) is seen here
-once the entry is older than `cache_ttl`: that is the bound on how late a revocation lands.
+Recently loaded sessions (`cache_ttl`): served from this process's memory, and dropped the
+moment any process of the deployment revokes or changes them (cache.py). Every revocation
+(registry.revoke) and every replace names the session on the deployment's invalidation
+channel.
 
 A revoked session stays revoked: every write that follows a read (new tokens after a refresh,
 the idle touch, the registry entry) is conditional on the record still being there (SET XX,
@@ -30,10 +27,8 @@ flight is never undone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -45,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
 from gateway.sessions.backends import Backend, Rate
+from gateway.sessions.cache import RecentSessions
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
 from gateway.sessions.model import LoginAttempt, Session
@@ -54,12 +50,6 @@ log = logging.getLogger("gateway.store")
 
 ATTEMPT_TTL = 600.0  # 10 minutes: covers an IdP login with MFA, and clock skew
 _NONCE_BYTES = 12
-CACHE_ENTRIES = 10_000  # sessions kept unsealed at most, per process
-
-
-def _cache_key(cookie: SessionCookie) -> bytes:
-    """The recently-loaded cache's key: the whole cookie, its key half included, hashed."""
-    return hashlib.sha256(cookie.value.encode()).digest()
 
 
 def _attempt_key(state: str) -> bytes:
@@ -86,9 +76,8 @@ class SessionStore:
                  max_lifetime: float, clock: Callable[[], float],
                  cache_ttl: float = 0.0) -> None:
         self.backend = backend
-        self._cache_ttl = cache_ttl
-        # sha256(cookie) -> (when it was loaded from the store, what was loaded)
-        self._recent: OrderedDict[bytes, tuple[float, Loaded]] = OrderedDict()
+        self.recent = RecentSessions(cache_ttl, clock,
+                                     lambda loaded: self._ttl(loaded.session.created_at) > 0)
         self.keys = keys
         self.registry = Registry(backend, keys)
         self._idle = idle_timeout
@@ -147,35 +136,18 @@ class SessionStore:
         cookie = SessionCookie.parse(cookie_value)
         if cookie is None:
             return None
-        if self._cache_ttl <= 0:
+        if not self.recent.on:
             return await self._load(cookie)
-        key = _cache_key(cookie)
-        loaded = self._cached(key)
+        loaded = self.recent.get(cookie)
         if loaded is None:
+            generation = self.recent.generation
             loaded = await self._load(cookie)
-            self._remember(key, loaded)
+            self.recent.put(cookie, loaded, generation)
         return loaded
 
-    def _cached(self, key: bytes) -> Loaded | None:
-        entry = self._recent.get(key)
-        if entry is None:
-            return None
-        loaded_at, loaded = entry
-        if self._clock() - loaded_at >= self._cache_ttl \
-                or self._ttl(loaded.session.created_at) <= 0:
-            del self._recent[key]
-            return None
-        self._recent.move_to_end(key)
-        return loaded
-
-    def _remember(self, key: bytes, loaded: Loaded | None) -> None:
-        if loaded is None:
-            self._recent.pop(key, None)
-            return
-        self._recent[key] = (self._clock(), loaded)
-        self._recent.move_to_end(key)
-        while len(self._recent) > CACHE_ENTRIES:
-            self._recent.popitem(last=False)
+    async def follow_invalidations(self) -> None:
+        """For the app's life, with the cache on: see cache.py."""
+        await self.recent.follow(self.backend, self.keys.invalidations)
 
     async def _load(self, cookie: SessionCookie) -> Loaded | None:
         name = self._name(cookie)
@@ -206,23 +178,21 @@ class SessionStore:
         ttl = self._ttl(session.created_at)
         sealed = self._seal(cookie.key, name, session.to_bytes())
         if not await self.backend.replace(name, sealed, ttl):
-            self._forget(cookie)
+            self.recent.drop([cookie.storage_id])
             return None
         await self.registry.update(self._info(cookie, session), ttl, session.identity)
+        # Other processes' copies hold the old tokens and identity (groups may have changed)
+        await self.backend.publish(self.keys.invalidations, cookie.storage_id)
         replaced = Loaded(cookie, session)
-        if self._cache_ttl > 0:
-            self._remember(_cache_key(cookie), replaced)
+        self.recent.put(cookie, replaced, self.recent.generation)
         return replaced
 
     async def delete(self, loaded: Loaded) -> None:
         """Sign-out: the record, its entry and its index members (a session whose entry was
         lost leaves members that run out with its time)."""
-        self._forget(loaded.cookie)
+        self.recent.drop([loaded.storage_id])
         info = await self.registry.get(loaded.storage_id)
         await self.registry.revoke([info or SessionInfo.bare(loaded.storage_id)])
-
-    def _forget(self, cookie: SessionCookie) -> None:
-        self._recent.pop(_cache_key(cookie), None)
 
     async def save_attempt(self, state: str, attempt: LoginAttempt) -> None:
         name = self.keys.attempt(state)
