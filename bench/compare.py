@@ -7,8 +7,8 @@ Starts everything on 127.0.0.1 and stops it at the end:
 - the demo IdP, in a process of its own, with a client for each proxy, and beside it the demo
   upstream's WebSocket echo (the idle WebSockets row);
 - the gateway, as `gateway run`, three times: the configuration under test (--workers,
-  --cache-ttl, Redis), one worker on Redis without the session cache, and one worker on the
-  memory store;
+  --cache-ttl, by default the gateway's own 2s, Redis), one worker on Redis without the
+  session cache, and one worker on the memory store;
 - a bare aiohttp proxy with no auth (bench/bare_proxy.py), as many processes as workers;
 - Apache httpd 2.4 (event MPM) with mod_auth_openidc (Debian's libapache2-mod-auth-openidc),
   its session cache in the same Redis, proxying to the same nginx.
@@ -22,8 +22,8 @@ open, and a --download-mb download through the gateway. The tables go to stdout 
 bench/results/latest.md. Every server and the load share the cores: compare rows of one run
 only.
 
-    python bench/compare.py --workers 2 --cache-ttl 1s
-    python bench/compare.py --workers 1 --seconds 10 --runs 3
+    python bench/compare.py --workers 2
+    python bench/compare.py --workers 1 --cache-ttl 0s --seconds 10 --runs 3
     python bench/compare.py --quick          # 1 s per row, small scale rows (CI)
 
 Needs nginx, apache2-bin, libapache2-mod-auth-openidc, redis-server and wrk (Debian
@@ -993,7 +993,7 @@ def _raise_open_files() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1")
-    parser.add_argument("--cache-ttl", default="0s")
+    parser.add_argument("--cache-ttl", default="2s")  # session.cache_ttl's default
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -52,7 +52,7 @@ audit_log = logging.getLogger("gateway.audit")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The id of the request being handled, for every line logged meanwhile (JSON lines).
 _current_request = contextvars.ContextVar[str | None]("request_id", default=None)
-# A printf placeholder, and `key=` or an event name just before it.
+# A printf placeholder; an event name; a `key=` just before a placeholder; a unit after one.
 _PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdifgr%]")
 _EVENT = re.compile(r"[a-z][a-z0-9_]*")
 _KEY = re.compile(r"(?:^|\s)([a-z][a-z0-9_]*)=$")
