@@ -79,11 +79,11 @@ class Backend(Protocol):
         """One request against the GCRA bucket `key` (`limit` per `period` seconds), decided
         and counted in one atomic step, shared by every replica."""
 
-    async def index_add(self, key: str, member: str, ttl: float) -> None:
-        """Add `member` to an index (user -> sessions) for `ttl` seconds from now; a member's
-        time only ever grows (a touch renews it). The same call drops the members whose time
-        has passed, and the index lives as long as its longest member: nothing keeps a dead
-        member, and the index does not grow with logins."""
+    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
+        """Add `member` to each index in `keys` (user -> sessions), in one round trip, for
+        `ttl` seconds from now; a member's time only ever grows (a touch renews it). The same
+        call drops the members whose time has passed, and an index lives as long as its
+        longest member: nothing keeps a dead member, and no index grows with logins."""
 
     async def index_members(self, key: str) -> builtins.set[str]:
         """The members whose time has not passed."""
@@ -212,11 +212,12 @@ class MemoryBackend:
             self._sets.pop(key, None)
         return members
 
-    async def index_add(self, key: str, member: str, ttl: float) -> None:
+    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
         self._sweep()
-        members = self._live_set(key)
-        members[member] = max(self._clock() + ttl, members.get(member, 0.0))
-        self._sets[key] = members
+        for key in keys:
+            members = self._live_set(key)
+            members[member] = max(self._clock() + ttl, members.get(member, 0.0))
+            self._sets[key] = members
 
     async def index_members(self, key: str) -> builtins.set[str]:
         return set(self._live_set(key))

@@ -185,16 +185,20 @@ class RedisBackend:
         return Rate(bool(allowed), int(remaining), float(retry_us) / 1_000_000,
                     float(reset_us) / 1_000_000)
 
-    async def index_add(self, key: str, member: str, ttl: float) -> None:
-        # A sorted set scored by each member's end (this host's clock, in ms): the
+    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
+        # Each a sorted set scored by each member's end (this host's clock, in ms): the
         # same pipeline drops the ended members, and the key lives as long as its last one.
+        # Not a transaction, so the keys may live on different Cluster nodes.
+        if not keys:
+            return
         now = _now_ms()
         with self._op("ZADD"):
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # an end only moves later
-                pipe.zremrangebyscore(key, "-inf", now)
-                pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest member
-                pipe.pexpire(key, _ms(ttl), nx=True)
+                for key in keys:
+                    pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # ends only move later
+                    pipe.zremrangebyscore(key, "-inf", now)
+                    pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest
+                    pipe.pexpire(key, _ms(ttl), nx=True)
                 await pipe.execute()
 
     async def index_members(self, key: str) -> builtins.set[str]:
