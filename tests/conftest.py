@@ -297,6 +297,18 @@ async def login(browser: aiohttp.ClientSession, gateway: str, path: str = "/",
     return resp
 
 
+async def chromium_sign_in(page: Any, url: str, user: str = "alice") -> None:
+    """Open `url` in a real Chromium page (a playwright Page) and sign in as `user` at the
+    demo IdP's form it is sent to (the password is the user's name)."""
+    from playwright.async_api import expect
+
+    await page.goto(url)
+    await expect(page.locator("#username")).to_be_visible()
+    await page.fill("#username", user)
+    await page.fill("#password", user)
+    await page.click("#sign-in")
+
+
 def _chromium_missing() -> str | None:
     if not os.path.exists(CHROMIUM):
         return f"{CHROMIUM} is not installed (CI installs Debian's chromium)"

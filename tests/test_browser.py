@@ -9,7 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import free_port
+from conftest import chromium_sign_in, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -40,11 +40,7 @@ async def test_demo_login_in_chromium_lands_on_the_upstream_with_identity(page: 
 
     assert isinstance(page, Page)
     async with running_demo(free_port()) as url:
-        await page.goto(url + "/hello?from=browser")
-        await expect(page.locator("#username")).to_be_visible()
-        await page.fill("#username", "alice")
-        await page.fill("#password", "alice")
-        await page.click("#sign-in")
+        await chromium_sign_in(page, url + "/hello?from=browser")
         await expect(page.locator("#user")).to_have_text("alice")
         assert page.url == url + "/hello?from=browser"
         assert "admins,staff" in await page.content()
@@ -54,8 +50,5 @@ async def test_demo_login_in_chromium_lands_on_the_upstream_with_identity(page: 
         assert session["sameSite"] == "Lax"
         # bob is staff only: the admin area refuses him after his own login.
         await page.context.clear_cookies()
-        await page.goto(url + "/admin/")
-        await page.fill("#username", "bob")
-        await page.fill("#password", "bob")
-        await page.click("#sign-in")
+        await chromium_sign_in(page, url + "/admin/", "bob")
         await expect(page.locator("h1")).to_contain_text("403")

@@ -26,7 +26,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from conftest import CLIENT_SECRET, free_port, idp_and_upstream, raw_config, wait_until_ready
+from conftest import (
+    CLIENT_SECRET,
+    chromium_sign_in,
+    free_port,
+    idp_and_upstream,
+    raw_config,
+    wait_until_ready,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -173,11 +180,7 @@ async def test_the_image_serves_a_chromium_login_read_only_as_uid_10001_with_red
             code, out = await _podman(podman_env, "healthcheck", "run", name, check=False)
             assert code == 0, out
 
-            await page.goto(public + "/hello?from=container")
-            await expect(page.locator("#username")).to_be_visible()
-            await page.fill("#username", "alice")
-            await page.fill("#password", "alice")
-            await page.click("#sign-in")
+            await chromium_sign_in(page, public + "/hello?from=container")
             await expect(page.locator("#user")).to_have_text("alice")
             assert page.url == public + "/hello?from=container"
             assert "admins,staff" in await page.content()

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import StackFactory, login
+from conftest import StackFactory, chromium_sign_in, login
 from php_sites import dokuwiki_root, php_site, whoami_root
 from ports import free_port
 
@@ -99,10 +99,7 @@ async def test_dokuwiki_works_in_chromium_behind_the_gateway(
         page.context.on("response", lambda r: r.status >= 400 and failed.append(
             f"{r.status} {r.request.method} {r.url}"))
 
-        await page.goto(wiki)
-        await page.fill("#username", "alice")
-        await page.fill("#password", "alice")
-        await page.click("#sign-in")
+        await chromium_sign_in(page, wiki)
         await expect(page).to_have_title(re.compile(r"\[Gateway test wiki\]"))
         assert page.url.startswith(wiki)
 

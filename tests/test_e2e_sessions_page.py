@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     BROWSER_HEADERS,
     CLIENT_SECRET,
+    chromium_sign_in,
     free_port,
     idp_and_upstream,
     login,
@@ -184,10 +185,7 @@ async def test_in_chromium_one_browser_ends_the_others_session(page: object,
     async with two_replicas(redis_url) as replicas:
         other = await (await browser.new_context()).new_page()
         for tab in (page, other):
-            await tab.goto(replicas.a + "/echo")
-            await tab.fill("#username", "alice")
-            await tab.fill("#password", "alice")
-            await tab.click("#sign-in")
+            await chromium_sign_in(tab, replicas.a + "/echo")
             await expect(tab.locator("body")).to_contain_text("X-Forwarded-User")
         await page.goto(replicas.a + "/oauth2/sessions")
         rows = page.locator("tbody tr")
