@@ -35,7 +35,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 from gateway.config import host_and_port
-from gateway.errors import bind_errors
+from gateway.errors import ConfigError, bind_errors
 
 log = logging.getLogger("gateway")
 
@@ -172,7 +172,12 @@ class WorkerMetrics:
     registry that adds up what they wrote."""
 
     def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+        try:
+            self.directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+        except OSError as exc:
+            raise ConfigError("server.metrics_listen", "with server.workers the workers' "
+                              "metrics need a writable temporary directory ($TMPDIR or "
+                              f"/tmp): {exc.strerror or exc}") from None  # noqa: S108 (a message)
 
     def environment(self) -> dict[str, str]:
         """What a worker's environment needs (before it starts: the mode is chosen at

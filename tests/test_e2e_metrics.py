@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from conftest import (
     wait_until_ready,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.errors import ConfigError
+from gateway.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.e2e
 
@@ -205,3 +209,19 @@ async def test_a_metrics_address_that_is_taken_is_a_config_error(tmp_path: Path)
         assert await asyncio.wait_for(proc.wait(), timeout=15) == 1
     assert "config error: server.metrics_listen: cannot listen on 127.0.0.1:" in \
         (tmp_path / "log").read_text()
+
+
+
+def test_workers_without_a_writable_temporary_directory_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root filesystem without a writable /tmp (a root test process cannot be
+    refused a directory, so the refusal is made here)."""
+    def refuse(**_: object) -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ConfigError) as refused:
+        WorkerMetrics()
+    assert str(refused.value) == (
+        "server.metrics_listen: with server.workers the workers' metrics need a writable "
+        "temporary directory ($TMPDIR or /tmp): No usable temporary directory found")
