@@ -6,6 +6,7 @@ login through a gateway using it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,38 @@ async def test_store_operations_work_on_the_deployment(deployment: Deployment) -
         assert await store.load(cookie.value) is None
     finally:
         await backend.aclose()
+
+
+async def test_session_caches_hear_revocations_on_the_deployment(
+        deployment: Deployment) -> None:
+    """The invalidation channel (pub/sub) works on TLS, Sentinel and Cluster: a cached copy in
+    one store is dropped when another store revokes the session."""
+    config = config_module.SessionConfig.model_validate(session_section(deployment))
+    backends = [open_backend(config, clock=time.time) for _ in range(2)]
+    keys = Keys.for_deployment("https://idp.example.com", "gateway-cache", None)
+    here, there = (SessionStore(backend, keys, idle_timeout=600, max_lifetime=3600,
+                                clock=time.time, cache_ttl=10.0) for backend in backends)
+    follow = asyncio.create_task(here.follow_invalidations())
+    try:
+        for _ in range(300):
+            if here.recent.on:
+                break
+            await asyncio.sleep(0.01)
+        assert here.recent.on, "the store never confirmed its subscription"
+        cookie = await there.create(Identity("carol", None, False), TokenSet("at", "it"))
+        assert await here.load(cookie.value) is not None  # cached now
+        loaded = await there.load(cookie.value)
+        assert loaded is not None
+        await there.delete(loaded)
+        started = time.monotonic()
+        while await here.load(cookie.value) is not None:
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.01)
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+        for backend in backends:
+            await backend.aclose()
 
 
 async def test_login_through_a_gateway_on_the_deployment(

@@ -261,6 +261,9 @@ class RedisBackend:
                      subscribed: Callable[[], None]) -> AsyncIterator[str]:
         """One pub/sub connection, waiting for messages a second at a time (so redis-py's
         health check pings it while it is quiet: a dead connection is noticed)."""
+        if isinstance(self._client, RedisCluster):
+            with self._op("SUBSCRIBE"):  # its pub/sub finds a node only once the slots are known
+                await self._client.initialize()
         pubsub = self._client.pubsub()
         try:
             try:
