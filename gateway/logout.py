@@ -14,8 +14,6 @@ replica refuses them on their next request (no replica caches sessions).
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 from yarl import URL
 
@@ -27,13 +25,11 @@ from gateway.errors import (
     MethodNotAllowedError,
     NotFoundError,
 )
-from gateway.observability import audit_log
+from gateway.observability import logged_out
 from gateway.oidc import tokens
 from gateway.pages import redirect, render
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
-
-log = logging.getLogger("gateway.logout")
 
 SIGNED_OUT = "/oauth2/signed_out"
 
@@ -62,9 +58,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         await rt.sessions.delete(loaded)
         session = loaded.session
         request[USER_SUB] = session.identity.sub
-        rt.metrics.logout("sign_out")
-        audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", "sign_out", 1,
-                       session.identity.sub, session.identity.sid)
+        logged_out(rt, "sign_out", 1, sub=session.identity.sub, sid=session.identity.sid)
         try:
             metadata = await rt.provider.metadata()
         except (IdPError, IdPUnavailableError):
@@ -122,9 +116,7 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
                                                      tokens.MAX_TOKEN_AGE + rt.verifier.leeway):
         raise LogoutTokenError("logout token replayed (jti seen before)")
     revoked = await rt.sessions.registry.revoke(await _sessions_named(rt, claims))
-    rt.metrics.logout("backchannel", revoked)
-    audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", "backchannel", revoked,
-                   claims.get("sub"), claims.get("sid"))
+    logged_out(rt, "backchannel", revoked, sub=claims.get("sub"), sid=claims.get("sid"))
     return web.Response(status=200, headers={"Cache-Control": "no-store"})
 
 
@@ -141,7 +133,6 @@ async def frontchannel_logout(request: web.Request) -> web.StreamResponse:
     if request.query.get("iss") != rt.config.oidc.issuer or not sid:
         raise BadRequestError("front-channel logout needs this IdP's iss and a sid")
     revoked = await rt.sessions.registry.revoke(await rt.sessions.registry.by_sid(sid))
-    rt.metrics.logout("frontchannel", revoked)
-    audit_log.info("logout kind=%s sessions=%d sid=%s", "frontchannel", revoked, sid)
+    logged_out(rt, "frontchannel", revoked, sid=sid)
     return web.Response(text="<!doctype html><title>Signed out</title>", content_type="text/html",
                         headers={"Cache-Control": "no-store"})

@@ -44,6 +44,7 @@ from gateway.runtime import (
     ROUTE_NAME,
     UPSTREAM_MS,
     USER_SUB,
+    Runtime,
     runtime_from,
 )
 
@@ -166,6 +167,14 @@ def setup(config: LoggingConfig) -> None:
     root.propagate = False
     logging.getLogger("aiohttp").handlers[:] = [handler]
     redact_framework_logs()
+
+
+def logged_out(rt: Runtime, kind: str, sessions: int, *, sub: object = None,
+               sid: object = None) -> None:
+    """Sessions ended, of any kind (sign_out, backchannel, frontchannel, refresh_refused,
+    user_revoked): counted in the metrics and told in one audit line."""
+    rt.metrics.logout(kind, sessions)
+    audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", kind, sessions, sub, sid)
 
 
 def _request_id(request: web.Request) -> str:

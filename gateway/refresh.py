@@ -25,7 +25,7 @@ import secrets
 from gateway.config import SessionConfig
 from gateway.errors import IdPError, IdPUnavailableError
 from gateway.identity import Identity, wanted_claims
-from gateway.observability import audit_log
+from gateway.observability import logged_out
 from gateway.oidc import flow, tokens
 from gateway.oidc.provider import ProviderMetadata
 from gateway.oidc.token_set import TokenSet
@@ -160,10 +160,8 @@ async def _refresh(rt: Runtime, loaded: Loaded) -> Loaded | None:
         identity = await _refreshed_identity(rt, metadata, session, new_tokens)
     except flow.InvalidGrantError:
         rt.metrics.refresh("refused")
-        rt.metrics.logout("refresh_refused")
-        audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s: the IdP refused the "
-                       "refresh token", "refresh_refused", 1, session.identity.sub,
-                       session.identity.sid)
+        logged_out(rt, "refresh_refused", 1, sub=session.identity.sub,
+                   sid=session.identity.sid)
         await rt.sessions.delete(loaded)
         return None
     except (IdPError, IdPUnavailableError) as exc:

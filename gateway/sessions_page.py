@@ -28,7 +28,7 @@ from aiohttp import web
 from gateway.errors import BadRequestError, ForbiddenError, NotAuthenticatedError, NotFoundError
 from gateway.login import redirect_to_idp
 from gateway.logout import same_origin
-from gateway.observability import audit_log
+from gateway.observability import logged_out
 from gateway.pages import redirect, render, wants_html
 from gateway.runtime import USER_SUB, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
@@ -157,8 +157,7 @@ async def end(request: web.Request) -> web.StreamResponse:
     if which != "others" and not chosen:
         raise NotFoundError("sessions page: no such session of this user (ended already?)")
     ended = await rt.sessions.registry.revoke(chosen)
-    rt.metrics.logout("user_revoked", ended)
-    audit_log.info("logout kind=%s sessions=%d sub=%s", "user_revoked", ended, sub)
+    logged_out(rt, "user_revoked", ended, sub=sub)
     if wants_html(request):
         return redirect(PATH)
     return web.json_response({"ended": ended}, headers={"Cache-Control": "no-store"})
