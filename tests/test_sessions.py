@@ -8,10 +8,12 @@ that was set, since Redis expires keys on its own clock.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -298,6 +300,18 @@ async def test_registry_entries_hold_no_tokens(store: SessionStore, backend: Bac
     assert raw is not None
     for needle in (TOKENS.access_token, TOKENS.id_token, *cookie.value.split(".")):
         assert needle.encode() not in raw
+
+
+def test_a_registry_entry_is_compact_and_reads_back_the_same() -> None:
+    info = SessionInfo("ab" * 32, "alice", "alice@example.com", "sid-1", 1_700_000_000.5,
+                       1_700_000_060.25, 1_700_086_400.5, "192.0.2.1", "Firefox", True,
+                       "0123456789abcdef")
+    raw = info.to_bytes()
+    assert info.storage_id.encode() not in raw and b"user_agent" not in raw  # the key has it
+    assert SessionInfo.from_bytes(info.storage_id, raw) == info
+    earlier = json.dumps(dataclasses.asdict(info)).encode()  # a JSON object, every field named
+    assert SessionInfo.from_bytes(info.storage_id, earlier) == info
+    assert len(raw) < len(earlier) * 0.7
 
 
 async def test_signing_out_removes_the_registry_entry(store: SessionStore) -> None:
@@ -799,16 +813,64 @@ def _session(**claims: Any) -> Session:
 def test_a_session_record_is_compressed_and_reads_back_the_same() -> None:
     session = _session()
     raw = session.to_bytes()
-    assert raw[:1] == b"\x02"
-    assert len(raw) < len(zlib.decompress(raw[1:])) * 0.7  # the JSON inside is far larger
+    assert raw[:1] == b"\x03"
+    assert len(raw) < len(zlib.decompress(raw[1:])) * 0.7  # what is inside is far larger
     assert Session.from_bytes(raw) == session
 
 
-def test_a_record_of_the_previous_release_is_still_read() -> None:
+def _json_record(session: Session, version: int) -> bytes:
+    """The record as the two previous releases wrote it: the tokens as text in the JSON."""
+    data = {"v": version, "identity": session.identity.to_dict(),
+            "tokens": session.tokens.to_dict(), "created_at": session.created_at,
+            "client_ip": session.client_ip, "user_agent": session.user_agent}
+    plain = json.dumps(data, separators=(",", ":")).encode()
+    return plain if version == 1 else b"\x02" + zlib.compress(plain)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_record_of_an_earlier_release_is_still_read(version: int) -> None:
     session = _session()
-    data = json.loads(zlib.decompress(session.to_bytes()[1:]))
-    legacy = json.dumps({**data, "v": 1}).encode()  # version 1: plain JSON, no marker
-    assert Session.from_bytes(legacy) == session
+    assert Session.from_bytes(_json_record(session, version)) == session
+
+
+def _jwt(claims: dict[str, Any]) -> str:
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return ".".join([b64(b'{"alg":"RS256","kid":"k1","typ":"JWT"}'),
+                     b64(json.dumps(claims).encode()), b64(os.urandom(256))])
+
+
+def test_jwt_tokens_are_stored_as_their_bytes_and_come_back_exactly() -> None:
+    claims = {"iss": "https://idp.example", "sub": "alice", "aud": "gateway",
+              "exp": 1_700_000_300, "iat": 1_700_000_000, "auth_time": 1_700_000_000,
+              "acr": "urn:example:pwd", "amr": ["pwd"], "sid": "sGnM2BQ3JrM4A8cqAe0mZg",
+              "at_hash": "8O5CkEy6iaBXi7hmOvzL6w", "email": "alice@example.com",
+              "email_verified": True, "name": "Alice Admin", "preferred_username": "alice",
+              "nonce": "v4L1-rWCCddpaYJZ3UU4YNkwOWOcBcnftoTWC1j88WI",
+              "groups": ["staff", "admins"]}  # the demo IdP's ID token
+    identity = Identity("alice", "alice@example.com", True, "alice", ("staff", "admins"),
+                        "sGnM2BQ3JrM4A8cqAe0mZg", claims)
+    tokens = TokenSet("opaque-access-token", _jwt(claims), _jwt({"typ": "Refresh"}),
+                      1_700_003_600.0, 1_700_000_000.0)
+    session = Session(identity, tokens, 1_700_000_000.0, "192.0.2.1", "Firefox")
+    raw = session.to_bytes()
+    assert Session.from_bytes(raw) == session
+    inside = zlib.decompress(raw[1:])
+    assert json.dumps(claims).encode() in inside  # the ID token's payload, beside the claims
+    assert tokens.id_token.split(".")[1].encode() not in inside  # and not as base64
+    # zlib stores that repeat of the claims in a few bytes; base64 it could barely shrink
+    assert len(raw) < len(_json_record(session, 2)) - 150
+
+
+@pytest.mark.parametrize("token", [
+    "opaque-token", "", "a.b", "eyJhIjoxfQ==.eyJhIjoxfQ", "AB.AA", "eyJhIjoxfQ.+/+/",
+    "a..b", ".", "eyJhIjoxfQ.eyJhIjoxfQ.", "x" * 5000, "Zm9v.YmFy\n.YQ",
+])
+def test_every_token_reads_back_byte_for_byte(token: str) -> None:
+    """Text that is not canonical base64url segments is kept as text; what is packed
+    unpacks to the same string."""
+    session = dataclasses.replace(_session(), tokens=TokenSet(token, token, token, None, None))
+    assert Session.from_bytes(session.to_bytes()).tokens == session.tokens
 
 
 @pytest.mark.parametrize("raw", [
@@ -817,6 +879,13 @@ def test_a_record_of_the_previous_release_is_still_read() -> None:
     b"\x02not zlib",
     b"\x02" + zlib.compress(b" " * (2 << 20)),  # inflates past any real record
     json.dumps({"v": 2}).encode(),  # version 2 always comes compressed
+    b"\x03" + zlib.compress(json.dumps({"v": 2}).encode()),  # a version 2 body, marked 3
+    b"\x03" + zlib.compress(json.dumps({  # names token bytes it does not hold
+        "v": 3, "identity": {"sub": "a"}, "created_at": 1.0,
+        "tokens": {"access_token": [0, 1], "id_token": "x"}}).encode() + b"\n\0\0\0\1a"),
+    b"\x03" + zlib.compress(json.dumps({  # token bytes cut short
+        "v": 3, "identity": {"sub": "a"}, "created_at": 1.0,
+        "tokens": {"access_token": [0], "id_token": "x"}}).encode() + b"\n\0\0\0\x09a"),
 ])
 def test_a_record_that_is_not_exactly_readable_is_refused(raw: bytes) -> None:
     with pytest.raises((ValueError, KeyError, TypeError)):

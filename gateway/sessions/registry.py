@@ -34,12 +34,23 @@ class SessionInfo:
     deployment: str = ""  # keys.deployment_tag: listings in a shared namespace keep apart
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """A JSON array of the fields after storage_id (which the key names), behind a
+        version: an entry is in Redis once per session, and its field names and id were
+        a third of it."""
+        fields = asdict(self)
+        return json.dumps([_ENTRY_VERSION, *(fields[name] for name in _STORED)],
+                          separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> SessionInfo:
+    def from_bytes(cls, storage_id: str, raw: bytes) -> SessionInfo:
+        """The entry stored under `storage_id`'s key; an earlier release's (a JSON object
+        with every field named) too."""
         data = json.loads(raw)
-        return cls(**{name: data[name] for name in _INFO_FIELDS if name in data})
+        if isinstance(data, dict):
+            return cls(**{name: data[name] for name in _INFO_FIELDS if name in data})
+        if not isinstance(data, list) or not data or data[0] != _ENTRY_VERSION:
+            raise ValueError("unsupported registry entry")
+        return cls(storage_id, *data[1:len(_STORED) + 1])
 
     @classmethod
     def bare(cls, storage_id: str, sub: str = "") -> SessionInfo:
@@ -48,6 +59,8 @@ class SessionInfo:
 
 
 _INFO_FIELDS = tuple(SessionInfo.__dataclass_fields__)
+_STORED = _INFO_FIELDS[1:]  # all but storage_id, in their order
+_ENTRY_VERSION = 2  # 1: a JSON object
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +140,7 @@ class Registry:
 
     async def get(self, storage_id: str) -> SessionInfo | None:
         raw, _ = await self._backend.get(self._keys.meta(storage_id))
-        return SessionInfo.from_bytes(raw) if raw else None
+        return SessionInfo.from_bytes(storage_id, raw) if raw else None
 
     async def idle_ttl(self, storage_id: str) -> float | None:
         """Seconds until the session ends if unused (its record's TTL); None if gone."""
@@ -147,7 +160,7 @@ class Registry:
         revoked."""
         members = sorted(await self._backend.index_members(index))
         entries = await self._backend.get_many([self._keys.meta(m) for m in members])
-        infos = {m: SessionInfo.from_bytes(raw) for m, raw in zip(members, entries, strict=True)
+        infos = {m: SessionInfo.from_bytes(m, raw) for m, raw in zip(members, entries, strict=True)
                  if raw}
         lost = [m for m in members if m not in infos]
         if lost:
