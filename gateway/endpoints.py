@@ -12,7 +12,7 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
     rt = runtime_from(request)
-    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    loaded = await rt.sessions.load(rt.session_cookie_in(request))
     if loaded is None:
         raise NotAuthenticatedError("userinfo without a session")
     identity = loaded.session.identity

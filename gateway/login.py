@@ -185,7 +185,7 @@ async def _callback(request: web.Request, rt: Runtime) -> web.StreamResponse:
         identity = Identity.from_claims(claims, rt.config.oidc.groups_claim)
     except ValueError as exc:
         raise LoginError(f"claims unusable: {exc}", reason="claims_unusable") from exc
-    previous = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    previous = await rt.sessions.load(rt.session_cookie_in(request))
     if previous is not None:  # a new login ends this browser's old session
         await rt.sessions.delete(previous)
     browser = Browser.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))

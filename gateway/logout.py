@@ -52,7 +52,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         raise ForbiddenError("sign-out POST from another origin")
     requested = request.query.get("rd")
     return_to = rt.return_target(requested) if requested else None
-    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    loaded = await rt.sessions.load(rt.session_cookie_in(request))
     target = return_to or SIGNED_OUT
     if loaded is not None:
         await rt.sessions.delete(loaded)

@@ -106,7 +106,7 @@ async def _principal(request: web.Request, rt: Runtime, snapshot: Snapshot,
 
 
 async def _session_principal(request: web.Request, rt: Runtime) -> Principal | None:
-    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    loaded = await rt.sessions.load(rt.session_cookie_in(request))
     if loaded is not None and refresh.is_due(loaded.session, rt):
         loaded = await refresh.fresh(rt, loaded)
     if loaded is None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.config import Config
 from gateway.headers import Stripped
@@ -28,6 +28,7 @@ from gateway.oidc.provider import Provider
 from gateway.oidc.verifier import Verifier
 from gateway.redirects import safe_return_url
 from gateway.routing import RouteTable
+from gateway.sessions import cookies
 from gateway.sessions.store import SessionStore
 from gateway.upstreams import Upstreams
 from gateway.websocket import SocketWatch
@@ -102,6 +103,10 @@ class Runtime:
     @property
     def gateway_cookies(self) -> frozenset[str]:
         return frozenset({self.session_cookie, self.binding_cookie})
+
+    def session_cookie_in(self, request: web.Request) -> str | None:
+        """The session cookie the request carries, if any (what SessionStore.load takes)."""
+        return cookies.value_in(request.headers.get(hdrs.COOKIE, ""), self.session_cookie)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -74,7 +74,7 @@ def _when(timestamp: float) -> str:
 
 async def _signed_in(request: web.Request, rt: Runtime) -> Loaded | web.StreamResponse:
     """The request's live session; else, for a browser, the sign-in that comes back here."""
-    loaded = await rt.sessions.load(request.cookies.get(rt.session_cookie))
+    loaded = await rt.sessions.load(rt.session_cookie_in(request))
     if loaded is not None:
         request[USER_SUB] = loaded.session.identity.sub
         return loaded

@@ -22,12 +22,14 @@ from typing import Any
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from aiohttp._cookie_helpers import parse_cookie_header
 from conftest import FakeClock
 
 from gateway.errors import StoreUnavailableError
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
 from gateway.sessions import cache as cache_module
+from gateway.sessions import cookies
 from gateway.sessions.backends import Backend, MemoryBackend, gcra
 from gateway.sessions.cookies import SessionCookie
 from gateway.sessions.keys import Keys
@@ -134,6 +136,16 @@ async def test_created_session_loads_with_identity_and_tokens(store: SessionStor
     assert loaded is not None and loaded.cookie == cookie
     assert loaded.session.identity == ALICE
     assert loaded.session.tokens == TOKENS
+
+
+@pytest.mark.parametrize("header", [
+    "", "gateway_session=A.B", "a=1; gateway_session=A.B; b=2", "gateway_session=A.B;c=3",
+    "gateway_session=A.B; gateway_session=C.D", "gateway_session_login=X; other=gateway_session",
+    "xgateway_session=A.B", "gateway_session=", "  gateway_session=A.B  ;",
+])
+def test_the_session_cookie_is_found_as_aiohttp_finds_it(header: str) -> None:
+    parsed = dict((name, morsel.value) for name, morsel in parse_cookie_header(header))
+    assert cookies.value_in(header, "gateway_session") == parsed.get("gateway_session")
 
 
 async def test_unknown_and_tampered_cookies_load_nothing(store: SessionStore) -> None:
@@ -754,6 +766,13 @@ async def test_the_cache_is_bounded(clock: FakeClock, monkeypatch: pytest.Monkey
             await store.load(cookie.value)
         await store.load(cookies[0].value)  # evicted by the third: read again
         assert backend.reads == 4
+        assert await store.load(cookies[2].value) is not None  # still cached
+        assert backend.reads == 4
+        await store.delete((await store.load(cookies[2].value)) or pytest.fail("cached"))
+        assert await store.load(cookies[2].value) is None
+        assert await store.load(cookies[0].value) is not None
+        # the delete's entry lookup and the deleted one's read; cookies[0] still cached
+        assert backend.reads == 6
 
 
 async def test_on_redis_a_revocation_reaches_every_store_and_a_lost_channel_turns_the_cache_off(

@@ -15,15 +15,17 @@ read the record just before it was revoked). What remains is a connection that d
 a word: redis-py pings it every 30 s while quiet, and `cache_ttl` (at most 10 s) bounds
 what it can cost meanwhile.
 
-Entries are keyed by the session's storage id and hold a hash of the whole cookie, compared
-in constant time, so only the exact cookie that loaded an entry is served from it.
+Entries are keyed by the SHA-256 of the whole cookie as the browser sent it, so only the
+exact cookie that loaded an entry is served from it, and a hit costs one hash: the cookie is
+not even parsed. (A lookup's timing can tell at most whether the hash of what was sent shares
+a prefix with the hash of a live cookie, which gives no way to a cookie.) A second map, by
+storage id, is what invalidations use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,8 +44,8 @@ ENTRIES = 10_000  # sessions kept unsealed at most, per process
 _RETRY_MAX = 10.0  # seconds between attempts to listen again, at most
 
 
-def _digest(cookie: SessionCookie) -> bytes:
-    return hashlib.sha256(cookie.value.encode()).digest()
+def _digest(cookie_value: str) -> bytes:
+    return hashlib.sha256(cookie_value.encode()).digest()
 
 
 class RecentSessions:
@@ -52,8 +54,9 @@ class RecentSessions:
         self._ttl = ttl
         self._clock = clock
         self._usable = usable  # still within max_lifetime
-        # storage id -> (when it was loaded, sha256 of its cookie, what was loaded)
-        self._entries: OrderedDict[str, tuple[float, bytes, Loaded]] = OrderedDict()
+        # sha256 of the cookie -> (when it was loaded, what was loaded), oldest first
+        self._entries: OrderedDict[bytes, tuple[float, Loaded]] = OrderedDict()
+        self._by_id: dict[str, bytes] = {}  # storage id -> its entry's key
         self._listening = False
         self._generation = 0  # moves on with every invalidation, and on both edges
 
@@ -61,17 +64,17 @@ class RecentSessions:
     def on(self) -> bool:
         return self._ttl > 0 and self._listening
 
-    def get(self, cookie: SessionCookie) -> Loaded | None:
-        entry = self._entries.get(cookie.storage_id) if self.on else None
+    def get(self, cookie_value: str) -> Loaded | None:
+        """The session the exact cookie `cookie_value` loaded within the last ttl."""
+        digest = _digest(cookie_value)
+        entry = self._entries.get(digest) if self.on else None
         if entry is None:
             return None
-        loaded_at, digest, loaded = entry
-        if not hmac.compare_digest(digest, _digest(cookie)):
-            return None  # the right id with another key: never served, never evicts
+        loaded_at, loaded = entry
         if self._clock() - loaded_at >= self._ttl or not self._usable(loaded):
-            del self._entries[cookie.storage_id]
+            self._forget(loaded.storage_id)
             return None
-        self._entries.move_to_end(cookie.storage_id)
+        self._entries.move_to_end(digest)
         return loaded
 
     @property
@@ -80,22 +83,30 @@ class RecentSessions:
         return self._generation
 
     def put(self, cookie: SessionCookie, loaded: Loaded | None, generation: int) -> None:
+        self._forget(cookie.storage_id)
         if loaded is None or not self.on or generation != self._generation:
-            self._entries.pop(cookie.storage_id, None)
             return
-        self._entries[cookie.storage_id] = (self._clock(), _digest(cookie), loaded)
-        self._entries.move_to_end(cookie.storage_id)
+        digest = _digest(cookie.value)
+        self._entries[digest] = (self._clock(), loaded)
+        self._by_id[cookie.storage_id] = digest
         while len(self._entries) > ENTRIES:
-            self._entries.popitem(last=False)
+            _, (_, oldest) = self._entries.popitem(last=False)
+            self._by_id.pop(oldest.storage_id, None)
+
+    def _forget(self, storage_id: str) -> None:
+        digest = self._by_id.pop(storage_id, None)
+        if digest is not None:
+            self._entries.pop(digest, None)
 
     def drop(self, storage_ids: list[str]) -> None:
         for storage_id in storage_ids:
-            self._entries.pop(storage_id, None)
+            self._forget(storage_id)
         self._generation += 1
 
     def _listening_now(self, listening: bool) -> None:
         self._listening = listening
         self._entries.clear()
+        self._by_id.clear()
         self._generation += 1
 
     async def follow(self, backend: Backend, channel: str) -> None:

@@ -56,3 +56,18 @@ def _unb64(text: str) -> bytes:
     if _b64(raw) != text:  # non-canonical padding bits: refuse, so one id has one spelling
         raise ValueError("non-canonical base64")
     return raw
+
+
+def value_in(header: str, name: str) -> str | None:
+    """Cookie `name`'s value in a Cookie header: the last one, as aiohttp's request.cookies
+    has it, but without parsing every other cookie into a Morsel (the signed-in request path
+    reads only this one). Values are taken as sent: a quoted one is not the shape of ours."""
+    prefix = name + "="
+    if prefix not in header:
+        return None
+    found = None
+    for pair in header.split(";"):
+        pair = pair.strip()
+        if pair.startswith(prefix):
+            found = pair[len(prefix):]
+    return found

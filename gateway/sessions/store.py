@@ -133,16 +133,18 @@ class SessionStore:
 
     async def load(self, cookie_value: str | None) -> Loaded | None:
         """The live session named by the cookie, or None (absent, expired, tampered)."""
+        if cookie_value is None:
+            return None
+        if self.recent.on and (loaded := self.recent.get(cookie_value)) is not None:
+            return loaded
         cookie = SessionCookie.parse(cookie_value)
         if cookie is None:
             return None
         if not self.recent.on:
             return await self._load(cookie)
-        loaded = self.recent.get(cookie)
-        if loaded is None:
-            generation = self.recent.generation
-            loaded = await self._load(cookie)
-            self.recent.put(cookie, loaded, generation)
+        generation = self.recent.generation
+        loaded = await self._load(cookie)
+        self.recent.put(cookie, loaded, generation)
         return loaded
 
     async def follow_invalidations(self) -> None:
