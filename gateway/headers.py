@@ -95,6 +95,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    if not trusted:  # the default: nothing to parse the address for
+        return False
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # a Unix socket peer, or garbage in X-Forwarded-For
