@@ -50,23 +50,31 @@ class Keys:
     def session(self, storage_id: str) -> str:
         return f"{self.prefix}:session:{{{storage_id}}}"
 
-    def meta(self, storage_id: str) -> str:
+    def entry(self, storage_id: str) -> str:
         """The clear-text registry entry beside a session (same slot)."""
+        return f"{self.prefix}:entry:{{{storage_id}}}"
+
+    def legacy_entry(self, storage_id: str) -> str:
+        """Where releases before registry entry format 2 kept the entry, in format 1. Still
+        read, and deleted on revocation, until those sessions have ended. The new format
+        has a name of its own so that a replica of such a release, during a rolling
+        upgrade, finds no entry rather than one it cannot read (which would fail its
+        request), and goes by the session record, as for an entry lost to eviction: its
+        revocations by user and sid still work."""
         return f"{self.prefix}:meta:{{{storage_id}}}"
 
     @property
-    def meta_prefix(self) -> str:
-        return f"{self.prefix}:meta:"
+    def entry_prefixes(self) -> tuple[str, str]:
+        return f"{self.prefix}:entry:", f"{self.prefix}:meta:"
 
     @property
     def session_prefix(self) -> str:
         return f"{self.prefix}:session:"
 
-    def storage_id_of_meta(self, key: str) -> str:
-        return key.removeprefix(self.meta_prefix).strip("{}")
-
-    def storage_id_of_session(self, key: str) -> str:
-        return key.removeprefix(self.session_prefix).strip("{}")
+    @staticmethod
+    def storage_id_of(key: str) -> str:
+        """The storage id a session's record or entry key names (in its hash tag)."""
+        return key[key.rindex("{") + 1:].rstrip("}")
 
     @property
     def deployment_tag(self) -> str:

@@ -1,7 +1,7 @@
 """What ops and logout channels need without a session's key: who, since when, from where.
 
 For every session the store keeps, beside the sealed record, a small clear-text entry
-(`<prefix>:meta:{H}`: user, times, client IP and user agent; never a token or a cookie part)
+(`<prefix>:entry:{H}`: user, times, client IP and user agent; never a token or a cookie part)
 and indexes, user (sub, email) -> sessions and IdP sid -> sessions. Revocation by user or sid
 deletes records without decrypting them. Index entries whose session has ended are dropped
 lazily. Key names come from keys.py. Only `record` (a new session)
@@ -96,7 +96,7 @@ class Registry:
 
     async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A new session's entry and its indexes."""
-        await self._backend.set(self._keys.meta(info.storage_id), info.to_bytes(), ttl)
+        await self._backend.set(self._keys.entry(info.storage_id), info.to_bytes(), ttl)
         await self._index(info, ttl, identity)
 
     async def update(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
@@ -110,7 +110,7 @@ class Registry:
         """Only while the session lives: never recreates a revoked session's entry, and
         restores one that was lost (evicted) while its session went on."""
         return await self._backend.set_beside(
-            self._keys.meta(info.storage_id), info.to_bytes(), ttl,
+            self._keys.entry(info.storage_id), info.to_bytes(), ttl,
             anchor=self._keys.session(info.storage_id))
 
     def _indexes(self, info: SessionInfo, identity: Identity | None = None) -> list[str]:
@@ -139,8 +139,20 @@ class Registry:
                 await self._backend.index_remove(index, [info.storage_id])
 
     async def get(self, storage_id: str) -> SessionInfo | None:
-        raw, _ = await self._backend.get(self._keys.meta(storage_id))
-        return SessionInfo.from_bytes(storage_id, raw) if raw else None
+        return (await self._entries([storage_id]))[0]
+
+    async def _entries(self, storage_ids: list[str]) -> list[SessionInfo | None]:
+        """Each session's entry, or its entry of an earlier release (keys.legacy_entry), in
+        one round trip; None where neither is there."""
+        keys = self._keys
+        raws = await self._backend.get_many([name for storage_id in storage_ids for name in
+                                             (keys.entry(storage_id),
+                                              keys.legacy_entry(storage_id))])
+        found = []
+        for index, storage_id in enumerate(storage_ids):
+            raw = raws[2 * index] or raws[2 * index + 1]
+            found.append(SessionInfo.from_bytes(storage_id, raw) if raw else None)
+        return found
 
     async def idle_ttl(self, storage_id: str) -> float | None:
         """Seconds until the session ends if unused (its record's TTL); None if gone."""
@@ -159,9 +171,8 @@ class Registry:
         whose entry alone was lost (evicted) stays, as a bare entry, so it can still be
         revoked."""
         members = sorted(await self._backend.index_members(index))
-        entries = await self._backend.get_many([self._keys.meta(m) for m in members])
-        infos = {m: SessionInfo.from_bytes(m, raw) for m, raw in zip(members, entries, strict=True)
-                 if raw}
+        infos = {m: info for m, info in zip(members, await self._entries(members), strict=True)
+                 if info is not None}
         lost = [m for m in members if m not in infos]
         if lost:
             records = await self._backend.get_many([self._keys.session(m) for m in lost])
@@ -188,9 +199,9 @@ class Registry:
         """Every session of this deployment: by its entries, and by the session records
         themselves for any whose entry was lost (so --all and --session still reach them)."""
         keys = self._keys
-        entries = [keys.storage_id_of_meta(k) for k in await self._backend.keys(keys.meta_prefix)]
-        sessions = [keys.storage_id_of_session(k)
-                    for k in await self._backend.keys(keys.session_prefix)]
+        entries = sorted({keys.storage_id_of(k) for prefix in keys.entry_prefixes
+                          for k in await self._backend.keys(prefix)})
+        sessions = [keys.storage_id_of(k) for k in await self._backend.keys(keys.session_prefix)]
         infos = []
         for storage_id in entries:
             info = await self.get(storage_id)
@@ -204,7 +215,8 @@ class Registry:
         """Delete sessions without their keys; returns how many were live."""
         keys = self._keys
         names = [name for info in infos
-                 for name in (keys.session(info.storage_id), keys.meta(info.storage_id))]
+                 for name in (keys.session(info.storage_id), keys.entry(info.storage_id),
+                              keys.legacy_entry(info.storage_id))]
         await self._backend.delete(*names)
         if infos:  # every process drops its cached copy (cache.py)
             await self._backend.publish(keys.invalidations,
