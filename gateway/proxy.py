@@ -191,25 +191,18 @@ async def _relay_early_hints(request: web.Request, snapshot: Snapshot, route: Ro
     request.writer.output_size = 0  # the final response (or an error page) is still to come
 
 
-@functools.lru_cache(maxsize=256)
-def _timeout(total: float | None, connect: float, read: float) -> aiohttp.ClientTimeout:
-    """A route's upstream timeouts (frozen: shared by its requests, not built for each)."""
-    return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=read)
-
-
 async def _send(request: web.Request, route: Route, url: URL,
                 upstream_headers: CIMultiDict[str],
                 body: AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
     """Send the request; retry only what is safe to: an idempotent request without a body
     whose connection attempt failed, so it certainly never reached the upstream."""
     options, upstream = route.config, route.upstream
-    timeout = _timeout(options.total_timeout, options.connect_timeout, options.read_timeout)
     retries = options.retries if request.method in _IDEMPOTENT and body is None else 0
     for attempt in range(retries + 1):
         try:
             return await upstream.session.request(
                 request.method, url, headers=upstream_headers, data=body, ssl=upstream.ssl,
-                allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO)
+                allow_redirects=False, timeout=upstream.timeout, skip_auto_headers=_SKIP_AUTO)
         except aiohttp.ClientConnectorError:
             if attempt == retries:
                 raise

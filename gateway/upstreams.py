@@ -40,12 +40,15 @@ class Upstream:
     ssl: TLS
     origin: str  # scheme://host[:port] of base
     base_path: str  # the path of base without a trailing slash ("" for an origin)
+    timeout: aiohttp.ClientTimeout  # the route's, built once: every request passes it
 
     @classmethod
-    def at(cls, session: aiohttp.ClientSession, base: str,
-           tls: TLS) -> Upstream:
+    def at(cls, session: aiohttp.ClientSession, base: str, tls: TLS,
+           route: RouteConfig) -> Upstream:
         url = URL(base)
-        return cls(session, base, tls, str(url.origin()), url.raw_path.rstrip("/"))
+        timeout = aiohttp.ClientTimeout(total=route.total_timeout, connect=route.connect_timeout,
+                                        sock_read=route.read_timeout)
+        return cls(session, base, tls, str(url.origin()), url.raw_path.rstrip("/"), timeout)
 
 
 InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
@@ -130,11 +133,11 @@ class Upstreams:
             if session is None:
                 session = self._unix[path] = _client_session(aiohttp.UnixConnector(path))
                 self._sessions.append(session)
-            return Upstream.at(session, _UNIX_BASE, True)
+            return Upstream.at(session, _UNIX_BASE, True, route)
         tls: ssl.SSLContext | bool = True
         if route.upstream_tls is not None:
             tls = _ssl_context(route.name, route.upstream_tls)
-        return Upstream.at(self._shared, route.upstream, tls)
+        return Upstream.at(self._shared, route.upstream, tls, route)
 
     async def aclose(self) -> None:
         for session in self._sessions:

@@ -56,7 +56,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def unpooled_upstream(rc: RouteConfig) -> Upstream:
     """The route's upstream without a client session, for tests that never send anything
     (routing, policy, headers, the boundary check only read its base URL)."""
-    return Upstream.at(cast(aiohttp.ClientSession, None), rc.upstream, True)
+    return Upstream.at(cast(aiohttp.ClientSession, None), rc.upstream, True, rc)
 
 
 def built_route(rc: RouteConfig) -> Route:
