@@ -149,6 +149,8 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if workers.is_worker():
+            workers.watch_supervisor(loop, stop.set)  # a supervisor killed outright
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload.reload, app[RUNTIME], config_path)
             # a worker starts with it blocked (workers.py): one sent meanwhile arrives now

@@ -14,6 +14,13 @@ loop does not spin. SIGTERM or SIGINT is passed on to every worker, which drains
 process does (shutdown_delay, then shutdown_timeout); the supervisor exits when they all have,
 with status 0 only if they all ended cleanly. A second signal is passed on too (workers then
 stop at once). SIGHUP (a config reload) is passed on to every worker, each of which reloads.
+
+A supervisor that dies without a word (SIGKILL, the OOM killer) must not leave its workers
+serving: they would keep the port with the configuration they started with, beside whatever
+is started next, and answer part of its traffic by rules since changed. Each worker holds the
+read end of a pipe whose only write end the supervisor keeps; the kernel closes that end when
+the supervisor goes however it goes, the worker reads end-of-file, and it drains and exits as
+on SIGTERM (server.serve).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway import metrics
 from gateway.config import Config
@@ -35,6 +42,7 @@ from gateway.errors import ConfigError, bind_errors
 log = logging.getLogger("gateway")
 
 LISTEN_FD = "GATEWAY_LISTEN_FD"  # set for a worker: the inherited socket it serves on
+LIFELINE_FD = "GATEWAY_LIFELINE_FD"  # and the read end of the pipe its supervisor holds open
 _FAST_EXIT = 5.0  # a worker that dies sooner than this after starting counts as crash-looping
 _MAX_PAUSE = 10.0
 
@@ -75,9 +83,34 @@ def inherited_socket() -> socket.socket:
     return socket.socket(fileno=int(os.environ[LISTEN_FD]))
 
 
+def watch_supervisor(loop: asyncio.AbstractEventLoop, gone: Callable[[], None]) -> None:
+    """In a worker: call `gone` once, when the supervisor has died (its end of the lifeline
+    closed). Nothing is ever written to the pipe, so it is readable only at end-of-file."""
+    value = os.environ.get(LIFELINE_FD)
+    if value is None:  # started by a supervisor of an earlier release
+        return
+    fd = int(value)
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        with contextlib.suppress(BlockingIOError):
+            if os.read(fd, 1):
+                return  # never written to; read and ignored if it ever is
+        loop.remove_reader(fd)
+        os.close(fd)
+        log.warning("gateway_supervisor_gone pid=%d (draining and exiting, as on SIGTERM)",
+                    os.getpid())
+        gone()
+
+    loop.add_reader(fd, readable)
+
+
 class Supervisor:
     def __init__(self, config: Config, argv: Sequence[str]) -> None:
         self._sockets = [listening_socket(config) for _ in range(count(config))]
+        # The workers' lifeline (module docstring): they inherit the read end; the write
+        # end is this process's alone (not inheritable), so it closes when this one ends.
+        self._lifeline, self._lifeline_held = os.pipe()
         self._argv = list(argv)  # how this process was started: each worker runs the same
         self._stopping = False
         self._clean = True
@@ -98,6 +131,8 @@ class Supervisor:
         finally:
             for sock in self._sockets:
                 sock.close()
+            os.close(self._lifeline)
+            os.close(self._lifeline_held)
 
     async def _supervise(self) -> int:
         loop = asyncio.get_running_loop()
@@ -125,6 +160,7 @@ class Supervisor:
         while not self._stopping:
             started = time.monotonic()
             env = {**os.environ, LISTEN_FD: str(sock.fileno()),
+                   LIFELINE_FD: str(self._lifeline),
                    **(self._metrics.environment() if self._metrics else {})}
             # A worker starts with SIGHUP blocked, and unblocks it once it reloads on it
             # (server.serve): a reload signalled while it starts waits for it, instead of
@@ -135,7 +171,7 @@ class Supervisor:
                 blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
                 try:
                     proc = await asyncio.create_subprocess_exec(
-                        *self._argv, pass_fds=(sock.fileno(),), env=env)
+                        *self._argv, pass_fds=(sock.fileno(), self._lifeline), env=env)
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._procs[index] = proc

@@ -106,6 +106,29 @@ async def test_a_worker_killed_under_load_is_replaced_and_the_service_keeps_answ
         assert "gateway_worker_died slot=" in log and f"pid={victim} status=-9" in log
 
 
+async def test_workers_of_a_supervisor_killed_outright_drain_and_exit(
+        tmp_path: Path, redis_url: str) -> None:
+    """SIGKILL leaves the supervisor no chance to pass anything on: its workers notice it
+    gone (their lifeline pipe closes) and stop, rather than keep serving the port with the
+    configuration they started with beside whatever runs next."""
+    async with supervised(tmp_path, redis_url, workers=2) as (gateway, proc):
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as http, http.get(gateway + "/public/echo") as resp:
+            assert resp.status == 200
+        proc.kill()
+        await proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
+        with pytest.raises(aiohttp.ClientConnectorError):  # nobody serves the port
+            async with aiohttp.ClientSession() as http:
+                await http.get(gateway + "/public/echo")
+        log = (tmp_path / "gateway.log").read_text()
+        assert log.count("gateway_supervisor_gone pid=") == 2, log
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
