@@ -30,14 +30,19 @@ async def _done(value: object = True) -> object:
 
 class _Queue:
     """Looks like a redis.asyncio client to RedisBackend: each command is queued on the
-    pipeline (its answer taken as a success) and its key (the first argument) kept."""
+    pipeline (its answer taken as a success) and its key (the first argument) kept; for an
+    index (a bucket other sessions share: ZADD), the members added instead."""
 
-    def __init__(self, pipe: Any, keys: set[str]) -> None:
+    def __init__(self, pipe: Any, keys: set[str], members: set[tuple[str, str]]) -> None:
         self._pipe = pipe
         self._keys = keys
+        self._members = members
 
     def queue(self, command: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if args and isinstance(args[0], str):
+        if command == "zadd":
+            self._members.update((args[0], member) for member in args[1])
+        elif command not in ("zremrangebyscore", "pexpire") and args \
+                and isinstance(args[0], str):
             self._keys.add(args[0])
         getattr(self._pipe, command)(*args, **kwargs)
 
@@ -81,7 +86,8 @@ class Population:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._client = aioredis.Redis.from_url(config.session.store)
-        self.keys: set[str] = set()  # every key written
+        self.keys: set[str] = set()  # every key written but the indexes
+        self.members: set[tuple[str, str]] = set()  # (index, member): every index member
         self.added = 0
 
     def _store(self, backend: RedisBackend) -> SessionStore:
@@ -104,7 +110,7 @@ class Population:
         done = 0
         while done < count:
             pipe = self._client.pipeline(transaction=False)
-            store = self._store(RedisBackend(_Queue(pipe, self.keys)))  # type: ignore[arg-type]
+            store = self._store(RedisBackend(_Queue(pipe, self.keys, self.members)))  # type: ignore[arg-type]
             for _ in range(min(batch, count - done)):
                 number = self.added + done
                 user = f"bench-user-{number}"
@@ -135,7 +141,14 @@ class Population:
         keys = sorted(self.keys)
         for start in range(0, len(keys), 5000):
             await self._client.unlink(*keys[start : start + 5000])
+        members = sorted(self.members)
+        for start in range(0, len(members), 5000):
+            pipe = self._client.pipeline(transaction=False)
+            for index, member in members[start : start + 5000]:
+                pipe.zrem(index, member)
+            await pipe.execute()
         self.keys.clear()
+        self.members.clear()
         self.added = 0
 
     async def aclose(self) -> None:

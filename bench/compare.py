@@ -636,7 +636,8 @@ async def _scale(
         live = await population.count()
         rows.append((live, await _measure(target, stats, args)))
     per_session = (stats.used_memory() - memory_before) / max(1, population.added)
-    keys = len(population.keys) / max(1, population.added)
+    buckets = {index for index, _ in population.members}  # index buckets: shared
+    keys = (len(population.keys) + len(buckets)) / max(1, population.added)
     await population.remove()
     return Scale(rows, per_session, keys)
 
@@ -949,7 +950,7 @@ def _table(results: Results, args: argparse.Namespace) -> str:
         "",
         f"- Redis memory per session: {_n(scale.bytes_per_session)} bytes "
         f"({scale.keys_per_session:.1f} keys each: the sealed record, its registry entry, "
-        "its indexes)",
+        "and the index buckets its members went to, which other sessions share)",
         f"- gateway RSS with {_n(sockets.count)} idle WebSockets: the largest of "
         f"{_plural(sockets.workers, 'worker')} {_n(sockets.worker)} MB "
         f"({_n(sockets.worker_before)} MB before them, "

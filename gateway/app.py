@@ -64,7 +64,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
         sessions = SessionStore(backend, config.store_keys,
                                 idle_timeout=config.session.idle_timeout,
                                 max_lifetime=config.session.max_lifetime, clock=clock,
-                                cache_ttl=config.session.cache_ttl)
+                                cache_ttl=config.session.cache_ttl,
+                                write_legacy_indexes=config.session.write_legacy_indexes)
         try:
             provider = Provider(idp_http, config.oidc.issuer, timeout=config.oidc.timeout,
                                 clock=clock, observe=metrics.idp_fetch)

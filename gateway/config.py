@@ -255,6 +255,9 @@ class SessionConfig(FrozenModel):
     # trip), while the store's invalidation channel is up: any process's revocation drops it
     # everywhere at once (sessions/cache.py). 0: off. At most 10s.
     cache_ttl: NonNegativeDuration = 2.0
+    # Also keep the registry's indexes as the release before the bucketed indexes did, for
+    # its replicas during a rolling upgrade (sessions/keys.py); off once they are all gone.
+    write_legacy_indexes: bool = False
 
     @field_validator("cache_ttl")
     @classmethod

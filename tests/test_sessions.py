@@ -295,6 +295,79 @@ async def test_registry_finds_sessions_by_sub_email_and_sid(store: SessionStore)
     assert {i.storage_id for i in await registry.all()} == alice_ids | {bob.storage_id}
 
 
+async def test_a_tag_shared_in_a_bucket_never_shows_one_user_anothers_sessions(
+        store: SessionStore, backend: Backend) -> None:
+    """Index members are found by a 64-bit tag in a shared bucket: a member of bob's session
+    under alice's tag (a collision, made here on purpose) is checked against bob's entry
+    and left out of alice's lookups, and neither listed nor revoked with hers."""
+    alice = await store.create(ALICE, TOKENS)
+    bob = await store.create(BOB, TOKENS)
+    for kind, value in (("sub", "alice"), ("sid", "sid-1"), ("email", "alice@example.com")):
+        bucket, tag = KEYS.index(kind, value)
+        await backend.index_add([(bucket, KEYS.index_member(tag, bob.storage_id))], IDLE)
+    registry = store.registry
+    assert [i.storage_id for i in await registry.by_user("alice")] == [alice.storage_id]
+    assert [i.storage_id for i in await registry.by_user("alice@example.com")] == [
+        alice.storage_id]
+    assert await registry.revoke(await registry.by_sid("sid-1")) == 1
+    assert await store.load(bob.value) is not None
+    assert await store.load(alice.value) is None
+
+
+async def test_sessions_indexed_by_the_earlier_release_are_found_and_cleaned(
+        store: SessionStore, backend: Backend, clock: FakeClock) -> None:
+    """A session its replicas indexed (a sorted set per value, before the buckets) is found
+    by sub, email and sid, and its members go with it; with write_legacy_indexes on, a new
+    session is indexed both ways (so those replicas, during a rolling upgrade, find it)."""
+    cookie = await store.create(ALICE, TOKENS)
+    legacy = [KEYS.legacy_index(kind, value) for kind, value in
+              (("sub", "alice"), ("email", "alice@example.com"), ("sid", "sid-1"))]
+    buckets = [KEYS.index(kind, value)[0] for kind, value in
+               (("sub", "alice"), ("email", "alice@example.com"), ("sid", "sid-1"))]
+    def named(value: str) -> str:  # the earlier release's hash of the value
+        return hashlib.sha256(f"https://idp.example.com\ngateway\n{value}".encode()).hexdigest()
+
+    assert legacy == [f"{KEYS.prefix}:sub:{{{named('alice')}}}",
+                      f"{KEYS.prefix}:email:{{{named('alice@example.com')}}}",
+                      f"{KEYS.prefix}:sid:{{{named('sid-1')}}}"]
+    await backend.delete(*buckets)  # as its replicas left it: only the earlier indexes
+    await backend.index_add([(key, cookie.storage_id) for key in legacy], IDLE)
+    registry = store.registry
+    assert [i.storage_id for i in await registry.by_user("alice@example.com")] == [
+        cookie.storage_id]
+    assert [i.storage_id for i in await registry.by_sid("sid-1")] == [cookie.storage_id]
+    assert await registry.revoke(await registry.by_sub("alice")) == 1
+    assert await backend.index_members([(key, "") for key in legacy]) == [set(), set(), set()]
+    both = SessionStore(backend, KEYS, idle_timeout=IDLE, max_lifetime=MAX, clock=clock,
+                        write_legacy_indexes=True)
+    second = await both.create(ALICE, TOKENS)
+    assert await backend.index_members([(key, "") for key in legacy]) == [
+        {second.storage_id}] * 3
+    tagged = await backend.index_members(
+        [KEYS.index(kind, value) for kind, value in
+         (("sub", "alice"), ("email", "alice@example.com"), ("sid", "sid-1"))])
+    assert [{KEYS.storage_id_in(m) for m in members} for members in tagged] == [
+        {second.storage_id}] * 3
+
+
+async def test_index_members_share_bucket_keys(backend: Backend, clock: FakeClock) -> None:
+    """The point of the buckets: a user's three indexes are not three keys of their own
+    (each cost Redis about 300 bytes): 600 users' 1,800 index members share fewer keys,
+    none of them more than 64 bytes long (Redis keeps a small sorted set of such compact)."""
+    store = make_store(backend, clock)
+    for n in range(600):
+        await store.create(Identity(f"user-{n}", f"user-{n}@example.com", True,
+                                    sid=f"sid-{n}"), TOKENS)
+    buckets = {KEYS.index(kind, value)[0] for n in range(600) for kind, value in
+               (("sub", f"user-{n}"), ("email", f"user-{n}@example.com"), ("sid", f"sid-{n}"))}
+    assert len(buckets) < 1800 - 250  # 4,096 buckets: many of the 1,800 fall together
+    member = KEYS.index_member(KEYS.index("sub", "user-1")[1], "ab" * 32)
+    assert len(member) == 54 and KEYS.storage_id_in(member) == "ab" * 32
+    index_keys = [k for k in await backend.keys(KEYS.prefix + ":index:")] \
+        if not isinstance(backend, MemoryBackend) else list(backend._sets)
+    assert set(index_keys) == buckets
+
+
 async def test_revoking_by_user_needs_no_session_key(store: SessionStore) -> None:
     """Admin revocation works from the store alone: no cookie, no decryption."""
     alice = await store.create(ALICE, TOKENS)
@@ -494,7 +567,7 @@ async def test_a_touch_restores_lost_indexes(backend: Backend, clock: FakeClock)
     """An evicted sid index left back-channel logout blind until the next refresh."""
     store = make_store(backend, clock)
     cookie = await store.create(ALICE, TOKENS)
-    await backend.delete(KEYS.by_sid("sid-1"), KEYS.by_sub("alice"))
+    await backend.delete(KEYS.index("sid", "sid-1")[0], KEYS.index("sub", "alice")[0])
     assert await store.registry.by_sid("sid-1") == []
     clock.advance(120)
     await backend.expire(KEYS.session(cookie.storage_id), IDLE - 120)  # Redis's own clock

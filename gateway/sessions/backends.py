@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,16 +79,19 @@ class Backend(Protocol):
         """One request against the GCRA bucket `key` (`limit` per `period` seconds), decided
         and counted in one atomic step, shared by every replica."""
 
-    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
-        """Add `member` to each index in `keys` (user -> sessions), in one round trip, for
-        `ttl` seconds from now; a member's time only ever grows (a touch renews it). The same
-        call drops the members whose time has passed, and an index lives as long as its
-        longest member: nothing keeps a dead member, and no index grows with logins."""
+    async def index_add(self, entries: Sequence[tuple[str, str]], ttl: float) -> None:
+        """Add each (index, member) pair, in one round trip, for `ttl` seconds from now; a
+        member's time only ever grows (a touch renews it). The same call drops the members
+        of those indexes whose time has passed, and an index lives as long as its longest
+        member: nothing keeps a dead member, and no index grows with logins."""
 
-    async def index_members(self, key: str) -> builtins.set[str]:
-        """The members whose time has not passed."""
+    async def index_members(self, queries: Sequence[tuple[str, str]]
+                            ) -> list[builtins.set[str]]:
+        """For each (index, prefix): its members that begin with `prefix` and whose time
+        has not passed. One round trip (a bucket too large to scan at once takes more)."""
 
-    async def index_remove(self, key: str, members: Iterable[str]) -> None: ...
+    async def index_remove(self, entries: Sequence[tuple[str, str]]) -> None:
+        """Remove each (index, member) pair, in one round trip."""
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of several keys in one round trip (None where absent)."""
@@ -212,22 +215,24 @@ class MemoryBackend:
             self._sets.pop(key, None)
         return members
 
-    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
+    async def index_add(self, entries: Sequence[tuple[str, str]], ttl: float) -> None:
         self._sweep()
-        for key in keys:
+        for key, member in entries:
             members = self._live_set(key)
             members[member] = max(self._clock() + ttl, members.get(member, 0.0))
             self._sets[key] = members
 
-    async def index_members(self, key: str) -> builtins.set[str]:
-        return set(self._live_set(key))
+    async def index_members(self, queries: Sequence[tuple[str, str]]
+                            ) -> list[builtins.set[str]]:
+        return [{m for m in self._live_set(key) if m.startswith(prefix)}
+                for key, prefix in queries]
 
-    async def index_remove(self, key: str, members: Iterable[str]) -> None:
-        live = self._live_set(key)
-        for member in members:
+    async def index_remove(self, entries: Sequence[tuple[str, str]]) -> None:
+        for key, member in entries:
+            live = self._live_set(key)
             live.pop(member, None)
-        if not live:
-            self._sets.pop(key, None)
+            if not live:
+                self._sets.pop(key, None)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [entry[0] if (entry := self._live(key)) else None for key in keys]

@@ -14,10 +14,19 @@ another's, and the logout replay markers the issuer.
 
 Braces are Redis Cluster hash tags: the hash that relates keys (a session and its registry
 entry) sits in braces, so they share a slot.
+
+The registry's indexes (user, email, IdP sid -> sessions) share 4,096 bucket keys rather than
+taking a key each: a key of its own cost about 300 bytes of Redis memory (its name, object,
+dictionary and expiry entries) to hold one 64-byte member, three times per session. An index
+`index(kind, value)` is a bucket, chosen by the hash of the deployment, the kind and the
+value, and a tag (the next 64 bits of that hash) that begins each of its members; the rest of
+a member is the session's storage id. A tag shared by two values in one bucket is harmless:
+the registry checks every session it finds against its entry (registry.py).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from dataclasses import dataclass
@@ -27,6 +36,14 @@ PREFIX_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 def _hex(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+INDEX_BUCKETS = 4096  # the first 12 bits of an index's hash
+TAG_LENGTH = 11  # the base64url of the next 64 bits: the start of each of its members
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def default_prefix(issuer: str, client_id: str) -> str:
@@ -81,15 +98,33 @@ class Keys:
         """Names the deployment in its registry entries, without naming issuer or client."""
         return _hex(self.issuer, self.client_id)[:16]
 
-    def by_sub(self, sub: str) -> str:
-        return f"{self.prefix}:sub:{{{_hex(self.issuer, self.client_id, sub)}}}"
+    def index(self, kind: str, value: str) -> tuple[str, str]:
+        """The bucket key of index `kind` ("sub", "email" as identity.email_address parsed
+        it, "sid") for `value`, and the tag its members begin with (module docstring)."""
+        digest = hashlib.sha256("\n".join((self.issuer, self.client_id, kind, value))
+                                .encode()).digest()
+        bucket = int.from_bytes(digest[:2], "big") >> 4
+        return f"{self.prefix}:index:{{{bucket:03x}}}", _b64(digest[2:10])
 
-    def by_email(self, email: str) -> str:
-        """`email` as identity.email_address parsed it (the caller's job)."""
-        return f"{self.prefix}:email:{{{_hex(self.issuer, self.client_id, email)}}}"
+    @staticmethod
+    def index_member(tag: str, storage_id: str) -> str:
+        """A session's member in an index bucket: its tag, then the storage id (64 hex
+        digits) in base64url: 54 characters, under the 64 that Redis keeps a small sorted
+        set compact for (zset-max-listpack-value)."""
+        return tag + _b64(bytes.fromhex(storage_id))
 
-    def by_sid(self, sid: str) -> str:
-        return f"{self.prefix}:sid:{{{_hex(self.issuer, self.client_id, sid)}}}"
+    @staticmethod
+    def storage_id_in(member: str) -> str:
+        """The storage id an index member names (index_member's inverse)."""
+        packed = member[TAG_LENGTH:]
+        return base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4)).hex()
+
+    def legacy_index(self, kind: str, value: str) -> str:
+        """Where releases before the bucketed indexes kept index `kind`: a sorted set of
+        storage ids per value. Still read, and cleaned on sign-out and revocation, until
+        those sessions have ended; written too while session.write_legacy_indexes is on
+        (a rolling upgrade from such a release: its replicas find only these)."""
+        return f"{self.prefix}:{kind}:{{{_hex(self.issuer, self.client_id, value)}}}"
 
     @property
     def invalidations(self) -> str:

@@ -102,6 +102,19 @@ def _sentinel_clients(location: StoreLocation,
     return client, list(sentinel.sentinels)
 
 
+_SCAN_COUNT = 1000  # per ZSCAN call: a bucket larger than a compact set pages by this
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unended(pairs: Iterable[Sequence[object]], now: int) -> builtins.set[str]:
+    """The members of ZSCAN's (member, score) pairs whose end (the score) is after `now`."""
+    return {_text(member) for member, score in pairs
+            if isinstance(score, int | float) and score > now}
+
+
 def _ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
 
@@ -185,32 +198,60 @@ class RedisBackend:
         return Rate(bool(allowed), int(remaining), float(retry_us) / 1_000_000,
                     float(reset_us) / 1_000_000)
 
-    async def index_add(self, keys: Sequence[str], member: str, ttl: float) -> None:
-        # Each a sorted set scored by each member's end (this host's clock, in ms): the
+    async def index_add(self, entries: Sequence[tuple[str, str]], ttl: float) -> None:
+        # Each index a sorted set scored by each member's end (this host's clock, in ms): the
         # same pipeline drops the ended members, and the key lives as long as its last one.
         # Not a transaction, so the keys may live on different Cluster nodes.
-        if not keys:
+        if not entries:
             return
         now = _now_ms()
         with self._op("ZADD"):
             async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
+                for key, member in entries:
                     pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # ends only move later
                     pipe.zremrangebyscore(key, "-inf", now)
                     pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest
                     pipe.pexpire(key, _ms(ttl), nx=True)
                 await pipe.execute()
 
-    async def index_members(self, key: str) -> builtins.set[str]:
-        members = await self._call("ZRANGEBYSCORE",
-                                   self._client.zrangebyscore(key, f"({_now_ms()}", "+inf"))
-        assert isinstance(members, list)
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+    async def index_members(self, queries: Sequence[tuple[str, str]]
+                            ) -> list[builtins.set[str]]:
+        """A query with a prefix scans its bucket for the members that begin with it (ZSCAN
+        MATCH: the whole of a compact bucket in one reply); one without reads the index whole
+        by score. The first page of every query goes in one pipeline."""
+        if not queries:
+            return []
+        now = _now_ms()
+        with self._op("ZSCAN"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, prefix in queries:
+                    if prefix:
+                        pipe.zscan(key, 0, match=prefix + "*", count=_SCAN_COUNT)
+                    else:
+                        pipe.zrangebyscore(key, f"({now}", "+inf")
+                replies = await pipe.execute()
+            found: list[builtins.set[str]] = []
+            for (key, prefix), reply in zip(queries, replies, strict=True):
+                if not prefix:
+                    found.append({_text(m) for m in reply})
+                    continue
+                cursor, pairs = reply
+                members = _unended(pairs, now)
+                while cursor:  # a bucket grown past a compact set's size
+                    cursor, pairs = await self._client.zscan(key, cursor, match=prefix + "*",
+                                                             count=_SCAN_COUNT)
+                    members |= _unended(pairs, now)
+                found.append(members)
+        return found
 
-    async def index_remove(self, key: str, members: Iterable[str]) -> None:
-        values = list(members)
-        if values:
-            await self._call("ZREM", self._client.zrem(key, *values))
+    async def index_remove(self, entries: Sequence[tuple[str, str]]) -> None:
+        if not entries:
+            return
+        with self._op("ZREM"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, member in entries:
+                    pipe.zrem(key, member)
+                await pipe.execute()
 
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         if not keys:

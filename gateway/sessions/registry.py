@@ -7,6 +7,12 @@ deletes records without decrypting them. Index entries whose session has ended a
 lazily. Key names come from keys.py. Only `record` (a new session)
 writes unconditionally; later writes replace an entry only while it exists, so a revoked
 session's entry is never brought back.
+
+The indexes live in shared buckets (keys.py), where a member is found by a 64-bit tag: every
+session a lookup finds is checked against its entry (its sub, verified email or sid must be
+the one asked for), so no user ever sees, or revokes, another's sessions by a tag they share.
+An earlier release's indexes (a sorted set per value) are read beside them, and written too
+while `write_legacy_indexes` is on.
 """
 
 from __future__ import annotations
@@ -85,14 +91,27 @@ def _printable(text: str, limit: int) -> str:
 UNKNOWN_BROWSER = Browser()
 
 
+def _names(info: SessionInfo, kind: str, value: str) -> bool:
+    """Is `info` a session that index `kind` names for `value`? (An index's tag may be
+    shared with another value's in its bucket.)"""
+    if kind == "sub":
+        return info.sub == value
+    if kind == "sid":
+        return info.sid == value
+    return info.email_verified and info.email is not None \
+        and email_address(info.email) == value
+
+
 class Registry:
     """Entries and indexes. An index member lives as long as its session would if unused
     (each touch renews it), and is removed when its session ends by sign-out or revocation;
     so the store holds the same after any number of logins and sign-outs."""
 
-    def __init__(self, backend: Backend, keys: Keys) -> None:
+    def __init__(self, backend: Backend, keys: Keys, *,
+                 write_legacy_indexes: bool = False) -> None:
         self._backend = backend
         self._keys = keys
+        self._write_legacy = write_legacy_indexes
 
     async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A new session's entry and its indexes."""
@@ -113,30 +132,45 @@ class Registry:
             self._keys.entry(info.storage_id), info.to_bytes(), ttl,
             anchor=self._keys.session(info.storage_id))
 
-    def _indexes(self, info: SessionInfo, identity: Identity | None = None) -> list[str]:
-        """The indexes that name the session: its sub, its verified email, its IdP sid."""
+    def _indexes(self, info: SessionInfo,
+                 identity: Identity | None = None) -> list[tuple[str, str]]:
+        """The indexes that name the session, as (kind, value): its sub, its verified
+        email, its IdP sid."""
         sub, sid = (identity.sub, identity.sid) if identity else (info.sub, info.sid)
         verified = identity.email_verified if identity else info.email_verified
         email = email_address(info.email) if info.email and verified else None
-        names = [self._keys.by_sub(sub)] if sub else []
+        named = [("sub", sub)] if sub else []
         if email:
-            names.append(self._keys.by_email(email))
+            named.append(("email", email))
         if sid:
-            names.append(self._keys.by_sid(sid))
-        return names
+            named.append(("sid", sid))
+        return named
+
+    def _entries_of(self, info: SessionInfo, identity: Identity | None = None,
+                    *, legacy: bool) -> list[tuple[str, str]]:
+        """The session's (index key, member) pairs: in the buckets, and in the earlier
+        release's indexes when `legacy`."""
+        keys, pairs = self._keys, []
+        for kind, value in self._indexes(info, identity):
+            bucket, tag = keys.index(kind, value)
+            pairs.append((bucket, keys.index_member(tag, info.storage_id)))
+            if legacy:
+                pairs.append((keys.legacy_index(kind, value), info.storage_id))
+        return pairs
 
     async def _index(self, info: SessionInfo, ttl: float,
                      identity: Identity | None = None) -> None:
         """Index the session for as long as it lives unused. Repeated on every touch, which
         renews the members' time and restores an index lost to eviction. One round trip for
         all of them."""
-        await self._backend.index_add(self._indexes(info, identity), info.storage_id, ttl)
+        await self._backend.index_add(
+            self._entries_of(info, identity, legacy=self._write_legacy), ttl)
 
     async def forget(self, infos: list[SessionInfo]) -> None:
-        """Take ended sessions out of their indexes (sign-out, revocation, expiry)."""
-        for info in infos:
-            for index in self._indexes(info):
-                await self._backend.index_remove(index, [info.storage_id])
+        """Take ended sessions out of their indexes (sign-out, revocation, expiry), the
+        earlier release's included, in one round trip."""
+        await self._backend.index_remove(
+            [pair for info in infos for pair in self._entries_of(info, legacy=True)])
 
     async def get(self, storage_id: str) -> SessionInfo | None:
         return (await self._entries([storage_id]))[0]
@@ -165,35 +199,44 @@ class Registry:
         if await self._write_beside_session(info, ttl):
             await self._index(info, ttl)
 
-    async def _live(self, index: str, sub: str = "") -> list[SessionInfo]:
-        """The sessions an index names that still live, in two round trips whatever their
-        number (members, then their entries). A member whose session ended is dropped; one
-        whose entry alone was lost (evicted) stays, as a bare entry, so it can still be
-        revoked."""
-        members = sorted(await self._backend.index_members(index))
-        infos = {m: info for m, info in zip(members, await self._entries(members), strict=True)
-                 if info is not None}
-        lost = [m for m in members if m not in infos]
+    async def _live(self, kind: str, value: str) -> list[SessionInfo]:
+        """The sessions index `kind` names for `value` that still live, in two round trips
+        whatever their number (members, then their entries). A session whose entry names
+        another value (a tag shared in the bucket) is not one of them. A member whose
+        session ended is dropped; one whose entry alone was lost (evicted) stays, as a bare
+        entry, so it can still be revoked."""
+        keys = self._keys
+        bucket, tag = keys.index(kind, value)
+        legacy = keys.legacy_index(kind, value)
+        tagged, listed = await self._backend.index_members([(bucket, tag), (legacy, "")])
+        members = sorted({keys.storage_id_in(m) for m in tagged} | listed)
+        entries = await self._entries(members)
+        infos = {m: info for m, info in zip(members, entries, strict=True)
+                 if info is not None and _names(info, kind, value)}
+        lost = [m for m, info in zip(members, entries, strict=True) if info is None]
         if lost:
-            records = await self._backend.get_many([self._keys.session(m) for m in lost])
+            records = await self._backend.get_many([keys.session(m) for m in lost])
             for member, record in zip(lost, records, strict=True):
                 if record is not None:
-                    infos[member] = SessionInfo.bare(member, sub)
-            await self._backend.index_remove(index, [m for m in lost if m not in infos])
+                    infos[member] = SessionInfo.bare(member, value if kind == "sub" else "")
+            gone = [m for m in lost if m not in infos]
+            await self._backend.index_remove(
+                [(bucket, keys.index_member(tag, m)) for m in gone]
+                + [(legacy, m) for m in gone])
         return sorted(infos.values(), key=lambda i: i.created_at)
 
     async def by_user(self, sub_or_email: str) -> list[SessionInfo]:
         """Sessions of a user named by sub or by verified email (compared as addresses)."""
         email = email_address(sub_or_email)
-        by_email = await self._live(self._keys.by_email(email)) if email else []
+        by_email = await self._live("email", email) if email else []
         unique = {info.storage_id: info for info in (*await self.by_sub(sub_or_email), *by_email)}
         return sorted(unique.values(), key=lambda i: i.created_at)
 
     async def by_sub(self, sub: str) -> list[SessionInfo]:
-        return await self._live(self._keys.by_sub(sub), sub)
+        return await self._live("sub", sub)
 
     async def by_sid(self, sid: str) -> list[SessionInfo]:
-        return await self._live(self._keys.by_sid(sid))
+        return await self._live("sid", sid)
 
     async def all(self) -> list[SessionInfo]:
         """Every session of this deployment: by its entries, and by the session records

@@ -74,12 +74,12 @@ class Loaded:
 class SessionStore:
     def __init__(self, backend: Backend, keys: Keys, *, idle_timeout: float,
                  max_lifetime: float, clock: Callable[[], float],
-                 cache_ttl: float = 0.0) -> None:
+                 cache_ttl: float = 0.0, write_legacy_indexes: bool = False) -> None:
         self.backend = backend
         self.recent = RecentSessions(cache_ttl, clock,
                                      lambda loaded: self._ttl(loaded.session.created_at) > 0)
         self.keys = keys
-        self.registry = Registry(backend, keys)
+        self.registry = Registry(backend, keys, write_legacy_indexes=write_legacy_indexes)
         self._idle = idle_timeout
         self._max = max_lifetime
         self._clock = clock
