@@ -155,6 +155,13 @@ def redact_framework_logs() -> None:
 
 
 def setup(config: LoggingConfig) -> None:
+    # What no line of ours shows, not gathered for every record (the logging HOWTO's
+    # "Optimization"): the caller's file and line (a stack walk per line), and the thread's
+    # and process's names. About 2.5% of a proxied request's instructions (callgrind).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIds())
     if config.format == "json":

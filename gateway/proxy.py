@@ -124,7 +124,7 @@ async def forward(request: web.Request, rt: Runtime,
             upstream = await _send(request, route, url, upstream_headers, body)
             request[UPSTREAM_MS] = (time.perf_counter() - sent) * 1000
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response = _Proxied(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
             response.headers.update(resolved.rate_fields)
             try:
@@ -211,6 +211,14 @@ async def _send(request: web.Request, route: Route, url: URL,
     raise AssertionError("unreachable: the loop returns or raises")
 
 
+class _Proxied(web.StreamResponse):
+    """Its headers are sent with the first body bytes written, not at prepare() (aiohttp's
+    own web.Response does the same; if aiohttp drops the attribute, headers go at prepare()
+    again, as before). _stream_body writes at once whatever has arrived, even nothing."""
+
+    _send_headers_immediately = False
+
+
 class _ClientLeft(Exception):
     """The client's request body broke off: it went away mid-upload."""
 
@@ -263,6 +271,11 @@ async def _stream_body(request: web.Request, upstream: aiohttp.ClientResponse,
     "Connection lost" from a drain): that is the client going away, logged as such, with the
     status already sent; an error reading the upstream is the upstream's."""
     try:
+        # What has arrived with the upstream's headers goes out with ours, in one write (a
+        # small answer: one send instead of two); with nothing yet, our headers go now.
+        first = upstream.content.read_nowait(_CHUNK)
+        if first or not upstream.content.at_eof():
+            await response.write(first)
         async for chunk in upstream.content.iter_chunked(_CHUNK):
             await response.write(chunk)
         await response.write_eof()

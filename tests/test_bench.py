@@ -182,3 +182,20 @@ def test_the_comparison_with_apache_runs_with_one_command_and_measures_every_row
     ):
         found = re.search(rf"^- {re.escape(ratio)}: \**([\d.]+)x", table, re.M)
         assert found is not None and float(found[1]) > 0, ratio
+
+
+def test_instruction_counts_are_counted_and_the_gateway_does_more_than_the_bare_proxy() -> None:
+    """bench/instructions.py: callgrind's count over the requests alone (a count of nothing,
+    when counting never switched on, would be 0), and the bare aiohttp proxy's below the
+    gateway's public route, which does everything the bare proxy does and more."""
+    counts = {}
+    for extra in ([], ["--bare"]):
+        result = subprocess.run(
+            [sys.executable, "bench/instructions.py", "--requests", "20", "--rows", "public",
+             *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        found = re.search(r"^(\w+) +([\d.]+) k instructions per request$", result.stdout, re.M)
+        assert found is not None, result.stdout
+        counts[found[1]] = float(found[2])
+    assert 100 < counts["bare"] < counts["public"] < 10_000, counts

@@ -135,6 +135,17 @@ async def test_chunked_stream_arrives_in_pieces(stack: Stack) -> None:
     assert rest == b"chunk 1\nchunk 2\n"
 
 
+async def test_the_upstreams_headers_are_passed_on_before_its_body_comes(stack: Stack) -> None:
+    """A small answer goes out in one write, headers and body together; but headers are never
+    held back for a body still to come (a long poll, an event stream that waits)."""
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        async with http.get(stack.gateway + "/public/stream?chunks=1&first_after=1.5") as resp:
+            assert resp.status == 200 and time.monotonic() - started < 1.0
+            assert await resp.read() == b"chunk 0\n"
+        assert time.monotonic() - started >= 1.5
+
+
 GIB = 1024 * 1024 * 1024
 
 

@@ -81,8 +81,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     response.enable_chunked_encoding()
     await response.prepare(request)
     for i in range(chunks):
-        if i:
-            await asyncio.sleep(delay)
+        if i or "first_after" in request.query:  # the headers alone, for that long
+            await asyncio.sleep(delay if i else float(request.query["first_after"]))
         await response.write(f"chunk {i}\n".encode())
     await response.write_eof()
     return response
