@@ -678,6 +678,47 @@ async def test_walking_an_index_takes_two_round_trips_whatever_its_size(
     assert calls == ["index_members", "get_many"]
 
 
+async def test_a_new_session_is_written_in_one_round_trip(
+        redis_url: str, clock: FakeClock) -> None:
+    """A sign-in wrote its record, its entry and its indexes in three round trips; now one
+    pipeline carries them all (on a real Redis: one request, every command in it)."""
+    client = aioredis.Redis.from_url(redis_url)
+    backend = RedisBackend(client)
+    store = make_store(backend, clock)
+    sent: list[int] = []
+    original = client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = original(*args, **kwargs)
+        execute = pipe.execute
+
+        async def counted(*a: Any, **k: Any) -> Any:
+            sent.append(len(pipe.command_stack))
+            return await execute(*a, **k)
+
+        pipe.execute = counted
+        return pipe
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
+    other_calls: list[str] = []
+    for name in ("set", "get", "index_add", "expire", "delete"):
+        original_call = getattr(backend, name)
+
+        async def recorded(*a: Any, _name: str = name, _call: Any = original_call) -> Any:
+            other_calls.append(_name)
+            return await _call(*a)
+
+        setattr(backend, name, recorded)
+    try:
+        cookie = await store.create(ALICE, TOKENS)
+        assert other_calls == [] and sent == [2 + 3 * 4], (other_calls, sent)
+        assert await store.load(cookie.value) is not None
+        assert [i.storage_id for i in await store.registry.by_sid("sid-1")] == [
+            cookie.storage_id]
+    finally:
+        await client.aclose()
+
+
 async def test_rate_lets_a_burst_of_the_limit_through_then_refuses(backend: Backend) -> None:
     """GCRA, one atomic step on every backend: `limit` at once, then one per period/limit."""
     decisions = [await backend.rate("r", 5, 60.0) for _ in range(6)]

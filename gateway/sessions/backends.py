@@ -48,6 +48,11 @@ class Backend(Protocol):
 
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
 
+    async def set_indexed(self, values: Sequence[tuple[str, bytes]], ttl: float,
+                          entries: Sequence[tuple[str, str]]) -> None:
+        """Set each (key, value) for `ttl`, and add each (index, member) pair for as long
+        (as index_add does), all in one round trip: a new session's writes."""
+
     async def replace(self, key: str, value: bytes, ttl: float) -> bool:
         """Overwrite `key` only while it exists (SET XX); False if it is gone. Every write
         that follows a read uses this, so a record deleted meanwhile (sign-out, revocation)
@@ -151,6 +156,12 @@ class MemoryBackend:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._sweep()
         self._data[key] = (value, self._clock() + ttl)
+
+    async def set_indexed(self, values: Sequence[tuple[str, bytes]], ttl: float,
+                          entries: Sequence[tuple[str, str]]) -> None:
+        for key, value in values:
+            await self.set(key, value, ttl)
+        await self.index_add(entries, ttl)
 
     async def replace(self, key: str, value: bytes, ttl: float) -> bool:
         if self._live(key) is None:

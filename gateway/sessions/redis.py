@@ -109,6 +109,19 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _queue_index_add(pipe: Any, entries: Sequence[tuple[str, str]], ttl: float) -> None:
+    """Backend.index_add's commands, on a pipeline. Each index a sorted set scored by each
+    member's end (this host's clock, in ms): the same pipeline drops the ended members, and
+    the key lives as long as its last one. Not a transaction, so the keys may live on
+    different Cluster nodes."""
+    now = _now_ms()
+    for key, member in entries:
+        pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # ends only move later
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest
+        pipe.pexpire(key, _ms(ttl), nx=True)
+
+
 def _unended(pairs: Iterable[Sequence[object]], now: int) -> builtins.set[str]:
     """The members of ZSCAN's (member, score) pairs whose end (the score) is after `now`."""
     return {_text(member) for member, score in pairs
@@ -198,20 +211,21 @@ class RedisBackend:
         return Rate(bool(allowed), int(remaining), float(retry_us) / 1_000_000,
                     float(reset_us) / 1_000_000)
 
+    async def set_indexed(self, values: Sequence[tuple[str, bytes]], ttl: float,
+                          entries: Sequence[tuple[str, str]]) -> None:
+        with self._op("SET indexed"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in values:
+                    pipe.set(key, value, px=_ms(ttl))
+                _queue_index_add(pipe, entries, ttl)
+                await pipe.execute()
+
     async def index_add(self, entries: Sequence[tuple[str, str]], ttl: float) -> None:
-        # Each index a sorted set scored by each member's end (this host's clock, in ms): the
-        # same pipeline drops the ended members, and the key lives as long as its last one.
-        # Not a transaction, so the keys may live on different Cluster nodes.
         if not entries:
             return
-        now = _now_ms()
         with self._op("ZADD"):
             async with self._client.pipeline(transaction=False) as pipe:
-                for key, member in entries:
-                    pipe.zadd(key, {member: now + _ms(ttl)}, gt=True)  # ends only move later
-                    pipe.zremrangebyscore(key, "-inf", now)
-                    pipe.pexpire(key, _ms(ttl), gt=True)  # never shorter than its longest
-                    pipe.pexpire(key, _ms(ttl), nx=True)
+                _queue_index_add(pipe, entries, ttl)
                 await pipe.execute()
 
     async def index_members(self, queries: Sequence[tuple[str, str]]

@@ -113,10 +113,13 @@ class Registry:
         self._keys = keys
         self._write_legacy = write_legacy_indexes
 
-    async def record(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
-        """A new session's entry and its indexes."""
-        await self._backend.set(self._keys.entry(info.storage_id), info.to_bytes(), ttl)
-        await self._index(info, ttl, identity)
+    async def record(self, info: SessionInfo, ttl: float, identity: Identity,
+                     sealed: bytes) -> None:
+        """A new session: its sealed record, its entry and its indexes, in one round trip."""
+        await self._backend.set_indexed(
+            [(self._keys.session(info.storage_id), sealed),
+             (self._keys.entry(info.storage_id), info.to_bytes())], ttl,
+            self._entries_of(info, identity, legacy=self._write_legacy))
 
     async def update(self, info: SessionInfo, ttl: float, identity: Identity) -> None:
         """A live session's entry after its identity was refreshed (the email may differ)."""

@@ -127,8 +127,8 @@ class SessionStore:
         session = Session(identity, tokens, self._clock(), browser.ip, browser.user_agent)
         name = self._name(cookie)
         ttl = self._ttl(session.created_at)
-        await self.backend.set(name, self._seal(cookie.key, name, session.to_bytes()), ttl)
-        await self.registry.record(self._info(cookie, session), ttl, identity)
+        await self.registry.record(self._info(cookie, session), ttl, identity,
+                                   self._seal(cookie.key, name, session.to_bytes()))
         return cookie
 
     async def load(self, cookie_value: str | None) -> Loaded | None:
