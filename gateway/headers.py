@@ -53,6 +53,12 @@ _IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-", "x-amzn-oidc-",
                       "x-ms-client-principal")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                          "x-forwarded-prefix", "x-forwarded-port", "x-real-ip", "forwarded"})
+# What for_upstream never passes on: hop-by-hop fields, the cookie header (rebuilt without the
+# gateway's own cookies), Expect (answered by the gateway itself, after the session check) and
+# Host (set for the upstream); and from a peer that is not a trusted proxy, the forwarding
+# headers too (the gateway writes its own).
+_DROPPED = HOP_BY_HOP | {"cookie", "expect", "host"}
+_DROPPED_UNTRUSTED = _DROPPED | _FORWARDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,15 +191,17 @@ def for_upstream(
         injected["Host"] = host
     if forwarded_prefix is not None:
         injected["X-Forwarded-Prefix"] = forwarded_prefix
-    # Expect is answered by the gateway itself (after the session check), not by the upstream.
-    drop = (HOP_BY_HOP | _connection_listed(headers) | {"cookie", "expect", "host"}
-            | {_normalise(name) for name in injected})
-    if not client.trusted:
-        drop |= _FORWARDING
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in headers.items()
-        if (normalised := _normalise(name)) not in drop and normalised not in stripped
-    )
+    drop = _DROPPED if client.trusted else _DROPPED_UNTRUSTED
+    listed = _connection_listed(headers) if "Connection" in headers else frozenset()
+    replaced = {_normalise(name) for name in injected}
+    names, prefixes = stripped.names, stripped.prefixes
+    out: CIMultiDict[str] = CIMultiDict()
+    for field, content in headers.items():  # per request: lookups only, nothing built
+        normalised = field.lower().replace("_", "-")  # _normalise, inline
+        if normalised in drop or normalised in names or normalised in replaced \
+                or normalised in listed or normalised.startswith(prefixes):
+            continue
+        out.add(field, content)
     cookie = _without_cookies(headers.getall("Cookie", ()), gateway_cookies)
     if cookie:
         out["Cookie"] = cookie
