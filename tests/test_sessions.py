@@ -684,7 +684,8 @@ async def test_a_new_session_is_written_in_one_round_trip(
     pipeline carries them all (on a real Redis: one request, every command in it)."""
     client = aioredis.Redis.from_url(redis_url)
     backend = RedisBackend(client)
-    store = make_store(backend, clock)
+    keys = Keys(f"one-trip-{os.urandom(4).hex()}", "https://idp.example.com", "gateway")
+    store = make_store(backend, clock, keys=keys)  # a namespace of its own: the server is shared
     sent: list[int] = []
     original = client.pipeline
 
