@@ -93,9 +93,11 @@ def watch_supervisor(loop: asyncio.AbstractEventLoop, gone: Callable[[], None]) 
     os.set_blocking(fd, False)
 
     def readable() -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:
             if os.read(fd, 1):
                 return  # never written to; read and ignored if it ever is
+        except BlockingIOError:
+            return  # a wakeup with nothing to read: the supervisor is still there
         loop.remove_reader(fd)
         os.close(fd)
         log.warning("gateway_supervisor_gone pid=%d (draining and exiting, as on SIGTERM)",
