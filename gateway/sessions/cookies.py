@@ -40,20 +40,22 @@ class SessionCookie:
 
     @property
     def value(self) -> str:
-        return f"{_b64(self.session_id)}.{_b64(self.key)}"
+        return f"{b64url(self.session_id)}.{b64url(self.key)}"
 
     @property
     def storage_id(self) -> str:
         return hashlib.sha256(self.session_id).hexdigest()
 
 
-def _b64(raw: bytes) -> str:
+def b64url(raw: bytes) -> str:
+    """Unpadded base64url, the store's one spelling of bytes as text: the cookie's halves,
+    a session record's token segments (model.py), an index member's storage id (keys.py)."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
     raw = base64.urlsafe_b64decode(text + "=")
-    if _b64(raw) != text:  # non-canonical padding bits: refuse, so one id has one spelling
+    if b64url(raw) != text:  # non-canonical padding bits: refuse, so one id has one spelling
         raise ValueError("non-canonical base64")
     return raw
 

@@ -31,6 +31,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from gateway.sessions.cookies import b64url
+
 PREFIX_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -38,12 +40,7 @@ def _hex(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-INDEX_BUCKETS = 4096  # the first 12 bits of an index's hash
-TAG_LENGTH = 11  # the base64url of the next 64 bits: the start of each of its members
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+TAG_LENGTH = 11  # an index tag: the base64url of 64 bits of its hash
 
 
 def default_prefix(issuer: str, client_id: str) -> str:
@@ -103,15 +100,15 @@ class Keys:
         it, "sid") for `value`, and the tag its members begin with (module docstring)."""
         digest = hashlib.sha256("\n".join((self.issuer, self.client_id, kind, value))
                                 .encode()).digest()
-        bucket = int.from_bytes(digest[:2], "big") >> 4
-        return f"{self.prefix}:index:{{{bucket:03x}}}", _b64(digest[2:10])
+        bucket = int.from_bytes(digest[:2], "big") >> 4  # 12 bits: 4,096 buckets
+        return f"{self.prefix}:index:{{{bucket:03x}}}", b64url(digest[2:10])
 
     @staticmethod
     def index_member(tag: str, storage_id: str) -> str:
         """A session's member in an index bucket: its tag, then the storage id (64 hex
         digits) in base64url: 54 characters, under the 64 that Redis keeps a small sorted
         set compact for (zset-max-listpack-value)."""
-        return tag + _b64(bytes.fromhex(storage_id))
+        return tag + b64url(bytes.fromhex(storage_id))
 
     @staticmethod
     def storage_id_in(member: str) -> str:

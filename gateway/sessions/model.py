@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from gateway.identity import Identity
 from gateway.oidc.token_set import TokenSet
+from gateway.sessions.cookies import b64url
 
 _VERSION = 1  # login attempts, and session records of two releases ago
 _COMPRESSED = b"\x02"  # the first byte of a version 2 session record (compressed JSON)
@@ -93,10 +94,6 @@ def _inflate(compressed: bytes) -> bytes:
     return plain
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
 def _pack(token: object, segments: list[bytes]) -> object:
     """A token of dot-separated canonical base64url segments: the indexes of its segments'
     bytes (appended to `segments`); anything else as it is."""
@@ -108,7 +105,7 @@ def _pack(token: object, segments: list[bytes]) -> object:
             raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
         except (binascii.Error, ValueError):
             return token
-        if _b64(raw) != part:  # padding, other alphabets, non-zero spare bits: kept as text
+        if b64url(raw) != part:  # padding, other alphabets, non-zero spare bits: kept as text
             return token
         decoded.append(raw)
     first = len(segments)
@@ -121,7 +118,7 @@ def _unpack(value: object, segments: list[bytes]) -> object:
         return value
     if not all(isinstance(index, int) and 0 <= index < len(segments) for index in value):
         raise ValueError("session record names token bytes it does not hold")
-    return ".".join(_b64(segments[index]) for index in value)
+    return ".".join(b64url(segments[index]) for index in value)
 
 
 def _segments(tail: bytes) -> list[bytes]:
