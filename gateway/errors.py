@@ -7,7 +7,8 @@ message that is safe to show (never a token, cookie or secret) and a log event n
     GatewayError
      ├── ConfigError                 operator error in the YAML or the environment
      ├── BadRequestError        400  malformed path, parameters or cookies
-     │    └── BearerRequestError 400  a malformed Authorization on a bearer route (RFC 6750)
+     │    ├── BearerRequestError 400  a malformed Authorization on a bearer route (RFC 6750)
+     │    └── WebSocketHandshakeError 400  a WebSocket opening handshake RFC 6455 refuses
      ├── LoginError             400  the login could not complete (state, IdP error, bad token)
      ├── NotAuthenticatedError  401  API client without a session or bearer token
      │    ├── StepUpRequiredError 401  its sign-in is too old or weak for the route (RFC 9470)
@@ -81,6 +82,17 @@ class BadRequestError(GatewayError):
     title = "Bad request"
     public_message = "The request is malformed."
     event = "bad_request"
+
+
+class WebSocketHandshakeError(BadRequestError):
+    """Its page says what RFC 6455 §4.1 wants; its Sec-WebSocket-Version says which version
+    the gateway speaks (§4.4)."""
+
+    public_message = ("The WebSocket opening handshake is malformed: it needs one "
+                      "Sec-WebSocket-Key (16 bytes in base64) and Sec-WebSocket-Version 13.")
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Sec-WebSocket-Version": "13"}
 
 
 class BearerRequestError(BadRequestError):

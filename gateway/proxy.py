@@ -95,8 +95,11 @@ def _target_of(url: URL) -> str:
 
 
 def _is_websocket(request: web.Request) -> bool:
+    """An opening handshake (RFC 6455 §4.1: a GET); any other method's Upgrade header is
+    hop-by-hop and dropped, as for every request."""
     connection = request.headers.get("Connection", "").lower()
-    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
+    return request.method == "GET" and "upgrade" in connection \
+        and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 async def forward(request: web.Request, rt: Runtime,
@@ -110,12 +113,11 @@ async def forward(request: web.Request, rt: Runtime,
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
     upstream_headers = _request_headers(request, rt, snapshot, route, principal)
-    if _is_websocket(request):
-        url = upstream_url(route, target, websocket=True)
-        return await websocket.forward(request, rt.sockets, route, url, upstream_headers,
-                                       session=principal.session_id if principal else None)
+    upgrade = _is_websocket(request)
+    if upgrade:
+        websocket.offer(request, upstream_headers)
     body = _client_body(request, route) if request.body_exists else None
-    url = upstream_url(route, target)
+    url = upstream_url(route, target, websocket=upgrade)
     relay = (relaying_interim(functools.partial(_relay_early_hints, request, snapshot, route))
              if route.config.early_hints else contextlib.nullcontext())
     try:
@@ -124,6 +126,14 @@ async def forward(request: web.Request, rt: Runtime,
             upstream = await _send(request, route, url, upstream_headers, body)
             request[UPSTREAM_MS] = (time.perf_counter() - sent) * 1000
         async with upstream:
+            if upstream.status == 101:
+                if not upgrade:  # a tunnel nobody asked for: never passed on
+                    raise UpstreamError(f"route {route.name}: {_target_of(url)} answered 101 "
+                                        "to a request for no upgrade")
+                return await websocket.accept(
+                    request, upstream, rt.sockets, route,
+                    session=principal.session_id if principal else None,
+                    request_id=request.get(REQUEST_ID))
             response = _Proxied(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
             response.headers.update(resolved.rate_fields)

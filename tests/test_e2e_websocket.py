@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from conftest import Stack, StackFactory, login
+from ports import free_port
 
 from gateway.runtime import RUNTIME
 
@@ -144,3 +145,110 @@ async def test_one_store_round_trip_per_interval_watches_every_socket(
     finally:
         for ws in sockets:
             await ws.close()
+
+
+async def test_a_message_of_any_size_passes_as_it_came(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """Bytes are relayed, not messages rebuilt: aiohttp's 4 MiB message limit is gone, and
+    permessage-deflate is agreed between the browser and the app, not with the gateway."""
+    await login(browser, stack.gateway, "/echo")
+    async with browser.ws_connect(stack.gateway + "/ws", max_msg_size=0, compress=15) as ws:
+        assert ws.compress == 15  # the upstream (aiohttp) accepted the browser's offer
+        big = bytes(range(256)) * (6 * 4096)  # 6 MiB
+        await ws.send_bytes(big)
+        assert (await ws.receive(timeout=10)).data == big
+        await ws.send_str("small")
+        assert (await ws.receive()).data == "echo:small"
+
+
+async def test_an_upstream_that_refuses_the_upgrade_is_answered_as_it_answered(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await browser.ws_connect(stack.gateway + "/status/403")
+    assert refused.value.status == 403
+
+
+async def test_a_bad_opening_handshake_is_refused_before_the_upstream(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    await login(browser, stack.gateway, "/echo")
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    for extra in ({"Sec-WebSocket-Version": "13"},  # no key
+                  {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "c2hvcnQ="},
+                  {"Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}):
+        async with browser.get(stack.gateway + "/ws", headers={**upgrade, **extra}) as resp:
+            assert resp.status == 400
+            assert resp.headers["Sec-WebSocket-Version"] == "13"  # RFC 6455 §4.4
+            assert "Sec-WebSocket-Key" in await resp.text()
+
+
+async def _canned_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
+    """An upstream that answers every request with `answer`, then keeps the line open."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await reader.read()  # until the gateway hangs up
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("upgrade", [True, False])
+async def test_a_101_that_is_not_this_websocket_is_never_tunnelled(
+        make_stack: StackFactory, upgrade: bool) -> None:
+    """An upstream's 101 with the wrong accept value, or a 101 to a request that asked for no
+    upgrade, would make the gateway pass raw bytes it never checked: a 502 instead."""
+    server, upstream = await _canned_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+    try:
+        stack = await make_stack(routes=[{"name": "app", "path_prefix": "/", "auth": "public",
+                                          "upstream": upstream}])
+        async with aiohttp.ClientSession() as http:
+            if upgrade:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(stack.gateway + "/ws")
+                assert refused.value.status == 502
+            else:
+                async with http.get(stack.gateway + "/page") as resp:
+                    assert resp.status == 502
+    finally:
+        server.close()
+
+
+async def test_aiohttp_keeps_nothing_of_a_relayed_socket(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """After the handshake both connections are the relay's: the server's connection list
+    (and the request, its handler task) no longer hold them; the watch does, until they end."""
+    await login(browser, stack.gateway, "/echo")
+    runner = stack.runners[-1]
+    runtime = runner.app[RUNTIME]
+    before = len(runner.server.connections) if runner.server else 0
+    sockets = [await browser.ws_connect(stack.gateway + "/ws") for _ in range(20)]
+    for ws in sockets:
+        await ws.send_str("x")
+        assert (await ws.receive()).data == "echo:x"
+    assert runner.server is not None
+    assert len(runner.server.connections) <= before + 1  # the browser's plain connection
+    assert len(runtime.sockets) == 20
+    for ws in sockets:
+        await ws.close()
+    for _ in range(50):
+        if not len(runtime.sockets):
+            break
+        await asyncio.sleep(0.1)
+    assert len(runtime.sockets) == 0
+
+
+async def test_a_socket_outlives_the_routes_request_timeouts(
+        make_stack: StackFactory, browser: aiohttp.ClientSession) -> None:
+    """read_timeout and total_timeout bound the handshake, as any request; not the socket."""
+    stack = await make_stack(routes=[
+        {"name": "app", "path_prefix": "/", "auth": "public", "read_timeout": "1s",
+         "total_timeout": "1s", "websocket_ping_interval": "0s"}])
+    async with browser.ws_connect(stack.gateway + "/ws", autoping=False) as ws:
+        await asyncio.sleep(2.5)
+        await ws.send_str("later")
+        assert (await ws.receive(timeout=5)).data == "echo:later"

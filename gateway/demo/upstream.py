@@ -121,7 +121,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
 
 
 async def _websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(protocols=("chat",))
+    ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)  # any size: tests send big ones
     await ws.prepare(request)
     async for message in ws:
         if message.type == WSMsgType.TEXT and message.data.startswith("close:"):
