@@ -4,8 +4,10 @@ What the gateway would cost with nothing of its own on the request path: the sam
 server (gateway.server's runner and parser limits, no access log), the same pooled upstream
 client settings as gateway.upstreams (no cookies, no decompression, idle connections dropped
 after 4 s), and a handler that forwards the method, path and headers (hop-by-hop ones
-dropped) and streams the answer back. `--processes N` serves one port from N processes with
-SO_REUSEPORT, as `server.workers: N` does, under a parent that only waits and passes SIGTERM on.
+dropped) and streams the answer back, on uvloop as `server.event_loop`'s default
+(`--event-loop asyncio`: the standard library's). `--processes N` serves one port from N
+processes with SO_REUSEPORT, as `server.workers: N` does, under a parent that only waits and
+passes SIGTERM on.
 
     python bench/bare_proxy.py --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8081
     python bench/bare_proxy.py --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8081 \
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,13 +110,16 @@ def main() -> int:
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="http://HOST:PORT")
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
     if args.processes == 1:
-        asyncio.run(serve(args.listen, args.upstream))
+        run = uvloop.run if args.event_loop == "uvloop" else asyncio.run
+        run(serve(args.listen, args.upstream))
         return 0
     children = [
         subprocess.Popen(  # noqa: S603  (this very script, our own arguments)
-            [sys.executable, __file__, "--listen", args.listen, "--upstream", args.upstream]
+            [sys.executable, __file__, "--listen", args.listen, "--upstream", args.upstream,
+             "--event-loop", args.event_loop]
         )
         for _ in range(args.processes)
     ]

@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _pid_file(config):
             if workers.count(config) > 1 and not workers.is_worker():
                 return asyncio.run(workers.Supervisor(config, workers.worker_argv()).run())
-            asyncio.run(server.serve(build_app(config), config, path))
+            server.run(server.serve(build_app(config), config, path), config)
     except ConfigError as exc:  # found only once serving starts: the address is taken
         print(f"config error: {exc}", file=sys.stderr)
         return 1

@@ -18,8 +18,10 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
+import uvloop
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -127,6 +129,15 @@ async def _delay_shutdown(app: web.Application, delay: float, stop: asyncio.Even
         await asyncio.wait_for(stop.wait(), timeout=delay)
 
 
+def run(main: Coroutine[Any, Any, None], config: Config) -> None:
+    """Run a serving process's main coroutine on server.event_loop's loop (the supervisor,
+    which serves no request, keeps asyncio's)."""
+    if config.server.event_loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 async def serve(app: web.Application, config: Config, config_path: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, close idle connections and
     WebSockets (1001), let in-flight requests finish for up to server.shutdown_timeout.
@@ -147,10 +158,14 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
                 config.server.metrics_listen, lambda: app[RUNTIME].metrics.registry))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        log.info("gateway_serving listen=%s event_loop=%s pid=%d", config.server.listen,
+                 "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio", os.getpid())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if workers.is_worker():
-            workers.watch_supervisor(loop, stop.set)  # a supervisor killed outright
+        if workers.is_worker():  # a supervisor killed outright
+            lifeline = await workers.watch_supervisor(stop.set)
+            if lifeline is not None:
+                listeners.callback(lifeline.close)
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload.reload, app[RUNTIME], config_path)
             # a worker starts with it blocked (workers.py): one sent meanwhile arrives now

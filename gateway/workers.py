@@ -83,28 +83,42 @@ def inherited_socket() -> socket.socket:
     return socket.socket(fileno=int(os.environ[LISTEN_FD]))
 
 
-def watch_supervisor(loop: asyncio.AbstractEventLoop, gone: Callable[[], None]) -> None:
+class _Lifeline(asyncio.Protocol):
+    """The worker's end of the lifeline: nothing is ever written to the pipe, so all it can
+    see is its end (the supervisor's end closed)."""
+
+    def __init__(self, gone: Callable[[], None]) -> None:
+        self._gone: Callable[[], None] | None = gone
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # a read error: no lifeline either
+            self._end()
+        self._gone = None  # closed by this worker itself as it exits: nothing to tell
+
+    def _end(self) -> None:
+        if self._gone is not None:
+            log.warning("gateway_supervisor_gone pid=%d (draining and exiting, as on "
+                        "SIGTERM)", os.getpid())
+            self._gone()
+            self._gone = None
+
+
+async def watch_supervisor(gone: Callable[[], None]) -> asyncio.BaseTransport | None:
     """In a worker: call `gone` once, when the supervisor has died (its end of the lifeline
-    closed). Nothing is ever written to the pipe, so it is readable only at end-of-file."""
+    closed); returns the pipe's transport (None: started by a supervisor of an earlier
+    release, with no lifeline). A read-pipe transport, not a bare reader on the descriptor:
+    uvloop's readers do not wake for a pipe's hang-up."""
     value = os.environ.get(LIFELINE_FD)
-    if value is None:  # started by a supervisor of an earlier release
-        return
-    fd = int(value)
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
-        try:
-            if os.read(fd, 1):
-                return  # never written to; read and ignored if it ever is
-        except BlockingIOError:
-            return  # a wakeup with nothing to read: the supervisor is still there
-        loop.remove_reader(fd)
-        os.close(fd)
-        log.warning("gateway_supervisor_gone pid=%d (draining and exiting, as on SIGTERM)",
-                    os.getpid())
-        gone()
-
-    loop.add_reader(fd, readable)
+    if value is None:
+        return None
+    pipe = os.fdopen(int(value), "rb", buffering=0)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: _Lifeline(gone), pipe)
+    return transport
 
 
 class Supervisor:

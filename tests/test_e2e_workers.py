@@ -37,12 +37,14 @@ def children(pid: int) -> set[int]:
 
 
 @contextlib.asynccontextmanager
-async def supervised(tmp_path: Path, redis_url: str, workers: int, **session: str
+async def supervised(tmp_path: Path, redis_url: str, workers: int, *,
+                     server: dict[str, str] | None = None, **session: str
                      ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     gateway = f"http://127.0.0.1:{free_port()}"
     async with idp_and_upstream(gateway) as (idp, upstream):
         config = raw_config(gateway, idp, upstream, store=redis_url,
-                            server={"workers": workers, "shutdown_timeout": "5s"},
+                            server={"workers": workers, "shutdown_timeout": "5s",
+                                    **(server or {})},
                             session=session)
         proc = await start_gateway(config, tmp_path / "gateway.yaml",
                                    log=tmp_path / "gateway.log")
@@ -182,3 +184,36 @@ async def test_with_the_session_cache_a_sign_out_reaches_every_worker_at_once(
                     last_served = time.monotonic()
                 assert set(statuses) <= {200, 401}
             assert last_served - signed_out < 0.5, last_served - signed_out
+
+
+async def test_serving_processes_run_on_uvloop_and_relay_websockets_on_it(
+        tmp_path: Path, redis_url: str, browser: aiohttp.ClientSession) -> None:
+    """server.event_loop's default in a real `gateway run`: every worker says which loop it
+    serves on, and the WebSocket relay (transports handed over, flow control, the 1008 close
+    at a frame boundary) works on uvloop's transports as on asyncio's."""
+    async with supervised(tmp_path, redis_url, workers=2) as (gateway, proc):
+        await login(browser, gateway, "/echo")
+        async with browser.ws_connect(gateway + "/ws", max_msg_size=0) as ws:
+            big = os.urandom(3 << 20)
+            await ws.send_bytes(big)
+            assert (await ws.receive(timeout=10)).data == big
+            async with browser.post(gateway + "/oauth2/sign_out", allow_redirects=False,
+                                    headers={"Origin": gateway}) as resp:
+                assert resp.status == 302
+            message = await asyncio.wait_for(ws.receive(), timeout=5)
+            assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+    log = (tmp_path / "gateway.log").read_text()
+    assert log.count("gateway_serving listen=") == 2
+    assert log.count("event_loop=uvloop") == 2
+    assert "gateway_supervisor_gone" not in log  # its lifeline closed as it exited: not that
+
+
+async def test_event_loop_asyncio_serves_on_the_standard_librarys_loop(
+        tmp_path: Path, redis_url: str) -> None:
+    async with supervised(tmp_path, redis_url, workers=1,
+                          server={"event_loop": "asyncio"}) as (_, proc):
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+    assert "event_loop=asyncio" in (tmp_path / "gateway.log").read_text()
