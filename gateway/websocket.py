@@ -104,7 +104,7 @@ class SocketWatch:
         while self._sockets:
             await asyncio.sleep(self._interval)
             now = loop.time()
-            for socket in self._sockets:
+            for socket in list(self._sockets):
                 if not socket.closing and socket.idle_timeout is not None and \
                         socket.quiet_for(now) >= socket.idle_timeout:
                     log.info("websocket_closed_idle route=%s id=%s", socket.route,
