@@ -18,7 +18,8 @@ Closing, by whoever starts it:
 - the gateway (the session ended: 1008; idle, shutdown: 1001) puts a close frame to each end
   at its next frame boundary, passes nothing more either way, ends each connection when
   that end answers with its own close, and cuts whatever is left after the route's
-  read_timeout;
+  read_timeout. The upstream's frame in flight is finished first (the app is trusted); the
+  client's is not: if the client is inside a frame, the upstream's connection ends there;
 - an end that leaves without a close frame (its connection reset or ended): the other end
   gets a close 1001 if it is between frames, then its connection ends too;
 - a client that answers no ping within half of websocket_ping_interval is cut.
@@ -210,14 +211,24 @@ class Relay:
         return now - self._quiet_since
 
     def close(self, code: int, reason: bytes) -> None:
-        """End the socket from here: a close frame to each end, at its next boundary."""
+        """End the socket from here: a close frame to each end, at its next boundary. Not a
+        byte more of the client's goes on: if it is inside a frame, the upstream's
+        connection ends there without a close frame (waiting for that frame's end would let
+        a revoked client stream on, one endless frame, until the close timeout)."""
         if self.closing:
             return
         self.closing = True
         self._cancel_timer()
-        for side in (self.client, self.upstream):
-            if not side.gone:
-                self.put(side, close_frame(code, reason, masked=side.masked), final=True)
+        if not self.client.gone:
+            self.put(self.client, close_frame(code, reason, masked=False), final=True)
+        upstream = self.upstream
+        if upstream.gone:
+            pass
+        elif self.client.frames.between:
+            self.put(upstream, close_frame(code, reason, masked=True), final=True)
+        else:
+            upstream.pending, upstream.final, upstream.shut = None, True, True
+            upstream.transport.close()
         self._deadline = asyncio.get_running_loop().call_later(self._close_timeout, self._cut)
 
     def put(self, side: _Side, frame: bytes, *, final: bool) -> None:
@@ -240,7 +251,8 @@ class Relay:
     def lost(self, side: _Side) -> None:
         """One end's connection is gone: the other's ends too, after what it was sent (cut
         if that is not sent within the close timeout: an end that stopped reading). If the
-        end left without a close frame, the other gets one (1001) when it can."""
+        end left without a close frame, the other gets one (1001) when it can. While the
+        gateway closes the socket, an end that was sent its close ends when it answers."""
         other = side.peer
         if other.gone:
             self._end()
@@ -250,7 +262,9 @@ class Relay:
             self._cancel_timer()
             if not side.frames.closed and side.frames.between:
                 other.transport.write(close_frame(1001, b"", masked=other.masked))
-        other.transport.close()
+            other.transport.close()
+        elif not other.shut:  # our close could not go to it: the lost end was inside a frame
+            other.transport.close()
         if self._deadline is None:
             self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
                                                                     self._cut)

@@ -210,6 +210,22 @@ async def test_a_close_from_the_gateway_waits_for_the_frame_in_flight(relayed: R
     await asyncio.wait_for(s.ended.wait(), timeout=5)
 
 
+async def test_a_client_inside_a_frame_at_the_close_sends_not_a_byte_more(
+        relayed: Relayed) -> None:
+    """Revoked mid-frame: the rest of the client's frame, and anything after it, never
+    reaches the upstream, whose connection ends at once (no close frame can go inside the
+    client's frame)."""
+    s = await relayed()
+    first, second = await frames_of([(0x2, b"c" * 1000), (0x1, b"more")], masked=True)
+    s.client.writer.write(first[:400])
+    assert await s.upstream.read_exactly(400) == first[:400]
+    s.relay.close(1008, b"session ended")
+    s.client.writer.write(first[400:] + second)
+    assert await s.upstream.read_to_eof() == b""
+    got = await s.client.read_exactly(2 + 2 + len(b"session ended"))
+    assert await read_messages(got) == [(WSMsgType.CLOSE, 1008)]  # the client is told why
+
+
 async def test_ends_that_never_answer_a_close_are_cut_after_the_timeout(
         relayed: Relayed) -> None:
     s = await relayed(close_timeout=0.3)
