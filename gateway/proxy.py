@@ -97,9 +97,11 @@ def _target_of(url: URL) -> str:
 def _is_websocket(request: web.Request) -> bool:
     """An opening handshake (RFC 6455 §4.1: a GET); any other method's Upgrade header is
     hop-by-hop and dropped, as for every request."""
-    connection = request.headers.get("Connection", "").lower()
-    return request.method == "GET" and "upgrade" in connection \
-        and request.headers.get("Upgrade", "").lower() == "websocket"
+    return request.method == "GET" \
+        and request.headers.get("Upgrade", "").strip().lower() == "websocket" \
+        and any(token.strip().lower() == "upgrade"
+                for value in request.headers.getall("Connection", [])
+                for token in value.split(","))
 
 
 async def forward(request: web.Request, rt: Runtime,

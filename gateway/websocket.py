@@ -68,9 +68,13 @@ class SocketWatch:
         return len(self._sockets)
 
     def add(self, socket: Relay) -> None:
+        """A socket just handed to its relay. During shutdown it is told at once that the
+        gateway is going away."""
         self._sockets.add(socket)
         self._changed()
-        if self._task is None or self._task.done():
+        if self._emptied is not None:
+            socket.close(_GOING_AWAY, b"server shutdown")
+        elif self._task is None or self._task.done():
             self._task = asyncio.create_task(self._watch())
 
     def discard(self, socket: Relay) -> None:
@@ -94,6 +98,8 @@ class SocketWatch:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(within):
                     await self._emptied.wait()
+        for socket in list(self._sockets):  # still not answered: cut
+            socket.cut()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,6 +136,8 @@ class SocketWatch:
 def offer(request: web.Request, upstream_headers: CIMultiDict[str]) -> None:
     """Check the client's opening handshake (RFC 6455 §4.2.1) and ask the upstream for the
     upgrade with the client's own key, version, subprotocols and extensions."""
+    if request.body_exists:  # its bytes would reach the upstream unscanned, before the frames
+        raise WebSocketHandshakeError("websocket: an opening handshake has no body")
     keys = request.headers.getall("Sec-WebSocket-Key", [])
     if len(keys) != 1 or not _is_key(keys[0]):
         raise WebSocketHandshakeError("websocket: Sec-WebSocket-Key must be one base64 "
@@ -202,8 +210,8 @@ async def accept(request: web.Request, upstream: aiohttp.ClientResponse, watch: 
                   close_timeout=options.read_timeout, ended=watch.discard)
     client_tail = _release_server(request)
     upstream_tail = _release_client(upstream)
-    watch.add(relay)
     relay.start(client_tail, upstream_tail)
+    watch.add(relay)
     return response
 
 

@@ -111,8 +111,8 @@ class Frames:
 class _Side(asyncio.Protocol):
     """One end's connection: what it sends goes to the other end (`peer`)."""
 
-    __slots__ = ("final", "frames", "gone", "masked", "peer", "pending", "relay", "sent", "shut",
-                 "transport")
+    __slots__ = ("final", "frames", "gone", "masked", "peer", "pending", "received", "relay",
+                 "sent", "shut", "transport")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, *, masked: bool) -> None:
         self.relay = relay
@@ -125,6 +125,7 @@ class _Side(asyncio.Protocol):
         self.shut = False  # our close went to this end: nothing more is written to it
         self.gone = False  # its connection is lost
         self.sent = 0  # bytes this end sent
+        self.received = 0  # bytes written to this end (some may wait in the transport)
 
     def data_received(self, data: bytes) -> None:
         self.sent += len(data)
@@ -135,17 +136,23 @@ class _Side(asyncio.Protocol):
         while peer.pending is not None and not peer.shut:  # ours goes at their next boundary
             stop = frames.scan(data, start, first_end=True)
             if stop > start:
-                peer.transport.write(data[start:stop])
+                peer.write(data[start:stop])
             start = stop
             if not frames.between:  # no frame of theirs ended in this read
                 return
             relay.send(peer)
         frames.scan(data, start)
+        if frames.closed:
+            relay.closed_by_an_end()
         if peer.shut:  # closing: nothing more goes to the peer; this end's close is awaited
             if frames.closed and self.shut:
                 self.transport.close()
         elif start < len(data):
-            peer.transport.write(data[start:] if start else data)
+            peer.write(data[start:] if start else data)
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        self.transport.write(data)
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes; connection_lost follows
@@ -167,7 +174,8 @@ class Relay:
     """One proxied WebSocket after its handshake: its two ends, and how it ends."""
 
     __slots__ = ("_close_timeout", "_deadline", "_ended", "_opened", "_ping_interval",
-                 "_quiet_since", "_timer", "client", "closing", "heard", "idle_timeout",
+                 "_progress", "_quiet_since", "_timer", "client", "closing", "heard",
+                 "idle_timeout",
                  "request_id", "route", "session", "upstream")
 
     def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport, *,
@@ -188,6 +196,7 @@ class Relay:
         self._close_timeout = close_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._progress = 0  # _delivered() when the client was last pinged or checked
         self._ended = ended
         self._opened = self._quiet_since = asyncio.get_running_loop().time()
 
@@ -219,17 +228,32 @@ class Relay:
             return
         self.closing = True
         self._cancel_timer()
-        if not self.client.gone:
-            self.put(self.client, close_frame(code, reason, masked=False), final=True)
-        upstream = self.upstream
+        client, upstream = self.client, self.upstream
+        if client.gone:
+            pass
+        elif upstream.frames.closed and upstream.frames.between:
+            client.final = client.shut = True  # it has the upstream's whole close already
+        else:
+            self.put(client, close_frame(code, reason, masked=False), final=True)
         if upstream.gone:
             pass
-        elif self.client.frames.between:
+        elif client.frames.closed and client.frames.between:
+            upstream.final = upstream.shut = True  # it has the client's whole close already
+        elif client.frames.between:
             self.put(upstream, close_frame(code, reason, masked=True), final=True)
         else:
             upstream.pending, upstream.final, upstream.shut = None, True, True
             upstream.transport.close()
-        self._deadline = asyncio.get_running_loop().call_later(self._close_timeout, self._cut)
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
+                                                                    self.cut)
+
+    def closed_by_an_end(self) -> None:
+        """An end sent a close frame: the other answers and the upstream ends the TCP
+        connection; if they never do, the close timeout cuts both."""
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
+                                                                    self.cut)
 
     def put(self, side: _Side, frame: bytes, *, final: bool) -> None:
         """A frame of ours for `side`: now if the other end is between frames, or later."""
@@ -242,7 +266,9 @@ class Relay:
     def send(self, side: _Side) -> None:
         frame, side.pending = side.pending, None
         if frame is not None and not side.gone:
-            side.transport.write(frame)
+            side.write(frame)
+            if frame is _PING_FRAME:
+                self._pinged()
         if side.final:
             side.shut = True
             if side.frames.closed:  # it had already sent its own close
@@ -253,6 +279,7 @@ class Relay:
         if that is not sent within the close timeout: an end that stopped reading). If the
         end left without a close frame, the other gets one (1001) when it can. While the
         gateway closes the socket, an end that was sent its close ends when it answers."""
+        side.shut, side.pending = True, None  # nothing more is written to it
         other = side.peer
         if other.gone:
             self._end()
@@ -261,34 +288,61 @@ class Relay:
             self.closing = True
             self._cancel_timer()
             if not side.frames.closed and side.frames.between:
-                other.transport.write(close_frame(1001, b"", masked=other.masked))
+                other.write(close_frame(1001, b"", masked=other.masked))
             other.transport.close()
         elif not other.shut:  # our close could not go to it: the lost end was inside a frame
             other.transport.close()
         if self._deadline is None:
             self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
-                                                                    self._cut)
+                                                                    self.cut)
 
     def _ping(self) -> None:
+        """Ping the client; the ping waits for the upstream's frame in flight to end."""
         self._timer = None
         if self.closing or self.client.gone:
             return
-        self.heard = False
+        self._progress = self._delivered()
         self.put(self.client, _PING_FRAME, final=False)
+        if self.client.pending is not None:  # not sent yet: see that the client still reads
+            self._timer = asyncio.get_running_loop().call_later(self._ping_interval / 2,
+                                                                 self._pong)
+
+    def _pinged(self) -> None:
+        """The ping went out: the client has half the interval to send anything."""
+        self.heard = False
+        self._cancel_timer()
+        self._progress = self._delivered()
         self._timer = asyncio.get_running_loop().call_later(self._ping_interval / 2, self._pong)
 
     def _pong(self) -> None:
+        """A client is alive if it sent something since the ping, or took more of what it
+        was sent (a ping behind a long frame to a slow reader), or could not be heard
+        because the relay stopped reading it (the upstream is slow to take its bytes)."""
         self._timer = None
         if self.closing:
             return
-        if not self.heard:
+        delivered = self._delivered()
+        if not self.heard and delivered <= self._progress \
+                and self.client.transport.is_reading():
             log.info("websocket_closed_unresponsive route=%s id=%s", self.route,
                      self.request_id)
             self.client.transport.abort()
             return
-        self._timer = asyncio.get_running_loop().call_later(self._ping_interval / 2, self._ping)
+        self._progress = delivered
+        if self.client.pending is not None:  # the ping still waits: check again
+            self.heard = False
+            self._timer = asyncio.get_running_loop().call_later(self._ping_interval / 2,
+                                                                 self._pong)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self._ping_interval / 2,
+                                                                 self._ping)
 
-    def _cut(self) -> None:
+    def _delivered(self) -> int:
+        """Bytes written to the client that left the relay's buffer for the kernel's."""
+        return self.client.received - self.client.transport.get_write_buffer_size()
+
+    def cut(self) -> None:
+        """Abort whatever connection is left (the close timeout, or shutdown's end)."""
         self._deadline = None
         for side in (self.client, self.upstream):
             if not side.gone:

@@ -182,6 +182,23 @@ async def test_a_bad_opening_handshake_is_refused_before_the_upstream(
             assert "Sec-WebSocket-Key" in await resp.text()
 
 
+async def test_an_upgrade_with_a_body_or_without_the_upgrade_token_is_no_websocket(
+        stack: Stack, browser: aiohttp.ClientSession) -> None:
+    """A body would reach the upstream ahead of the frames, never scanned: refused. And
+    "Connection: foo-upgrade" is no upgrade to aiohttp's parser, so none to the gateway
+    either: the request goes on as a plain one (the upstream's /ws then refuses it)."""
+    await login(browser, stack.gateway, "/echo")
+    handshake = {"Upgrade": "websocket", "Connection": "Upgrade",
+                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    async with browser.get(stack.gateway + "/ws", headers=handshake, data=b"\x81\x02hi") as resp:
+        assert resp.status == 400
+        assert resp.headers["Sec-WebSocket-Version"] == "13"  # the handshake's own refusal
+    async with browser.get(stack.gateway + "/ws",
+                           headers={**handshake, "Connection": "foo-upgrade"}) as resp:
+        assert resp.status != 101
+        assert resp.headers.get("Upgrade") is None
+
+
 async def _canned_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     """An upstream that answers every request with `answer`, then keeps the line open."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -17,6 +17,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue  # the reader's queue: 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_websocket import WebSocketReader, WebSocketWriter
 
+from gateway.websocket import SocketWatch
 from gateway.wsrelay import Frames, Relay, close_frame
 
 
@@ -155,14 +156,21 @@ async def relayed() -> AsyncIterator[Relayed]:
     """Makes a relay between two real loopback connections, each with its far end."""
     setups: list[Setup] = []
 
-    async def make(ping_interval: float = 0, close_timeout: float = 5) -> Setup:
+    async def make(ping_interval: float = 0, close_timeout: float = 5,
+                   ended_too: Callable[[Relay], None] | None = None) -> Setup:
         (client_transport, client), (upstream_transport, upstream) = \
             await _connected_transport(), await _connected_transport()
         ended = asyncio.Event()
+
+        def end(relay: Relay) -> None:
+            ended.set()
+            if ended_too is not None:
+                ended_too(relay)
+
         relay = Relay(client_transport, upstream_transport, route="r", request_id="i",
                       session=None,
                       idle_timeout=None, ping_interval=ping_interval,
-                      close_timeout=close_timeout, ended=lambda _: ended.set())
+                      close_timeout=close_timeout, ended=end)
         relay.start(b"", b"")
         setup = Setup(relay, client, upstream, ended)
         setups.append(setup)
@@ -298,3 +306,63 @@ async def test_an_end_that_stopped_reading_is_cut_when_the_other_leaves(
     s.upstream.writer.transport.abort()  # the upstream leaves; the client still reads nothing
     await asyncio.wait_for(s.ended.wait(), timeout=5)
     assert s.relay.client.gone
+
+
+async def test_a_ping_waits_behind_a_long_frame_and_a_reading_client_is_kept(
+        relayed: Relayed) -> None:
+    """The ping cannot go inside the upstream's frame; a client that takes that frame's bytes
+    (and, as browsers do, sends nothing) is alive, and is pinged once the frame ends."""
+    s = await relayed(ping_interval=0.4)
+    payload = b"p" * 4000
+    (frame,) = await frames_of([(0x2, payload)], masked=False)
+    (pong,) = await frames_of([(0xA, b"")], masked=True)
+    got = b""
+    for i in range(0, len(frame), 400):  # 2 s of one frame, a piece every 0.2 s
+        if i:
+            await asyncio.sleep(0.2)
+        s.upstream.writer.write(frame[i:i + 400])
+        got += await s.client.read_exactly(len(frame[i:i + 400]))
+    assert got == frame and not s.ended.is_set()
+    assert await s.client.read_exactly(2) == b"\x89\x00"  # the ping, after the frame
+    s.client.writer.write(pong)
+    await asyncio.sleep(0.5)
+    assert not s.ended.is_set()
+
+
+async def test_a_client_the_relay_stopped_reading_is_not_taken_for_gone(
+        relayed: Relayed) -> None:
+    """An upstream slow to take the client's bytes stops the relay reading the client, so
+    its pongs are not read either: that is not a dead client."""
+    s = await relayed(ping_interval=0.4)
+    block = b"\x82\x7f" + (1 << 20).to_bytes(8, "big") + b"u" * (1 << 20)
+    for _ in range(64):
+        s.client.writer.write(block)
+        await asyncio.sleep(0.01)
+        if not s.relay.client.transport.is_reading():
+            break
+    assert not s.relay.client.transport.is_reading()
+    await asyncio.sleep(1.2)  # three ping intervals, no pong read
+    assert not s.ended.is_set() and not s.relay.closing
+
+
+async def test_a_socket_handed_over_during_shutdown_is_told_at_once(
+        relayed: Relayed) -> None:
+    """A handshake still waiting for its 101 when shutdown began: its socket gets the 1001
+    too (it used to be left open, and the watch's task started again)."""
+
+    async def nobody_ended(ids: object) -> set[str]:
+        return set()
+
+    watch = SocketWatch(nobody_ended)
+    s = await relayed(ended_too=watch.discard)
+    shutdown = asyncio.create_task(watch.close_all(within=5))
+    await asyncio.sleep(0.05)
+    watch.add(s.relay)
+    for end in (s.client, s.upstream):
+        got = await end.read_exactly(2 + 2 + len(b"server shutdown") + (4 if end is s.upstream
+                                                                       else 0))
+        assert await read_messages(got) == [(WSMsgType.CLOSE, 1001)]
+        end.writer.close()
+    await asyncio.wait_for(shutdown, timeout=3)
+    await asyncio.wait_for(s.ended.wait(), timeout=3)
+    assert len(watch) == 0
