@@ -7,7 +7,6 @@ opened in one cleanup context, so they are closed only if they were opened, in r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -94,15 +93,25 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 yield
             finally:
                 if follow is not None:
-                    follow.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await follow
+                    await _stop_listening(follow)
         finally:
             await upstreams.aclose()
             await idp_http.close()
             await backend.aclose()
 
     return context
+
+
+async def _stop_listening(listener: asyncio.Task[None]) -> None:
+    """Cancel the invalidation listener and wait for it to end, cancelling it again if the
+    cancellation was lost: redis-py connecting on uvloop has been seen to swallow one, and
+    the worker then never finished its shutdown."""
+    for _ in range(20):
+        listener.cancel()
+        done, _ = await asyncio.wait({listener}, timeout=0.25)
+        if done:
+            return
+    log.warning("invalidation_listener_stuck: it did not end when cancelled")
 
 
 async def _close_websockets(app: web.Application) -> None:

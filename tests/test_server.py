@@ -8,6 +8,7 @@ import pytest
 from conftest import Stack, StackFactory
 from yarl import URL
 
+from gateway import app as app_module
 from gateway.server import MAX_REQUEST_LINE, handler_args
 
 pytestmark = pytest.mark.e2e
@@ -78,3 +79,27 @@ def test_line_limits_differ_even_when_configured_equal() -> None:
     args = handler_args(MAX_REQUEST_LINE)
     assert args["max_line_size"] != args["max_field_size"]
     assert handler_args(8192)["max_line_size"] == MAX_REQUEST_LINE
+
+
+async def test_a_listener_that_loses_a_cancellation_is_cancelled_again() -> None:
+    """Seen with redis-py connecting on uvloop: the invalidation listener swallowed the
+    cancel at shutdown, and the worker never finished stopping."""
+    swallowed = 0
+
+    async def listener() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+
+    task = asyncio.create_task(listener())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(app_module._stop_listening(task), timeout=5)
+    assert task.cancelled() and swallowed == 1
