@@ -22,7 +22,9 @@ Closing, by whoever starts it:
   client's is not: if the client is inside a frame, the upstream's connection ends there;
 - an end that leaves without a close frame (its connection reset or ended): the other end
   gets a close 1001 if it is between frames, then its connection ends too;
-- a client that answers no ping within half of websocket_ping_interval is cut.
+- a client that, within half of websocket_ping_interval after a ping went out, neither sent
+  anything nor took more of what it was sent is cut (one the relay stopped reading, because
+  the upstream is slow to take its bytes, is not judged).
 """
 
 from __future__ import annotations
