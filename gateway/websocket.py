@@ -234,27 +234,31 @@ class _Tail:
 
 def _release_server(request: web.Request) -> bytes:
     """aiohttp's server lets go of the client's connection (RFC 6455 §4.2.2: it is the
-    socket's now): what it read past the handshake, and no more closing or writing it. Once
-    the handler's task is done it is told the connection is gone, which drops it from the
-    server's list of connections."""
+    socket's now). Once the handler's task is done the server is told the connection is
+    gone, which drops it from its list of connections."""
     protocol: Any = request.protocol
-    tail = _Tail()
-    protocol.set_parser(tail)
-    protocol.transport = None
+    tail = _let_go(protocol)
     task = asyncio.current_task()
     assert task is not None
     task.add_done_callback(lambda _: protocol.connection_lost(None))
-    return tail.data
+    return tail
 
 
 def _release_client(upstream: aiohttp.ClientResponse) -> bytes:
-    """aiohttp's client lets go of the upstream's connection the same way; the connector
-    counts it closed and never pools it."""
+    """aiohttp's client lets go of the upstream's connection; the connector counts it closed
+    and never pools it."""
     connection = upstream.connection
     assert connection is not None
-    protocol: Any = connection.protocol
-    tail = _Tail()
-    protocol.set_parser(tail, None)
-    protocol.transport = None
+    tail = _let_go(connection.protocol, None)  # (its set_parser also takes a payload queue)
     upstream.close()
+    return tail
+
+
+def _let_go(protocol: Any, *parser_args: None) -> bytes:
+    """What an aiohttp protocol read past the handshake (taken through set_parser, as its
+    own WebSocket reader would be given it); then it no longer closes or writes the
+    transport."""
+    tail = _Tail()
+    protocol.set_parser(tail, *parser_args)
+    protocol.transport = None
     return tail.data

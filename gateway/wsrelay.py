@@ -144,8 +144,8 @@ class _Side(asyncio.Protocol):
                 return
             relay.send(peer)
         frames.scan(data, start)
-        if frames.closed:
-            relay.closed_by_an_end()
+        if frames.closed:  # the other end answers, the upstream ends the connection: or not
+            relay.arm_deadline()
         if peer.shut:  # closing: nothing more goes to the peer; this end's close is awaited
             if frames.closed and self.shut:
                 self.transport.close()
@@ -228,31 +228,32 @@ class Relay:
         a revoked client stream on, one endless frame, until the close timeout)."""
         if self.closing:
             return
-        self.closing = True
-        self._cancel_timer()
+        self._begin_closing()
         client, upstream = self.client, self.upstream
-        if client.gone:
-            pass
-        elif upstream.frames.closed and upstream.frames.between:
-            client.final = client.shut = True  # it has the upstream's whole close already
-        else:
-            self.put(client, close_frame(code, reason, masked=False), final=True)
-        if upstream.gone:
-            pass
-        elif client.frames.closed and client.frames.between:
-            upstream.final = upstream.shut = True  # it has the client's whole close already
-        elif client.frames.between:
-            self.put(upstream, close_frame(code, reason, masked=True), final=True)
-        else:
+        self._close_toward(client, close_frame(code, reason, masked=False))
+        if not upstream.gone and not client.frames.between:  # the client is inside a frame
             upstream.pending, upstream.final, upstream.shut = None, True, True
             upstream.transport.close()
-        if self._deadline is None:
-            self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
-                                                                    self.cut)
+        else:
+            self._close_toward(upstream, close_frame(code, reason, masked=True))
+        self.arm_deadline()
 
-    def closed_by_an_end(self) -> None:
-        """An end sent a close frame: the other answers and the upstream ends the TCP
-        connection; if they never do, the close timeout cuts both."""
+    def _close_toward(self, side: _Side, frame: bytes) -> None:
+        """Our close for `side`, unless it has the other end's whole close already."""
+        if side.gone:
+            return
+        if side.peer.frames.closed and side.peer.frames.between:
+            side.final = side.shut = True
+        else:
+            self.put(side, frame, final=True)
+
+    def _begin_closing(self) -> None:
+        self.closing = True
+        self._cancel_timer()
+
+    def arm_deadline(self) -> None:
+        """A close is under way (ours, or an end's close frame): if the ends have not ended
+        their connections by the close timeout, both are cut."""
         if self._deadline is None:
             self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
                                                                     self.cut)
@@ -287,16 +288,13 @@ class Relay:
             self._end()
             return
         if not self.closing:
-            self.closing = True
-            self._cancel_timer()
+            self._begin_closing()
             if not side.frames.closed and side.frames.between:
                 other.write(close_frame(1001, b"", masked=other.masked))
             other.transport.close()
         elif not other.shut:  # our close could not go to it: the lost end was inside a frame
             other.transport.close()
-        if self._deadline is None:
-            self._deadline = asyncio.get_running_loop().call_later(self._close_timeout,
-                                                                    self.cut)
+        self.arm_deadline()
 
     def _ping(self) -> None:
         """Ping the client; the ping waits for the upstream's frame in flight to end."""
