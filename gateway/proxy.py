@@ -42,8 +42,6 @@ log = logging.getLogger("gateway.proxy")
 _CHUNK = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # RFC 9110 §9.2.2
 _RETRY_DELAY = 0.1  # seconds, times the attempt number
-# Headers aiohttp's client would otherwise invent; the upstream must see the client's own.
-_SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -214,7 +212,7 @@ async def _send(request: web.Request, route: Route, url: URL,
         try:
             return await upstream.session.request(
                 request.method, url, headers=upstream_headers, data=body, ssl=upstream.ssl,
-                allow_redirects=False, timeout=upstream.timeout, skip_auto_headers=_SKIP_AUTO)
+                allow_redirects=False, timeout=upstream.timeout)
         except aiohttp.ClientConnectorError:
             if attempt == retries:
                 raise

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config_routes import RouteConfig, UpstreamTLSConfig
@@ -93,9 +93,25 @@ class _InterimRelayingResponse(aiohttp.ClientResponse):
             del protocol.read
 
 
+# What aiohttp's client would otherwise add to every request: the upstream sees the client's
+# own headers only (and a POST without a Content-Type is sent without one).
+_NOT_ADDED: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent"))
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """A request that gets no header the client did not send. aiohttp's `skip_auto_headers`
+    does the same, but copies every header of every request to do it (about 4% of a proxied
+    request's time, py-spy); this sets the list aiohttp consults when it would add a
+    Content-Type (in update_body_from_data and send) and adds nothing itself."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NOT_ADDED
+
+
 def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
     session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                    auto_decompress=False,
+                                    auto_decompress=False, request_class=_UpstreamRequest,
                                     response_class=_InterimRelayingResponse)
     # aiohttp resends an idempotent request once when the connection drops after it was sent.
     # The upstream may have acted on it (legacy apps do things on GET), so the gateway only

@@ -506,6 +506,28 @@ async def raw_get(stack: Stack, target: str, version: str = "1.1") -> tuple[byte
         writer.close()
 
 
+async def test_the_upstream_gets_no_header_the_client_did_not_send(stack: Stack) -> None:
+    """aiohttp's client would add Accept, Accept-Encoding, User-Agent and, with a body,
+    Content-Type; a legacy app must see the client's request, not the gateway's library."""
+    url = URL(stack.gateway)
+    for head in ("GET /public/echo HTTP/1.1\r\nHost: x\r\n",
+                 "POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"):
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write((head + "Connection: close\r\n\r\n").encode()
+                         + (b"hello" if head.startswith("POST") else b""))
+            answer = await asyncio.wait_for(reader.read(), timeout=5)
+        finally:
+            writer.close()
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200"), status
+        names = {name.lower() for name, _ in json.loads(body)["headers"]}
+        assert names.isdisjoint({"accept", "accept-encoding", "user-agent", "content-type"}), \
+            names
+        assert "host" in names
+        assert ("content-length" in names) == head.startswith("POST")
+
+
 @pytest.fixture
 async def hints_stack(make_stack: StackFactory) -> Stack:
     probe = await make_stack()
