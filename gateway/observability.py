@@ -31,6 +31,7 @@ import re
 import secrets
 import sys
 import time
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -59,6 +60,9 @@ _EVENT = re.compile(r"[a-z][a-z0-9_]*")
 _KEY = re.compile(r"(?:^|\s)([a-z][a-z0-9_]*)=$")
 _UNIT = re.compile(r"m?s\b")
 # What became of a request that did not reach an upstream, by status.
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_ACCESS = ("%s %s route=%s status=%d duration_ms=%.1f upstream_ms=%s outcome=%s id=%s "
+           "user=%s rule=%s")
 _OUTCOMES = {302: "sign_in", 401: "unauthenticated", 403: "denied", 404: "no_route",
              429: "rate_limited"}
 
@@ -121,6 +125,62 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The gateway's log handler, installed by setup(). It also writes the access line, one
+    per request, itself (write_access) when nothing but this handler listens to it: the
+    same bytes logging would write, without a LogRecord, the walk through the loggers and
+    the formatter (about 8% of a proxied request's instructions, 16% of a 401's:
+    callgrind). A handler, filter or level anyone adds puts the line back through logging."""
+
+    def __init__(self, stream: TextIO, json_lines: bool) -> None:
+        super().__init__(stream)
+        self.addFilter(RequestIds())
+        self.setFormatter(_JSONFormatter() if json_lines else logging.Formatter(_TEXT_FORMAT))
+        self._json_lines = json_lines
+        self._own = (self.formatter, *self.filters)
+        self._second, self._date = -1, ""  # the timestamp's part to the second, kept
+
+    def _asctime(self, now: float) -> str:
+        """Formatter.formatTime's default: local time, then milliseconds."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._date},{int((now - second) * 1000):03d}"
+
+    def write_access(self, fields: dict[str, object], args: tuple[object, ...]) -> bool:
+        """Write the access line directly; False when logging must (something else listens,
+        or the handler or the line is not as setup() made them)."""
+        if self.level > logging.INFO or (self.formatter, *self.filters) != self._own:
+            return False
+        asctime = self._asctime(time.time())
+        if self._json_lines:
+            line = json.dumps({"time": asctime, "level": "info", "logger": access_log.name,
+                               **fields}, default=str)
+        else:
+            line = f"{asctime} INFO {access_log.name} {_ACCESS % args}"
+        try:
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line + self.terminator)
+                self.flush()
+        except Exception:  # reported as StreamHandler.emit reports it
+            self.handleError(access_log.makeRecord(
+                access_log.name, logging.INFO, "", 0, _ACCESS, args, None))
+        return True
+
+
+def _direct_handler() -> _Handler | None:
+    """setup()'s handler, when it alone hears the access line."""
+    if access_log.handlers or access_log.filters or not access_log.propagate \
+            or not access_log.isEnabledFor(logging.INFO):
+        return None
+    parent = access_log.parent
+    if parent is None or parent.propagate or len(parent.handlers) != 1:
+        return None
+    handler = parent.handlers[0]
+    return handler if isinstance(handler, _Handler) else None
+
+
 class RequestIds(logging.Filter):
     """Stamps a record with the id of the request being handled when it was logged (the
     handler's filters run then, in the request's context), for the JSON line."""
@@ -162,12 +222,7 @@ def setup(config: LoggingConfig) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIds())
-    if config.format == "json":
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler = _Handler(sys.stderr, json_lines=config.format == "json")
     root = logging.getLogger("gateway")
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
@@ -228,9 +283,9 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             "upstream_ms": round(upstream, 1) if upstream is not None else None,
             "outcome": outcome, "request_id": request_id,
             "user": request.get(USER_SUB), "rule": request.get(DECIDED_BY)}
-        access_log.info(
-            "%s %s route=%s status=%d duration_ms=%.1f upstream_ms=%s outcome=%s id=%s "
-            "user=%s rule=%s", fields["method"], fields["path"], fields["route"] or "-",
-            status, duration, "-" if upstream is None else f"{upstream:.1f}",
-            fields["outcome"], request_id, fields["user"] or "-", fields["rule"] or "-",
-            extra={"fields": fields})
+        args = (fields["method"], fields["path"], route or "-", status, duration,
+                "-" if upstream is None else f"{upstream:.1f}", outcome, request_id,
+                fields["user"] or "-", fields["rule"] or "-")
+        direct = _direct_handler()
+        if direct is None or not direct.write_access(fields, args):
+            access_log.info(_ACCESS, *args, extra={"fields": fields})

@@ -12,8 +12,9 @@ import re
 import resource
 import socket
 import struct
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -296,6 +297,64 @@ async def test_access_lines_as_json_have_typed_fields_and_the_request_id_goes_up
     assert (denied["outcome"], denied["upstream_ms"], denied["rule"]) == (
         "denied", None, "routes[admin].allow")
     assert "secret-value" not in json.dumps(lines)
+
+
+@pytest.fixture
+def gateway_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """observability.setup() as `gateway run` does it, writing to a buffer (sys.stderr is
+    swapped in the test itself: pytest sets its own again between a fixture and the test);
+    logging is put back as it was afterwards."""
+    stream = io.StringIO()
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate)
+             for logger in map(logging.getLogger, ("gateway", "aiohttp"))]
+    yield stream
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+async def test_access_lines_written_directly_are_what_logging_writes(
+        stack: Stack, gateway_logging: io.StringIO, form: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access line skips logging's machinery while setup()'s handler alone hears it; a
+    filter added to its logger (anyone listening) puts it back through logging. Both write
+    the same line, but for the time, the durations and the request id."""
+    monkeypatch.setattr(sys, "stderr", gateway_logging)
+    observability.setup(config_module.LoggingConfig(format=form))
+    seen: list[logging.LogRecord] = []
+
+    def through_logging(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    lines = []
+    async with aiohttp.ClientSession() as http:
+        for listening in (False, True):
+            if listening:
+                observability.access_log.addFilter(through_logging)
+            try:
+                async with http.get(stack.gateway + "/public/echo?code=secret") as resp:
+                    assert resp.status == 200
+            finally:
+                observability.access_log.removeFilter(through_logging)
+            written = [line for line in gateway_logging.getvalue().splitlines()
+                       if "gateway.access" in line]
+            gateway_logging.truncate(0)
+            gateway_logging.seek(0)
+            assert len(written) == 1, written
+            lines.append(written[0])
+            assert len(seen) == listening
+    variable = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}|(?<=_ms=)[\d.]+|"
+                          r"(?<=_ms\": )[\d.]+|[0-9a-f]{32}")
+    direct, logged = (variable.sub("*", line) for line in lines)
+    assert direct == logged
+    assert "secret" not in direct and "route" in direct and "*" in direct
+    if form == "json":
+        assert json.loads(lines[0])["status"] == 200
+        assert json.loads(lines[0]).keys() == json.loads(lines[1]).keys()
+    else:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway.access "
+                        r"GET /public/echo route=public status=200 ", lines[0]), lines[0]
 
 
 async def test_a_trusted_proxys_request_id_is_kept(make_stack: StackFactory) -> None:
