@@ -137,7 +137,7 @@ def _identity(resolved: pipeline.Resolved) -> dict[str, str]:
     config = resolved.snapshot.config
     sent = headers.identity_headers(principal.identity,
                                     unverified_email=config.oidc.allow_unverified_email)
-    answer = {_ANSWER_NAMES[name]: value for name, value in sent.items()}
+    answer = {_ANSWER_NAMES[name]: value for name, value in sent}
     if resolved.route.config.pass_access_token:
         answer[_ANSWER_NAMES[headers.ACCESS_TOKEN]] = principal.access_token
     for name, template in resolved.route.claim_headers:

@@ -12,6 +12,7 @@ lists in server.strip_request_headers.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -193,24 +194,37 @@ def for_upstream(
         injected["X-Forwarded-Prefix"] = forwarded_prefix
     drop = _DROPPED if client.trusted else _DROPPED_UNTRUSTED
     listed = _connection_listed(headers) if "Connection" in headers else frozenset()
-    replaced = {_normalise(name) for name in injected}
+    replaced = {name.lower().replace("_", "-") for name in injected}
     names, prefixes = stripped.names, stripped.prefixes
-    out: CIMultiDict[str] = CIMultiDict()
-    for field, content in headers.items():  # per request: lookups only, nothing built
+    # Per request: lookups only, and the result built once from a list (each assignment to
+    # a CIMultiDict searches it).
+    kept: list[tuple[str, str]] = []
+    forwarded_for = proto = forwarded_host = None  # a trusted proxy's, kept
+    for field, content in headers.items():
         normalised = field.lower().replace("_", "-")  # _normalise, inline
         if normalised in drop or normalised in names or normalised in replaced \
                 or normalised in listed or normalised.startswith(prefixes):
             continue
-        out.add(field, content)
+        if normalised in _FORWARDING:  # only a trusted proxy's get here
+            if normalised == "x-forwarded-for":  # several lines are one list (RFC 9110 §5.3)
+                forwarded_for = content if forwarded_for is None \
+                    else f"{forwarded_for}, {content}"
+                continue  # sent below as one line, with the peer added
+            proto = content if normalised == "x-forwarded-proto" else proto
+            forwarded_host = content if normalised == "x-forwarded-host" else forwarded_host
+        kept.append((field, content))
     cookie = _without_cookies(headers.getall("Cookie", ()), gateway_cookies)
     if cookie:
-        out["Cookie"] = cookie
-    forwarded_for = out.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{forwarded_for}, {client.ip}" if forwarded_for else client.ip
-    out.setdefault("X-Forwarded-Proto", client.scheme)
-    out.setdefault("X-Forwarded-Host", client.host)
+        kept.append(("Cookie", cookie))
+    kept.append(("X-Forwarded-For",
+                 f"{forwarded_for}, {client.ip}" if forwarded_for else client.ip))
+    if proto is None:
+        kept.append(("X-Forwarded-Proto", client.scheme))
+    if forwarded_host is None:
+        kept.append(("X-Forwarded-Host", client.host))
     if identity is not None:
-        out.update(identity_headers(identity, unverified_email=unverified_email))
+        kept.extend(identity_headers(identity, unverified_email=unverified_email))
+    out = CIMultiDict(kept)
     for name, value in injected.items():  # a route's own header wins over the default one,
         if value is None:                  # and when it has no value nothing goes
             out.popall(name, None)
@@ -259,10 +273,15 @@ def _basic(identity: Identity | None, claim: str, unverified_email: bool) -> str
     return "Basic " + base64.b64encode(f"{user}:".encode()).decode()
 
 
-def identity_headers(identity: Identity, *, unverified_email: bool = False) -> Mapping[str, str]:
+@functools.lru_cache(maxsize=256)
+def identity_headers(identity: Identity, *, unverified_email: bool = False
+                     ) -> tuple[tuple[str, str], ...]:
     """SECURITY: the email goes upstream only when the IdP says it is verified (unless the
     operator opted out): upstreams that key accounts by email (Grafana's auth proxy, Gitea)
-    would otherwise hand an account to whoever the IdP let pick that address."""
+    would otherwise hand an account to whoever the IdP let pick that address.
+
+    Kept for the last identities seen: a signed-in user's requests share one Identity (the
+    session cache's), found in the cache by its own object first."""
     values = {
         USER: identity.sub,
         EMAIL: _checked_email(identity.email)
@@ -270,7 +289,7 @@ def identity_headers(identity: Identity, *, unverified_email: bool = False) -> M
         PREFERRED_USERNAME: identity.preferred_username,
         GROUPS: ",".join(identity.groups) if identity.groups else None,
     }
-    return {name: value for name, value in values.items() if value}
+    return tuple((name, value) for name, value in values.items() if value)
 
 
 def _checked_email(email: str) -> str | None:
@@ -341,6 +360,17 @@ def _rewrite_set_cookie(value: str, upstream_host: str | None, prefix: str) -> s
     return value
 
 
+# Server: the gateway answers with its own, as nginx does (the upstream's names its software
+# and version, which is nobody's business).
+_NOT_RETURNED = HOP_BY_HOP | {"server"}
+
+
+@functools.lru_cache(maxsize=64)
+def _host_of(url: str) -> str | None:
+    """A route's upstream host, parsed once (the routes' upstreams are few)."""
+    return URL(url).host
+
+
 def from_upstream(headers: MultiMapping[str], *, origins: tuple[str, ...] = (),
                   prefix: str = "/", cookies_from: str | None = None) -> CIMultiDict[str]:
     """Response headers to send back to the client (duplicates such as Set-Cookie kept).
@@ -350,14 +380,12 @@ def from_upstream(headers: MultiMapping[str], *, origins: tuple[str, ...] = (),
     address). With `cookies_from` (the upstream's origin), Set-Cookie is scoped to the
     stripped prefix and stripped of the upstream's own Domain.
     """
-    # Server: the gateway answers with its own, as nginx does (the upstream's names its
-    # software and version, which is nobody's business).
-    drop = HOP_BY_HOP | _connection_listed(headers) | {"server"}
-    upstream_host = URL(cookies_from).host if cookies_from else None
+    listed = _connection_listed(headers) if "Connection" in headers else frozenset()
+    upstream_host = _host_of(cookies_from) if cookies_from else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
-        if lowered in drop:
+        if lowered in _NOT_RETURNED or lowered in listed:
             continue
         if origins and lowered in _LOCATIONS:
             value = _rewrite_location(value, origins, prefix)

@@ -158,6 +158,10 @@ def test_trusted_proxy_forwarding_headers_are_appended_and_kept() -> None:
     assert out["X-Forwarded-For"] == "198.51.100.7, 10.0.0.2"
     assert out["X-Forwarded-Proto"] == "https"
     assert out["X-Forwarded-Host"] == "app.example.com"
+    # Several lines are one list: none of its hops is lost (as the rate limits read it).
+    out = upstream([("X-Forwarded-For", "198.51.100.7, 10.0.0.9"),
+                    ("X-Forwarded-For", "10.0.0.8")], client=PROXY)
+    assert out.getall("X-Forwarded-For") == ["198.51.100.7, 10.0.0.9, 10.0.0.8, 10.0.0.2"]
 
 
 def test_the_host_sent_is_the_one_chosen_never_the_clients_by_itself() -> None:
