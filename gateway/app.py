@@ -95,6 +95,7 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 if follow is not None:
                     await _stop_listening(follow)
         finally:
+            metrics.flush()  # with workers, what the supervisor's scrapes add up
             await upstreams.aclose()
             await idp_http.close()
             await backend.aclose()

@@ -155,7 +155,7 @@ async def serve(app: web.Application, config: Config, config_path: str | None = 
         if config.server.metrics_listen is not None and not workers.is_worker():
             # (a worker's numbers are shown by its supervisor's listener, added up)
             await listeners.enter_async_context(metrics.listener(
-                config.server.metrics_listen, lambda: app[RUNTIME].metrics.registry))
+                config.server.metrics_listen, app[RUNTIME].metrics.current))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         log.info("gateway_serving listen=%s event_loop=%s pid=%d", config.server.listen,

@@ -28,7 +28,7 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import ConfigError
-from gateway.metrics import WorkerMetrics
+from gateway.metrics import FLUSH_AFTER, WorkerMetrics
 
 pytestmark = pytest.mark.e2e
 
@@ -116,6 +116,7 @@ async def sign_in_out_and_browse(gw: Running, browser: aiohttp.ClientSession
     async with browser.post(gw.gateway + "/oauth2/sign_out", allow_redirects=False,
                             headers={"Origin": gw.gateway}) as resp:
         assert resp.status == 302
+    await asyncio.sleep(FLUSH_AFTER + 0.5)  # a worker hands its requests on by then
     return before, await scrape(gw.metrics)
 
 
@@ -178,6 +179,7 @@ async def test_two_workers_are_scraped_as_one_gateway_and_each_counts_its_reload
         # on one would be a 1 in 500,000 chance), and one scrape sees them all
         for _ in range(20):
             assert await new_connection_get(gw.gateway + "/public/x") == 200
+        await asyncio.sleep(FLUSH_AFTER + 0.5)
         spread = await scrape(gw.metrics)
         assert value(spread, "gateway_requests_total", route="public") - \
             value(after, "gateway_requests_total", route="public") == 20
