@@ -30,6 +30,7 @@ cannot follow; 8.3 short names like `ADMINI~1`), is refused rather than guessed 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from gateway.policy import Access, Rule
 from gateway.upstreams import Upstream
 
 MAX_PATH_LENGTH = 8192  # longer paths are refused, as most servers do
+CACHED, CACHED_PATH_LENGTH = 4096, 256  # how many canonical paths and matches are kept
 # RFC 3986 §3.3: path = *( "/" / pchar ); pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _QUERY_CHARS = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII but '#'
@@ -145,8 +147,16 @@ def parse_target(raw_target: str) -> Target:
 
 
 def canonical_path(raw_path: str) -> str:
-    """The one path the gateway matches and forwards; BadRequestError if there is none."""
+    """The one path the gateway matches and forwards; BadRequestError if there is none.
+
+    A short path's answer is kept (the last CACHED of them): a site's paths repeat (its
+    pages, assets and API calls), and the checks cost more than the lookup. A refused path
+    is never kept, and a long one is never kept, so the cache's memory stays small."""
     path = raw_path.split("?", 1)[0]
+    return _canonical_kept(path) if len(path) <= CACHED_PATH_LENGTH else _canonical(path)
+
+
+def _canonical(path: str) -> str:
     if not path.startswith("/"):
         raise BadRequestError("request target is not an absolute path")
     if len(path) > MAX_PATH_LENGTH:
@@ -180,6 +190,9 @@ def canonical_path(raw_path: str) -> str:
             raise BadRequestError("request path has a ;parameter segment with an empty or "
                                   "dot name")
     return _remove_dot_segments(decoded)
+
+
+_canonical_kept = functools.lru_cache(maxsize=CACHED)(_canonical)
 
 
 def _is_utf8(raw: bytes) -> bool:
@@ -297,6 +310,8 @@ class RouteTable:
             if not route.case_insensitive and _nested_in_case_insensitive(route, table)
             else route
             for route in table)
+        # Per table, so a reload's new table starts empty (see canonical_path).
+        self._kept = functools.lru_cache(maxsize=CACHED)(self._match)
 
     @classmethod
     def build(cls, configs: Iterable[RouteConfig],
@@ -305,6 +320,13 @@ class RouteTable:
         return cls(Route.build(rc, upstream_for(rc), policies) for rc in configs)
 
     def match(self, host: str, path: str) -> Route | None:
+        """The route for `host` (a Host header) and a canonical `path`; None if none is.
+        BadRequestError for a path only an IIS upstream's reading would match."""
+        if len(path) + len(host) <= CACHED_PATH_LENGTH:
+            return self._kept(host, path)
+        return self._match(host, path)
+
+    def _match(self, host: str, path: str) -> Route | None:
         host = host_name(host)
         segments = _match_segments(path)
         best: tuple[int, int, int] | None = None

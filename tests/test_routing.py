@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import built_route, route_table
 
+from gateway import routing
 from gateway.config_routes import RouteConfig, RuleConfig
 from gateway.errors import BadRequestError, URITooLongError
 from gateway.routing import Target, canonical_path, parse_target
@@ -267,3 +268,27 @@ def test_prefixes_with_sub_delims_match_their_percent_encoded_spellings(
     table = route_table((route("root", auth="public"), route("at", "/@admin"),
                         route("odata", "/odata/Items(1)"), route("plus", "/a+b")))
     assert table.match("gw", canonical_path(path)).name == expected  # type: ignore[union-attr]
+
+
+def test_kept_answers_are_the_computed_ones_and_refusals_are_never_kept() -> None:
+    """canonical_path and match keep their answers for short paths (routing.CACHED): the
+    answer kept is the one computed, a refusal is refused every time, a long path is
+    computed every time, and a reload's new table starts with nothing kept."""
+    for path in ("/a/../b", "/%2e%2e/admin", "/x;y=1/z", "/" + "a" * 300):
+        assert canonical_path(path) == canonical_path(path) == routing._canonical(path)
+    for _ in range(2):
+        with pytest.raises(BadRequestError):
+            canonical_path("/a%2fb")
+    table = route_table((route("public", auth="public"),
+                        route("admin", "/admin", case_insensitive=True)))
+    for _ in range(2):
+        assert table.match("gw", "/ADMIN/x").name == "admin"  # type: ignore[union-attr]
+        with pytest.raises(BadRequestError):  # an IIS form of /admin
+            table.match("gw", "/admin::$DATA/x")
+    assert table._kept.cache_info().hits == 1  # the refusal was never kept
+    long = "/admin/" + "x" * 300
+    assert table.match("gw", long).name == "admin"  # type: ignore[union-attr]
+    assert table._kept.cache_info().currsize == 1
+    again = route_table((route("public", auth="public"),))
+    assert again._kept.cache_info().currsize == 0
+    assert again.match("gw", "/ADMIN/x").name == "public"  # type: ignore[union-attr]
