@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.errors import GatewayError, NotAuthenticatedError
-from gateway.runtime import USER_SUB, runtime_from
+from gateway.runtime import TRAIL, runtime_from
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -16,7 +16,7 @@ async def userinfo(request: web.Request) -> web.StreamResponse:
     if loaded is None:
         raise NotAuthenticatedError("userinfo without a session")
     identity = loaded.session.identity
-    request[USER_SUB] = identity.sub
+    request[TRAIL].user = identity.sub
     return web.json_response({
         "user": identity.sub,
         "email": identity.email,

@@ -26,7 +26,7 @@ from gateway.oidc import flow, tokens
 from gateway.oidc.token_set import TokenSet
 from gateway.pages import redirect
 from gateway.routing import parse_target
-from gateway.runtime import USER_SUB, Runtime, runtime_from
+from gateway.runtime import TRAIL, Runtime, runtime_from
 from gateway.sessions.model import LoginAttempt
 from gateway.sessions.registry import Browser
 from gateway.sessions.store import ATTEMPT_TTL
@@ -190,7 +190,7 @@ async def _callback(request: web.Request, rt: Runtime) -> web.StreamResponse:
         await rt.sessions.delete(previous)
     browser = Browser.seen(_address_of(request, rt), request.headers.get("User-Agent", "-"))
     cookie = await rt.sessions.create(identity, token_set, browser)
-    request[USER_SUB] = identity.sub
+    request[TRAIL].user = identity.sub
     rt.metrics.login("completed")
     audit_log.info("login_succeeded sub=%s sid=%s client=%s step_up=%s", identity.sub,
                    identity.sid, browser.ip, bool(attempt.max_age is not None or

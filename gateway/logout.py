@@ -28,7 +28,7 @@ from gateway.errors import (
 from gateway.observability import logged_out
 from gateway.oidc import tokens
 from gateway.pages import redirect, render
-from gateway.runtime import USER_SUB, Runtime, runtime_from
+from gateway.runtime import TRAIL, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
 
 SIGNED_OUT = "/oauth2/signed_out"
@@ -57,7 +57,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if loaded is not None:
         await rt.sessions.delete(loaded)
         session = loaded.session
-        request[USER_SUB] = session.identity.sub
+        request[TRAIL].user = session.identity.sub
         logged_out(rt, "sign_out", 1, sub=session.identity.sub, sid=session.identity.sid)
         try:
             metadata = await rt.provider.metadata()

@@ -39,15 +39,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.config import LoggingConfig
 from gateway.headers import is_trusted
-from gateway.runtime import (
-    DECIDED_BY,
-    REQUEST_ID,
-    ROUTE_NAME,
-    UPSTREAM_MS,
-    USER_SUB,
-    Runtime,
-    runtime_from,
-)
+from gateway.runtime import TRAIL, Runtime, Trail, runtime_from
 
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
@@ -247,12 +239,12 @@ def _request_id(request: web.Request) -> str:
     return secrets.token_hex(16)
 
 
-def _outcome(request: web.Request, status: int) -> str:
-    if UPSTREAM_MS in request:
+def _outcome(trail: Trail, status: int) -> str:
+    if trail.upstream_ms is not None:
         return "proxied"
     if status >= 500:
         return "error"
-    if ROUTE_NAME in request:
+    if trail.route is not None:
         return _OUTCOMES.get(status, "refused" if status >= 400 else "gateway")
     return "refused" if status >= 400 else "gateway"  # the gateway's own endpoints
 
@@ -261,8 +253,8 @@ def _outcome(request: web.Request, status: int) -> str:
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
-    request[REQUEST_ID] = request_id = _request_id(request)
-    current = _current_request.set(request_id)
+    request[TRAIL] = trail = Trail(_request_id(request))
+    current = _current_request.set(trail.request_id)
     try:
         response = await handler(request)
         status = response.status
@@ -270,22 +262,22 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     finally:
         _current_request.reset(current)
         duration = (time.perf_counter() - started) * 1000
-        upstream = request.get(UPSTREAM_MS)
-        outcome, route = _outcome(request, status), request.get(ROUTE_NAME)
+        upstream, route = trail.upstream_ms, trail.route
+        outcome = _outcome(trail, status)
         runtime_from(request).metrics.request(
             route, status, outcome, duration / 1000,
             upstream / 1000 if upstream is not None else None)
-        fields = {
+        fields: dict[str, object] = {
             "event": "access", "method": request.method,
             # SECURITY: the raw path (no decoded CR/LF) and never the query (OAuth code, state)
             "path": request.raw_path.split("?", 1)[0], "route": route,
             "status": status, "duration_ms": round(duration, 1),
             "upstream_ms": round(upstream, 1) if upstream is not None else None,
-            "outcome": outcome, "request_id": request_id,
-            "user": request.get(USER_SUB), "rule": request.get(DECIDED_BY)}
+            "outcome": outcome, "request_id": trail.request_id,
+            "user": trail.user, "rule": trail.rule}
         args = (fields["method"], fields["path"], route or "-", status, duration,
-                "-" if upstream is None else f"{upstream:.1f}", outcome, request_id,
-                fields["user"] or "-", fields["rule"] or "-")
+                "-" if upstream is None else f"{upstream:.1f}", outcome, trail.request_id,
+                trail.user or "-", trail.rule or "-")
         direct = _direct_handler()
         if direct is None or not direct.write_access(fields, args):
             access_log.info(_ACCESS, *args, extra={"fields": fields})

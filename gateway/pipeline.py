@@ -20,7 +20,7 @@ from gateway.errors import NotFoundError
 from gateway.identity import Identity
 from gateway.observability import audit_log
 from gateway.routing import Route, Target
-from gateway.runtime import DECIDED_BY, ROUTE_NAME, USER_SUB, Runtime, Snapshot
+from gateway.runtime import TRAIL, Runtime, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +59,20 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
     route = snapshot.routes.match(host, path)
     if route is None:
         raise NotFoundError(f"no route for host={host!r} path={path}")
-    request[ROUTE_NAME] = route.name
+    trail = request[TRAIL]
+    trail.route = route.name
     preflight = route.access.allow_preflight and policy.is_preflight(
         method, "Origin" in request.headers, "Access-Control-Request-Method" in request.headers)
     # No store round trip for a public route, nor for a method the route refuses anyway.
     needs_user = not (route.access.public or preflight) and policy.takes(route.access, method)
     principal = await _principal(request, rt, snapshot, route) if needs_user else None
     if principal is not None:
-        request[USER_SUB] = principal.identity.sub
+        trail.user = principal.identity.sub
     decision = policy.decide(route.access, principal.identity if principal else None, method,
                              rt.clock(), preflight=preflight)
     match decision:
         case policy.Allow(rule=rule) | policy.Deny(rule=rule) if rule is not None:
-            request[DECIDED_BY] = rule
+            trail.rule = rule
     _audit(route, principal, decision)
     rate_fields: dict[str, str] = {}
     if isinstance(decision, policy.Allow):  # only what would reach the upstream counts

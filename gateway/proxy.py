@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.pipeline import Principal, Resolved
 from gateway.routing import Route, Target, host_name
-from gateway.runtime import REQUEST_ID, UPSTREAM_MS, Runtime, Snapshot
+from gateway.runtime import TRAIL, Runtime, Snapshot
 from gateway.upstreams import relaying_interim
 
 log = logging.getLogger("gateway.proxy")
@@ -124,7 +124,7 @@ async def forward(request: web.Request, rt: Runtime,
         with relay:
             sent = time.perf_counter()
             upstream = await _send(request, route, url, upstream_headers, body)
-            request[UPSTREAM_MS] = (time.perf_counter() - sent) * 1000
+            request[TRAIL].upstream_ms = (time.perf_counter() - sent) * 1000
         async with upstream:
             if upstream.status == 101:
                 if not upgrade:  # a tunnel nobody asked for: never passed on
@@ -133,7 +133,7 @@ async def forward(request: web.Request, rt: Runtime,
                 return await websocket.accept(
                     request, upstream, rt.sockets, route,
                     session=principal.session_id if principal else None,
-                    request_id=request.get(REQUEST_ID))
+                    request_id=request[TRAIL].request_id)
             response = _Proxied(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
             response.headers.update(resolved.rate_fields)
@@ -167,7 +167,7 @@ def _request_headers(request: web.Request, rt: Runtime, snapshot: Snapshot, rout
         injected={**headers.credential_headers(
             route, identity, access_token, id_token,
             unverified_email=snapshot.config.oidc.allow_unverified_email),
-            "X-Request-ID": request.get(REQUEST_ID)},  # the client's own only if trusted
+            "X-Request-ID": request[TRAIL].request_id},  # the client's own only if trusted
         stripped=snapshot.stripped_headers,
         unverified_email=snapshot.config.oidc.allow_unverified_email,
         forwarded_prefix=stripped)

@@ -109,12 +109,23 @@ class Runtime:
         return cookies.value_in(request.headers.get(hdrs.COOKIE, ""), self.session_cookie)
 
 
+@dataclass(slots=True)
+class Trail:
+    """What the access line tells of a request, filled in as it is handled: its id (set
+    first, by the access-log middleware; the upstream gets it too), then, once known, the
+    route, the user's sub, the allow or deny rule that decided, and how long the upstream
+    took to its response head. One record rather than a request key each: a key looked up
+    and not there raises KeyError inside aiohttp's request mapping, four times on a 401."""
+
+    request_id: str
+    route: str | None = None
+    user: str | None = None
+    rule: str | None = None
+    upstream_ms: float | None = None
+
+
 RUNTIME = web.AppKey("runtime", Runtime)
-ROUTE_NAME = web.RequestKey("route_name", str)
-USER_SUB = web.RequestKey("user_sub", str)
-DECIDED_BY = web.RequestKey("decided_by", str)  # the allow or deny rule that decided
-REQUEST_ID = web.RequestKey("request_id", str)  # the access line's and the upstream's
-UPSTREAM_MS = web.RequestKey("upstream_ms", float)  # until the upstream's response head
+TRAIL = web.RequestKey("trail", Trail)
 
 
 def runtime_from(request: web.Request) -> Runtime:

@@ -30,7 +30,7 @@ from gateway.login import redirect_to_idp
 from gateway.logout import same_origin
 from gateway.observability import logged_out
 from gateway.pages import redirect, render, wants_html
-from gateway.runtime import USER_SUB, Runtime, runtime_from
+from gateway.runtime import TRAIL, Runtime, runtime_from
 from gateway.sessions.registry import SessionInfo
 from gateway.sessions.store import Loaded
 
@@ -76,7 +76,7 @@ async def _signed_in(request: web.Request, rt: Runtime) -> Loaded | web.StreamRe
     """The request's live session; else, for a browser, the sign-in that comes back here."""
     loaded = await rt.sessions.load(rt.session_cookie_in(request))
     if loaded is not None:
-        request[USER_SUB] = loaded.session.identity.sub
+        request[TRAIL].user = loaded.session.identity.sub
         return loaded
     if wants_html(request):
         return await redirect_to_idp(request, rt, PATH)
