@@ -149,6 +149,8 @@ def _decide(access: Access, identity: Identity | None, method: str) -> Decision:
         return Allow(None)
     if identity is None:
         return Challenge()
+    if access.allow is None and not access.deny:  # any signed-in user: nothing to weigh
+        return Allow(identity)
     applicable_deny = [rule for rule in access.deny if _applies(rule, method)]
     applicable_allow = [rule for rule in access.allow or () if _applies(rule, method)]
     if identity.claims is None and any(rule.claims for rule in applicable_deny
