@@ -51,10 +51,10 @@ _PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdifgr%]")
 _EVENT = re.compile(r"[a-z][a-z0-9_]*")
 _KEY = re.compile(r"(?:^|\s)([a-z][a-z0-9_]*)=$")
 _UNIT = re.compile(r"m?s\b")
-# What became of a request that did not reach an upstream, by status.
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 _ACCESS = ("%s %s route=%s status=%d duration_ms=%.1f upstream_ms=%s outcome=%s id=%s "
            "user=%s rule=%s")
+# What became of a request that did not reach an upstream, by status.
 _OUTCOMES = {302: "sign_in", 401: "unauthenticated", 403: "denied", 404: "no_route",
              429: "rate_limited"}
 
@@ -141,8 +141,8 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         return f"{self._date},{int((now - second) * 1000):03d}"
 
     def write_access(self, fields: dict[str, object], args: tuple[object, ...]) -> bool:
-        """Write the access line directly; False when logging must (something else listens,
-        or the handler or the line is not as setup() made them)."""
+        """Write the access line directly; False when logging must write it: the handler's
+        level, formatter or filters are no longer the ones setup() gave it."""
         if self.level > logging.INFO or (self.formatter, *self.filters) != self._own:
             return False
         asctime = self._asctime(time.time())
