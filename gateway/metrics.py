@@ -55,29 +55,39 @@ _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
                   0.25, 1.0)
 
 
-class _Pending:
-    """One request series' observations not yet handed to prometheus-client: how many, and
-    each histogram's bucket counts (not cumulative, as prometheus-client keeps them) and
-    sum."""
+class _Observed:
+    """Durations of one request histogram not yet handed to prometheus-client: counts by
+    bucket (not cumulative, as prometheus-client keeps them; the last is +Inf) and sum."""
 
-    __slots__ = ("count", "upstream", "upstream_sum", "whole", "whole_sum")
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_REQUEST_BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def hand_to(self, histogram: Histogram) -> None:
+        """Into a histogram's child, as its observe() would have put them one by one
+        (prometheus-client has no call for many; tests/test_metrics.py checks both give the
+        same exposition)."""
+        histogram._sum.inc(self.total)
+        for index, count in enumerate(self.counts):
+            if count:
+                histogram._buckets[index].inc(count)
+
+
+class _Pending:
+    """One request series' requests not yet handed to prometheus-client."""
+
+    __slots__ = ("count", "upstream", "whole")
 
     def __init__(self) -> None:
         self.count = 0
-        self.whole = [0] * (len(_REQUEST_BUCKETS) + 1)  # and +Inf
-        self.whole_sum = 0.0
-        self.upstream = [0] * (len(_REQUEST_BUCKETS) + 1)
-        self.upstream_sum = 0.0
-
-
-def _add(histogram: Histogram, buckets: list[int], total: float) -> None:
-    """Observations counted by bucket into a histogram's child, as its observe() would have
-    put them one by one (prometheus-client has no call for many; tests/test_metrics.py
-    checks both give the same exposition)."""
-    histogram._sum.inc(total)
-    for index, count in enumerate(buckets):
-        if count:
-            histogram._buckets[index].inc(count)
+        self.whole = _Observed()
+        self.upstream: _Observed | None = None  # none of them reached an upstream yet
 
 
 class Metrics:
@@ -139,11 +149,11 @@ class Metrics:
         if pending is None:
             pending = self._pending[key] = _Pending()
         pending.count += 1
-        pending.whole[bisect_left(_REQUEST_BUCKETS, seconds)] += 1
-        pending.whole_sum += seconds
+        pending.whole.add(seconds)
         if upstream_seconds is not None:
-            pending.upstream[bisect_left(_REQUEST_BUCKETS, upstream_seconds)] += 1
-            pending.upstream_sum += upstream_seconds
+            if pending.upstream is None:
+                pending.upstream = _Observed()
+            pending.upstream.add(upstream_seconds)
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
@@ -163,13 +173,13 @@ class Metrics:
                     self._request_seconds.labels(name))
             count, whole = series
             count.inc(counted.count)
-            _add(whole, counted.whole, counted.whole_sum)
-            if any(counted.upstream):
+            counted.whole.hand_to(whole)
+            if counted.upstream is not None:
                 upstream = self._upstream_series.get(route)
                 if upstream is None:
                     upstream = self._upstream_series[route] = self._upstream_seconds.labels(
                         route or NO_ROUTE)
-                _add(upstream, counted.upstream, counted.upstream_sum)
+                counted.upstream.hand_to(upstream)
 
     def current(self) -> CollectorRegistry:
         """The registry with every request so far in it: what a scrape reads."""
