@@ -303,6 +303,16 @@ class SessionConfig(FrozenModel):
     def store_location(self) -> StoreLocation:
         return parse_store_url(self.store)
 
+    @property
+    def binding_cookie_name(self) -> str:
+        """Binds a login to the browser that started it; stripped before the upstream."""
+        return self.cookie_name + "_login"
+
+    @property
+    def gateway_cookies(self) -> frozenset[str]:
+        """The gateway's own cookies: never sent to an upstream."""
+        return frozenset({self.cookie_name, self.binding_cookie_name})
+
     @model_validator(mode="after")
     def _lifetimes(self) -> SessionConfig:
         if self.idle_timeout > self.max_lifetime:
@@ -432,9 +442,10 @@ class Config(FrozenModel):
         """Where this deployment's records live in the store (sessions/keys.py)."""
         return Keys.for_deployment(self.oidc.issuer, self.oidc.client_id, self.session.key_prefix)
 
-    @property
+    @cached_property
     def public_host(self) -> str:
-        """public_url's host[:port], the Host upstreams get by default."""
+        """public_url's host[:port], the Host upstreams get by default (kept: a proxied
+        request may ask for it)."""
         return str(URL(self.server.public_url).host_port_subcomponent)
 
     @property

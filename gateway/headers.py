@@ -15,8 +15,9 @@ import base64
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
@@ -54,10 +55,7 @@ _IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-", "x-amzn-oidc-",
                       "x-ms-client-principal")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                          "x-forwarded-prefix", "x-forwarded-port", "x-real-ip", "forwarded"})
-# What for_upstream never passes on: hop-by-hop fields, the cookie header (rebuilt without the
-# gateway's own cookies), Expect (answered by the gateway itself, after the session check) and
-# Host (set for the upstream); and from a peer that is not a trusted proxy, the forwarding
-# headers too (the gateway writes its own).
+# Never passed on from any client (RequestRules says why).
 _DROPPED = HOP_BY_HOP | {"cookie", "expect", "host"}
 _DROPPED_UNTRUSTED = _DROPPED | _FORWARDING
 
@@ -88,9 +86,9 @@ class Stripped:
 DEFAULT_STRIPPED = Stripped()
 
 
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    """What the gateway knows about the connection, for the X-Forwarded-* headers."""
+class ClientInfo(NamedTuple):
+    """What the gateway knows about the connection, for the X-Forwarded-* headers (a named
+    tuple: one is made per proxied request)."""
 
     ip: str
     scheme: str
@@ -171,93 +169,132 @@ def _without_cookies(values: Iterable[str], drop: frozenset[str]) -> str:
     return "; ".join(kept)
 
 
-def for_upstream(
-    headers: MultiMapping[str],
-    identity: Identity | None,
-    client: ClientInfo,
-    *,
-    gateway_cookies: frozenset[str],
-    host: str | None = None,
-    injected: Mapping[str, str | None] | None = None,
-    stripped: Stripped = DEFAULT_STRIPPED,
-    unverified_email: bool = False,
-    forwarded_prefix: str | None = None,
-) -> CIMultiDict[str]:
-    """Request headers to send upstream; `injected` (credentials) replace any the client
-    sent under those names (a None value: removed, nothing sent). `host`: the Host to send
-    (None: the upstream URL's, which the client library adds). `forwarded_prefix`: the
-    prefix stripped from the path, as X-Forwarded-Prefix."""
-    injected = {**(injected or {})}
-    if host is not None:
-        injected["Host"] = host
-    if forwarded_prefix is not None:
-        injected["X-Forwarded-Prefix"] = forwarded_prefix
-    drop = _DROPPED if client.trusted else _DROPPED_UNTRUSTED
-    listed = _connection_listed(headers) if "Connection" in headers else frozenset()
-    replaced = {name.lower().replace("_", "-") for name in injected}
-    names, prefixes = stripped.names, stripped.prefixes
-    # Per request: lookups only, and the result built once from a list (each assignment to
-    # a CIMultiDict searches it).
-    kept: list[tuple[str, str]] = []
-    forwarded_for = proto = forwarded_host = None  # a trusted proxy's, kept
-    for field, content in headers.items():
-        normalised = field.lower().replace("_", "-")  # _normalise, inline
-        if normalised in drop or normalised in names or normalised in replaced \
-                or normalised in listed or normalised.startswith(prefixes):
-            continue
-        if normalised in _FORWARDING:  # only a trusted proxy's get here
-            if normalised == "x-forwarded-for":  # several lines are one list (RFC 9110 §5.3)
-                forwarded_for = content if forwarded_for is None \
-                    else f"{forwarded_for}, {content}"
-                continue  # sent below as one line, with the peer added
-            proto = content if normalised == "x-forwarded-proto" else proto
-            forwarded_host = content if normalised == "x-forwarded-host" else forwarded_host
-        kept.append((field, content))
-    cookie = _without_cookies(headers.getall("Cookie", ()), gateway_cookies)
-    if cookie:
-        kept.append(("Cookie", cookie))
-    kept.append(("X-Forwarded-For",
-                 f"{forwarded_for}, {client.ip}" if forwarded_for else client.ip))
-    if proto is None:
-        kept.append(("X-Forwarded-Proto", client.scheme))
-    if forwarded_host is None:
-        kept.append(("X-Forwarded-Host", client.host))
-    if identity is not None:
-        kept.extend(identity_headers(identity, unverified_email=unverified_email))
-    out = CIMultiDict(kept)
-    for name, value in injected.items():  # a route's own header wins over the default one,
-        if value is None:                  # and when it has no value nothing goes
-            out.popall(name, None)
-        else:
-            out[name] = value
-    return out
+@dataclass(frozen=True, slots=True)
+class RequestRules:
+    """What one route does to the request headers it sends upstream, worked out once per
+    config (Snapshot.build): per request, what is left is one set lookup per client header
+    and one list made into the upstream's CIMultiDict.
 
+    `skip` holds every name, normalised (lower case, '_' read as '-'), that no client header
+    may pass under: hop-by-hop fields, the cookie header (rebuilt without the gateway's own
+    cookies), Expect (answered by the gateway itself, after the session check), Host (set for
+    the upstream), the identity headers in every spelling, the operator's stripped names, and
+    every name the route sets itself (its credentials, routes[].headers, X-Request-ID,
+    X-Forwarded-Prefix), whether or not it has a value to send this time. From a peer that is
+    not a trusted proxy, the forwarding headers too (the gateway writes its own)."""
 
-def credential_headers(route: Route, identity: Identity | None, access_token: str | None,
-                       id_token: str | None = None, *,
-                       unverified_email: bool = False) -> dict[str, str | None]:
-    """What a route sends as the user's credentials, and the identity headers it adds
-    (routes[].headers); a None value removes the client's copy.
+    route: Route
+    skip: frozenset[str]  # from a trusted proxy
+    skip_untrusted: frozenset[str]  # from anyone else
+    prefixes: tuple[str, ...]  # stripped name prefixes, normalised
+    gateway_cookies: frozenset[str]
+    fixed: tuple[tuple[str, str], ...]  # sent on every request: X-Forwarded-Prefix
+    identity_overridden: frozenset[str]  # default identity headers routes[].headers replace
+    unverified_email: bool
+    credentials: bool  # the route sends a credential or a header of its own
 
-    SECURITY: on a protected route the client's own Authorization is dropped unless the
-    route asks to pass it: nginx and Apache set REMOTE_USER from any Basic header, unchecked,
-    so `curl -u admin:x` would name its own user to an app that trusts REMOTE_USER. A route
-    that passes a credential claims the header names even when there is none to send."""
-    out: dict[str, str | None] = {}
-    if route.config.pass_authorization_header:
-        out["Authorization"] = f"Bearer {access_token}" if access_token else None
-    elif route.config.pass_basic_auth:
-        out["Authorization"] = _basic(identity, route.config.basic_auth_user, unverified_email)
-    elif not route.access.public and not route.config.pass_client_authorization:
-        out["Authorization"] = None
-    if route.config.pass_access_token:
-        out[ACCESS_TOKEN] = access_token
-    if route.config.pass_id_token:
-        out[ID_TOKEN] = id_token
-    for name, template in route.claim_headers:
-        out[name] = template.render(identity, unverified_email=unverified_email) \
-            if identity is not None else None
-    return out
+    @classmethod
+    def build(cls, route: Route, *, gateway_cookies: frozenset[str],
+              stripped: Stripped = DEFAULT_STRIPPED,
+              unverified_email: bool = False) -> RequestRules:
+        config = route.config
+        sets: list[str] = ["X-Request-ID"]
+        # SECURITY: on a protected route the client's own Authorization is dropped unless
+        # the route asks to pass it: nginx and Apache set REMOTE_USER from any Basic header,
+        # unchecked, so `curl -u admin:x` would name its own user to an app that trusts
+        # REMOTE_USER. A route that passes a credential claims the header names even when
+        # there is none to send.
+        if config.pass_authorization_header or config.pass_basic_auth or (
+                not route.access.public and not config.pass_client_authorization):
+            sets.append("Authorization")
+        if config.pass_access_token:
+            sets.append(ACCESS_TOKEN)
+        if config.pass_id_token:
+            sets.append(ID_TOKEN)
+        sets.extend(name for name, _ in route.claim_headers)
+        fixed: tuple[tuple[str, str], ...] = ()
+        if config.strip_prefix and route.prefix != "/":
+            fixed = (("X-Forwarded-Prefix", route.prefix),)
+            sets.append("X-Forwarded-Prefix")
+        claimed = frozenset(_normalise(name) for name in sets)
+        return cls(route, _DROPPED | stripped.names | claimed,
+                   _DROPPED_UNTRUSTED | stripped.names | claimed, stripped.prefixes,
+                   gateway_cookies, fixed,
+                   claimed & {USER.lower(), EMAIL.lower(), PREFERRED_USERNAME.lower(),
+                              GROUPS.lower()}, unverified_email,
+                   bool(config.pass_authorization_header or config.pass_basic_auth
+                        or config.pass_access_token or config.pass_id_token
+                        or route.claim_headers))
+
+    def for_upstream(self, headers: MultiMapping[str], identity: Identity | None,
+                     client: ClientInfo, *, access_token: str | None = None,
+                     id_token: str | None = None, host: str | None = None,
+                     request_id: str | None = None) -> CIMultiDict[str]:
+        """The request headers to send upstream for `identity` (None: nobody's), with its
+        tokens where the route passes them. `host`: the Host to send (None: the upstream
+        URL's, which the client library adds). `request_id` goes as X-Request-ID."""
+        skip = self.skip if client.trusted else self.skip_untrusted
+        if "Connection" in headers:
+            skip = skip | _connection_listed(headers)
+        prefixes = self.prefixes
+        kept: list[tuple[str, str]] = []
+        forwarded_for = proto = forwarded_host = None  # a trusted proxy's, kept
+        for field, content in headers.items():
+            normalised = field.lower().replace("_", "-")  # _normalise, inline
+            if normalised in skip or normalised.startswith(prefixes):
+                continue
+            if normalised in _FORWARDING:  # only a trusted proxy's get here
+                if normalised == "x-forwarded-for":  # several lines are one list (RFC 9110)
+                    forwarded_for = content if forwarded_for is None \
+                        else f"{forwarded_for}, {content}"
+                    continue  # sent below as one line, with the peer added
+                proto = content if normalised == "x-forwarded-proto" else proto
+                forwarded_host = content if normalised == "x-forwarded-host" else forwarded_host
+            kept.append((field, content))
+        if "Cookie" in headers:
+            cookie = _without_cookies(headers.getall("Cookie"), self.gateway_cookies)
+            if cookie:
+                kept.append(("Cookie", cookie))
+        kept.append(("X-Forwarded-For",
+                     f"{forwarded_for}, {client.ip}" if forwarded_for else client.ip))
+        if proto is None:
+            kept.append(("X-Forwarded-Proto", client.scheme))
+        if forwarded_host is None:
+            kept.append(("X-Forwarded-Host", client.host))
+        if host is not None:
+            kept.append(("Host", host))
+        if request_id is not None:
+            kept.append(("X-Request-ID", request_id))
+        kept.extend(self.fixed)
+        if identity is not None:
+            sent = identity_headers(identity, unverified_email=self.unverified_email)
+            if self.identity_overridden:  # a route's own header wins over the default one
+                sent = tuple(pair for pair in sent
+                             if pair[0].lower() not in self.identity_overridden)
+            kept.extend(sent)
+        if self.credentials:
+            kept.extend(self._credentials(identity, access_token, id_token))
+        return CIMultiDict(kept)
+
+    def _credentials(self, identity: Identity | None, access_token: str | None,
+                     id_token: str | None) -> list[tuple[str, str]]:
+        """What the route sends as the user's credentials, and the headers it adds
+        (routes[].headers): only those with a value (the names are in `skip` either way)."""
+        config, unverified = self.route.config, self.unverified_email
+        values: list[tuple[str, str | None]] = []
+        if config.pass_authorization_header:
+            values.append(("Authorization", f"Bearer {access_token}" if access_token else None))
+        elif config.pass_basic_auth:
+            values.append(("Authorization", _basic(identity, config.basic_auth_user,
+                                                   unverified)))
+        if config.pass_access_token:
+            values.append((ACCESS_TOKEN, access_token))
+        if config.pass_id_token:
+            values.append((ID_TOKEN, id_token))
+        if identity is not None:
+            values.extend((name, template.render(identity, unverified_email=unverified))
+                          for name, template in self.route.claim_headers)
+        return [(name, value) for name, value in values if value is not None]
 
 
 def _basic(identity: Identity | None, claim: str, unverified_email: bool) -> str | None:

@@ -112,7 +112,7 @@ async def forward(request: web.Request, rt: Runtime,
         # Deferred by dispatch.defer_continue: the session and policy checks have passed.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-    upstream_headers = _request_headers(request, rt, snapshot, route, principal)
+    upstream_headers = _request_headers(request, snapshot, route, principal)
     upgrade = _is_websocket(request)
     if upgrade:
         websocket.offer(request, upstream_headers)
@@ -155,22 +155,18 @@ async def forward(request: web.Request, rt: Runtime,
         raise UpstreamError(f"route {route.name}: {_target_of(url)}: {type(exc).__name__}") from exc
 
 
-def _request_headers(request: web.Request, rt: Runtime, snapshot: Snapshot, route: Route,
+def _request_headers(request: web.Request, snapshot: Snapshot, route: Route,
                      principal: Principal | None) -> CIMultiDict[str]:
-    identity = principal.identity if principal else None
-    access_token = principal.access_token if principal else None
-    id_token = principal.id_token if principal else None
-    stripped = route.prefix if route.config.strip_prefix and route.prefix != "/" else None
-    return headers.for_upstream(
-        request.headers, identity, _client_info(request, snapshot),
-        gateway_cookies=rt.gateway_cookies, host=_host_header(request, snapshot, route),
-        injected={**headers.credential_headers(
-            route, identity, access_token, id_token,
-            unverified_email=snapshot.config.oidc.allow_unverified_email),
-            "X-Request-ID": request[TRAIL].request_id},  # the client's own only if trusted
-        stripped=snapshot.stripped_headers,
-        unverified_email=snapshot.config.oidc.allow_unverified_email,
-        forwarded_prefix=stripped)
+    rules = snapshot.request_rules[route.name]
+    client = _client_info(request, snapshot)
+    host = _host_header(request, snapshot, route)
+    request_id = request[TRAIL].request_id  # the client's own only if trusted
+    if principal is None:
+        return rules.for_upstream(request.headers, None, client, host=host,
+                                  request_id=request_id)
+    return rules.for_upstream(request.headers, principal.identity, client,
+                              access_token=principal.access_token, id_token=principal.id_token,
+                              host=host, request_id=request_id)
 
 
 def _response_headers(snapshot: Snapshot, route: Route,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -318,6 +318,9 @@ class RouteTable:
               upstream_for: Callable[[RouteConfig], Upstream],
               policies: Mapping[str, PolicyConfig] | None = None) -> RouteTable:
         return cls(Route.build(rc, upstream_for(rc), policies) for rc in configs)
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
 
     def match(self, host: str, path: str) -> Route | None:
         """The route for `host` (a Host header) and a canonical `path`; None if none is.

@@ -13,14 +13,14 @@ so it never sees half of one config and half of another.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import hdrs, web
 
 from gateway.config import Config
-from gateway.headers import Stripped
+from gateway.headers import RequestRules, Stripped
 from gateway.metrics import Metrics
 from gateway.oidc.flow import Client
 from gateway.oidc.introspection import Introspector
@@ -38,12 +38,16 @@ from gateway.websocket import SocketWatch
 class Snapshot:
     config: Config
     routes: RouteTable  # built once, each route with its upstream and compiled access
-    stripped_headers: Stripped  # client request headers that never reach an upstream
+    request_rules: Mapping[str, RequestRules]  # by route name: the headers sent upstream
 
     @classmethod
     def build(cls, config: Config, upstreams: Upstreams) -> Snapshot:
-        return cls(config, RouteTable.build(config.routes, upstreams.for_route, config.policies),
-                   Stripped.with_extra(config.server.strip_request_headers))
+        routes = RouteTable.build(config.routes, upstreams.for_route, config.policies)
+        stripped = Stripped.with_extra(config.server.strip_request_headers)
+        rules = {route.name: RequestRules.build(
+            route, gateway_cookies=config.session.gateway_cookies, stripped=stripped,
+            unverified_email=config.oidc.allow_unverified_email) for route in routes}
+        return cls(config, routes, rules)
 
 
 @dataclass(slots=True)
@@ -97,12 +101,7 @@ class Runtime:
 
     @property
     def binding_cookie(self) -> str:
-        """Binds a login to the browser that started it; stripped before the upstream."""
-        return self.config.session.cookie_name + "_login"
-
-    @property
-    def gateway_cookies(self) -> frozenset[str]:
-        return frozenset({self.session_cookie, self.binding_cookie})
+        return self.config.session.binding_cookie_name
 
     def session_cookie_in(self, request: web.Request) -> str | None:
         """The session cookie the request carries, if any (what SessionStore.load takes)."""

@@ -13,11 +13,10 @@ from multidict import CIMultiDict
 from gateway.config_routes import RouteConfig
 from gateway.headers import (
     ClientInfo,
+    RequestRules,
     Stripped,
     client_address,
     client_and_reporter,
-    credential_headers,
-    for_upstream,
     from_upstream,
 )
 from gateway.identity import Identity
@@ -29,14 +28,19 @@ BOB = Identity("bob", "bob@example.com", True, "bobby", ("staff", "ops"))
 GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_session_login"})
 
 
-def upstream(headers: list[tuple[str, str]], identity: Identity | None = None,
-             client: ClientInfo = CLIENT, host: str | None = None) -> CIMultiDict[str]:
-    return for_upstream(CIMultiDict(headers), identity, client, gateway_cookies=GATEWAY_COOKIES,
-                        host=host)
-
-
 def route(**options: Any) -> Route:
     return built_route(RouteConfig(name="r", upstream="http://u", **options))
+
+
+def rules(r: Route | None = None, *, stripped: Stripped | None = None,
+          unverified_email: bool = False) -> RequestRules:
+    return RequestRules.build(r or route(), gateway_cookies=GATEWAY_COOKIES,
+                              stripped=stripped or Stripped(), unverified_email=unverified_email)
+
+
+def upstream(headers: list[tuple[str, str]], identity: Identity | None = None,
+             client: ClientInfo = CLIENT, host: str | None = None) -> CIMultiDict[str]:
+    return rules().for_upstream(CIMultiDict(headers), identity, client, host=host)
 
 
 def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
@@ -73,10 +77,9 @@ def test_client_identity_headers_are_stripped_in_every_spelling(
                                   "X-Forwarded-Access-Token", "x_forwarded_access_token"])
 @pytest.mark.parametrize("token", ["real-token", None])
 def test_passed_tokens_replace_every_client_spelling(name: str, token: str | None) -> None:
-    injected = credential_headers(
-        route(pass_access_token=True, pass_authorization_header=True), BOB, token)
-    out = for_upstream(CIMultiDict([(name, "forged"), (name, "forged2")]), BOB, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES, injected=injected)
+    passing = rules(route(pass_access_token=True, pass_authorization_header=True))
+    out = passing.for_upstream(CIMultiDict([(name, "forged"), (name, "forged2")]), BOB, CLIENT,
+                               access_token=token)
     assert "forged" not in " ".join(out.values())
     assert out.getall("Authorization", []) == ([f"Bearer {token}"] if token else [])
     assert out.getall("X-Forwarded-Access-Token", []) == ([token] if token else [])
@@ -94,9 +97,8 @@ def test_passed_tokens_replace_every_client_spelling(name: str, token: str | Non
 ])
 def test_the_clients_authorization_reaches_a_protected_upstream_only_when_asked(
         options: dict[str, Any], sent: str | None) -> None:
-    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), BOB, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES,
-                       injected=credential_headers(route(**options), BOB, "t"))
+    out = rules(route(**options)).for_upstream(
+        CIMultiDict([("Authorization", "Basic eDp5")]), BOB, CLIENT, access_token="t")
     assert out.getall("Authorization", []) == ([sent] if sent else [])
 
 
@@ -104,9 +106,8 @@ def test_the_clients_authorization_reaches_a_protected_upstream_only_when_asked(
 def test_basic_auth_names_no_user_it_cannot(user: str | None) -> None:
     """No claim, or a user-id with ':' (RFC 7617): no Authorization at all."""
     identity = Identity("u", preferred_username=user)
-    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), identity, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES,
-                       injected=credential_headers(route(pass_basic_auth=True), identity, "t"))
+    out = rules(route(pass_basic_auth=True)).for_upstream(
+        CIMultiDict([("Authorization", "Basic eDp5")]), identity, CLIENT, access_token="t")
     assert "Authorization" not in out
 
 
@@ -116,10 +117,10 @@ def test_basic_auth_by_email_names_only_a_verified_one(allow_unverified: bool,
                                                        sent: list[str]) -> None:
     """Same rule as X-Forwarded-Email: an unverified address may be anybody's."""
     eve = Identity("eve", "eve@example.com", False)
-    injected = credential_headers(route(pass_basic_auth=True, basic_auth_user="email"), eve,
-                                  "t", unverified_email=allow_unverified)
-    out = for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), eve, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES, injected=injected)
+    by_email = rules(route(pass_basic_auth=True, basic_auth_user="email"),
+                     unverified_email=allow_unverified)
+    out = by_email.for_upstream(CIMultiDict([("Authorization", "Basic eDp5")]), eve, CLIENT,
+                                access_token="t")
     assert out.getall("Authorization", []) == sent
 
 
@@ -170,10 +171,19 @@ def test_the_host_sent_is_the_one_chosen_never_the_clients_by_itself() -> None:
         "app.example.com"]
 
 
+def test_the_request_id_sent_is_the_gateways_never_the_clients_by_itself() -> None:
+    """The proxy passes the client's own id on only when a trusted proxy sent it
+    (observability._request_id); here any client copy, in any spelling, is dropped."""
+    assert "X-Request-ID" not in upstream([("X-Request-ID", "forged")])
+    out = rules().for_upstream(CIMultiDict([("x_request_id", "forged"), ("X-Request-Id", "f2")]),
+                               None, CLIENT, request_id="0f1e")
+    assert out.getall("X-Request-ID") == ["0f1e"]
+
+
 def test_a_stripped_prefix_is_sent_as_x_forwarded_prefix_and_never_forged() -> None:
     forged = CIMultiDict([("X-Forwarded-Prefix", "/admin")])
-    out = for_upstream(forged, None, CLIENT, gateway_cookies=GATEWAY_COOKIES,
-                       forwarded_prefix="/wiki")
+    wiki = rules(route(path_prefix="/wiki", strip_prefix=True))
+    out = wiki.for_upstream(forged, None, CLIENT)
     assert out.getall("X-Forwarded-Prefix") == ["/wiki"]
     assert "X-Forwarded-Prefix" not in upstream([("X-Forwarded-Prefix", "/admin")])
 
@@ -185,10 +195,9 @@ def test_the_upstreams_server_header_is_not_passed_on() -> None:
 
 def test_operator_names_and_prefixes_are_stripped_in_every_spelling() -> None:
     stripped = Stripped.with_extra(["X-Corp-*", "X-App-User"])
-    out = for_upstream(CIMultiDict([("x_corp_role", "a"), ("X-CORP-ID", "1"), ("x-app_user", "r"),
-                                    ("X-Corporate", "kept"), ("OIDC_CLAIM_sub", "x")]),
-                       None, CLIENT, gateway_cookies=GATEWAY_COOKIES,
-                       stripped=stripped)
+    out = rules(stripped=stripped).for_upstream(
+        CIMultiDict([("x_corp_role", "a"), ("X-CORP-ID", "1"), ("x-app_user", "r"),
+                     ("X-Corporate", "kept"), ("OIDC_CLAIM_sub", "x")]), None, CLIENT)
     assert [name for name in out if name.lower().startswith(("x-c", "x_c", "x-a", "oidc"))] == [
         "X-Corporate"]
 
@@ -210,8 +219,7 @@ def test_the_email_header_carries_the_address_the_policy_checked(
 def test_the_email_header_needs_a_verified_email_unless_allowed() -> None:
     unverified = Identity("bob", "bob@example.com", False)
     assert "X-Forwarded-Email" not in upstream([], unverified)
-    allowed = for_upstream(CIMultiDict(), unverified, CLIENT, gateway_cookies=GATEWAY_COOKIES,
-                           unverified_email=True)
+    allowed = rules(unverified_email=True).for_upstream(CIMultiDict(), unverified, CLIENT)
     assert allowed["X-Forwarded-Email"] == "bob@example.com"
     assert upstream([], BOB)["X-Forwarded-Email"] == "bob@example.com"
 
@@ -337,8 +345,8 @@ def test_route_headers_come_from_claims_and_replace_every_client_copy() -> None:
               pass_id_token=True)
     forged = [("X-Department", "finance"), ("x_department", "finance"),
               ("X-Forwarded-Id-Token", "forged"), ("X-Forwarded-User", "root")]
-    out = for_upstream(CIMultiDict(forged), carol, CLIENT, gateway_cookies=GATEWAY_COOKIES,
-                       injected=credential_headers(r, carol, "at", "id.token.jwt"))
+    out = rules(r).for_upstream(CIMultiDict(forged), carol, CLIENT, access_token="at",
+                                id_token="id.token.jwt")
     assert out.getall("X-Department") == ["eng"]
     assert "x_department" not in {k.lower() for k in out}
     assert out.getall("X-Forwarded-User") == ["c@example.com"]
@@ -350,7 +358,6 @@ def test_a_route_header_without_a_value_sends_nothing_not_the_default() -> None:
     at all (an upstream keyed by email must not get the sub in its place)."""
     r = route(headers={"X-Forwarded-User": "{email}", "X-Department": "{department}"})
     unverified = Identity.from_claims({"sub": "eve", "email": "e@example.com"}, "groups")
-    out = for_upstream(CIMultiDict([("X-Department", "finance")]), unverified, CLIENT,
-                       gateway_cookies=GATEWAY_COOKIES,
-                       injected=credential_headers(r, unverified, "at"))
+    out = rules(r).for_upstream(CIMultiDict([("X-Department", "finance")]), unverified, CLIENT,
+                                access_token="at")
     assert "X-Forwarded-User" not in out and "X-Department" not in out
