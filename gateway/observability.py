@@ -28,7 +28,6 @@ import contextvars
 import json
 import logging
 import re
-import secrets
 import sys
 import time
 from typing import TextIO
@@ -231,12 +230,12 @@ def logged_out(rt: Runtime, kind: str, sessions: int, *, sub: object = None,
     audit_log.info("logout kind=%s sessions=%d sub=%s sid=%s", kind, sessions, sub, sid)
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.Request, rt: Runtime) -> str:
     given = request.headers.get("X-Request-ID")
     if given is not None and _REQUEST_ID.fullmatch(given) and is_trusted(
-            request.remote or "", runtime_from(request).config.server.trusted_networks):
+            request.remote or "", rt.config.server.trusted_networks):
         return given
-    return secrets.token_hex(16)
+    return rt.request_ids.new()
 
 
 def _outcome(trail: Trail, status: int) -> str:
@@ -253,7 +252,8 @@ def _outcome(trail: Trail, status: int) -> str:
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
-    request[TRAIL] = trail = Trail(_request_id(request))
+    rt = runtime_from(request)
+    request[TRAIL] = trail = Trail(_request_id(request, rt))
     current = _current_request.set(trail.request_id)
     try:
         response = await handler(request)
@@ -264,7 +264,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         duration = (time.perf_counter() - started) * 1000
         upstream, route = trail.upstream_ms, trail.route
         outcome = _outcome(trail, status)
-        runtime_from(request).metrics.request(
+        rt.metrics.request(
             route, status, outcome, duration / 1000,
             upstream / 1000 if upstream is not None else None)
         fields: dict[str, object] = {

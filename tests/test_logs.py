@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from conftest import StackFactory, login
 
 from gateway import observability
 from gateway.observability import template_fields
+from gateway.runtime import RequestIds
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 _LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
@@ -125,3 +127,22 @@ async def test_audit_lines_for_sign_in_refusal_step_up_and_sign_out_carry_the_re
                 and line["logger"] != "gateway.audit"]
     assert not [line for line in lines if line.get("message") and line["level"] != "debug"
                 and "event" not in line]  # every line of the gateway's is an event
+
+
+def test_new_request_ids_are_distinct_hex_across_refills_of_the_random_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn 256 at a time from one os.urandom call: every id is 16 fresh bytes, none
+    repeats across pools, and the pool is refilled only when spent."""
+    calls: list[int] = []
+    real = os.urandom
+
+    def counted(n: int) -> bytes:
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counted)
+    ids = RequestIds()
+    drawn = [ids.new() for _ in range(3 * 256 + 1)]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in drawn)
+    assert len(set(drawn)) == len(drawn)
+    assert calls == [RequestIds.POOL] * 4
