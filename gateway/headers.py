@@ -232,12 +232,12 @@ class RequestRules:
                      request_id: str | None = None) -> CIMultiDict[str]:
         """The request headers to send upstream for `identity` (None: nobody's), with its
         tokens where the route passes them. `host`: the Host to send (None: the upstream
-        URL's, which the client library adds). `request_id` goes as X-Request-ID."""
+        URL's), always first (RFC 9112 §3.2). `request_id` goes as X-Request-ID."""
         skip = self.skip if client.trusted else self.skip_untrusted
         if "Connection" in headers:
             skip = skip | _connection_listed(headers)
         prefixes = self.prefixes
-        kept: list[tuple[str, str]] = []
+        kept = [("Host", self.route.upstream.host if host is None else host)]
         forwarded_for = proto = forwarded_host = None  # a trusted proxy's, kept
         for field, content in headers.items():
             normalised = field.lower().replace("_", "-")  # _normalise, inline
@@ -261,8 +261,6 @@ class RequestRules:
             kept.append(("X-Forwarded-Proto", client.scheme))
         if forwarded_host is None:
             kept.append(("X-Forwarded-Host", client.host))
-        if host is not None:
-            kept.append(("Host", host))
         if request_id is not None:
             kept.append(("X-Request-ID", request_id))
         kept.extend(self.fixed)

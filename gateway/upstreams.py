@@ -40,6 +40,7 @@ class Upstream:
     ssl: TLS
     origin: str  # scheme://host[:port] of base
     base_path: str  # the path of base without a trailing slash ("" for an origin)
+    host: str  # host[:port] of base, the Host it is sent by default
     timeout: aiohttp.ClientTimeout  # the route's, built once: every request passes it
 
     @classmethod
@@ -48,7 +49,8 @@ class Upstream:
         url = URL(base)
         timeout = aiohttp.ClientTimeout(total=route.total_timeout, connect=route.connect_timeout,
                                         sock_read=route.read_timeout)
-        return cls(session, base, tls, str(url.origin()), url.raw_path.rstrip("/"), timeout)
+        return cls(session, base, tls, str(url.origin()), url.raw_path.rstrip("/"),
+                   str(url.host_port_subcomponent), timeout)
 
 
 InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
@@ -109,8 +111,13 @@ class _UpstreamRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NOT_ADDED
 
     def update_headers(self, headers: Any) -> None:
-        """aiohttp's, in one C call instead of a Python loop over the headers: the Host
-        from the URL, replaced by the one given, if any; every other header added."""
+        """The headers given, as they are, when they name the Host (the proxy's always do,
+        first): they are ClientSession's own copy of what the proxy built, so nothing else
+        holds them. Otherwise aiohttp's, in one C call instead of a Python loop over the
+        headers: the Host from the URL, replaced by the one given, if any."""
+        if isinstance(headers, CIMultiDict) and "Host" in headers:
+            self.headers = headers
+            return
         super().update_headers(None)
         if headers:
             self.headers.update(headers)

@@ -166,7 +166,9 @@ def test_trusted_proxy_forwarding_headers_are_appended_and_kept() -> None:
 
 
 def test_the_host_sent_is_the_one_chosen_never_the_clients_by_itself() -> None:
-    assert "Host" not in upstream([("Host", "evil.example")])  # the upstream URL's
+    """First, as RFC 9112 §3.2 asks; the upstream URL's unless the route chose another."""
+    sent = upstream([("X-A", "1"), ("Host", "evil.example")])
+    assert next(iter(sent.items())) == ("Host", "u") and sent.getall("Host") == ["u"]
     assert upstream([("Host", "evil.example")], host="app.example.com").getall("Host") == [
         "app.example.com"]
 
