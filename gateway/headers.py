@@ -152,11 +152,22 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def _connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
-    listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        listed.update(_normalise(token.strip()) for token in value.split(",") if token.strip())
-    return frozenset(listed)
+def _and_listed(names: frozenset[str], headers: MultiMapping[str]) -> frozenset[str]:
+    """`names` and the field names the Connection header lists (hop-by-hop, RFC 9110
+    §7.6.1), normalised."""
+    if "Connection" not in headers:
+        return names
+    values = headers.getall("Connection")
+    if len(values) == 1:
+        return _and_listed_in(names, values[0])
+    return names.union(*(_and_listed_in(frozenset(), value) for value in values))
+
+
+@functools.lru_cache(maxsize=256)
+def _and_listed_in(names: frozenset[str], value: str) -> frozenset[str]:
+    """Kept for the few pairs that recur: a route's names and an upstream's `keep-alive` on
+    every response, or a browser's on every request."""
+    return names | {_normalise(token.strip()) for token in value.split(",") if token.strip()}
 
 
 def _without_cookies(values: Iterable[str], drop: frozenset[str]) -> str:
@@ -233,9 +244,7 @@ class RequestRules:
         """The request headers to send upstream for `identity` (None: nobody's), with its
         tokens where the route passes them. `host`: the Host to send (None: the upstream
         URL's), always first (RFC 9112 §3.2). `request_id` goes as X-Request-ID."""
-        skip = self.skip if client.trusted else self.skip_untrusted
-        if "Connection" in headers:
-            skip = skip | _connection_listed(headers)
+        skip = _and_listed(self.skip if client.trusted else self.skip_untrusted, headers)
         prefixes = self.prefixes
         kept = [("Host", self.route.upstream.host if host is None else host)]
         forwarded_for = proto = forwarded_host = None  # a trusted proxy's, kept
@@ -338,7 +347,7 @@ def _checked_email(email: str) -> str | None:
     return checked
 
 
-_LOCATIONS = frozenset({"location", "content-location"})
+_REWRITTEN = frozenset({"location", "content-location", "set-cookie"})
 _PROTOCOL_RELATIVE = re.compile(r"[\t\n\r]*/[\t\n\r]*[/\\]")
 
 
@@ -415,16 +424,18 @@ def from_upstream(headers: MultiMapping[str], *, origins: tuple[str, ...] = (),
     address). With `cookies_from` (the upstream's origin), Set-Cookie is scoped to the
     stripped prefix and stripped of the upstream's own Domain.
     """
-    listed = _connection_listed(headers) if "Connection" in headers else frozenset()
+    dropped = _and_listed(_NOT_RETURNED, headers)
     upstream_host = _host_of(cookies_from) if cookies_from else None
-    out: CIMultiDict[str] = CIMultiDict()
+    kept: list[tuple[str, str]] = []  # made a CIMultiDict once: each add searches it
     for name, value in headers.items():
         lowered = name.lower()
-        if lowered in _NOT_RETURNED or lowered in listed:
+        if lowered in dropped:
             continue
-        if origins and lowered in _LOCATIONS:
-            value = _rewrite_location(value, origins, prefix)
-        elif cookies_from and lowered == "set-cookie":
-            value = _rewrite_set_cookie(value, upstream_host, prefix)
-        out.add(name, value)
-    return out
+        if lowered in _REWRITTEN:
+            if lowered != "set-cookie":
+                if origins:
+                    value = _rewrite_location(value, origins, prefix)
+            elif cookies_from:
+                value = _rewrite_set_cookie(value, upstream_host, prefix)
+        kept.append((name, value))
+    return CIMultiDict(kept)
