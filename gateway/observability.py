@@ -53,6 +53,8 @@ _UNIT = re.compile(r"m?s\b")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 _ACCESS = ("%s %s route=%s status=%d duration_ms=%.1f upstream_ms=%s outcome=%s id=%s "
            "user=%s rule=%s")
+# The access line as _TEXT_FORMAT makes it (date and time, milliseconds, level, logger).
+_ACCESS_LINE = "%s,%03d INFO gateway.access " + _ACCESS
 # What became of a request that did not reach an upstream, by status.
 _OUTCOMES = {302: "sign_in", 401: "unauthenticated", 403: "denied", 404: "no_route",
              429: "rate_limited"}
@@ -131,29 +133,33 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         self._own = (self.formatter, *self.filters)
         self._second, self._date = -1, ""  # the timestamp's part to the second, kept
 
-    def _asctime(self, now: float) -> str:
-        """Formatter.formatTime's default: local time, then milliseconds."""
-        second = int(now)
+    def _date_to(self, second: int) -> str:
+        """Formatter.formatTime's default to the second (local time): kept for the second."""
         if second != self._second:
             self._second = second
             self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._date},{int((now - second) * 1000):03d}"
+        return self._date
 
     def write_access(self, fields: dict[str, object], args: tuple[object, ...]) -> bool:
         """Write the access line directly; False when logging must write it: the handler's
         level, formatter or filters are no longer the ones setup() gave it."""
         if self.level > logging.INFO or (self.formatter, *self.filters) != self._own:
             return False
-        asctime = self._asctime(time.time())
+        now = time.time()
+        second = int(now)
+        millisecond = int((now - second) * 1000)
         if self._json_lines:
-            line = json.dumps({"time": asctime, "level": "info", "logger": access_log.name,
-                               **fields}, default=str)
-        else:
-            line = f"{asctime} INFO {access_log.name} {_ACCESS % args}"
+            line = json.dumps({"time": f"{self._date_to(second)},{millisecond:03d}",
+                               "level": "info", "logger": access_log.name, **fields},
+                              default=str)
+        else:  # one formatting for the whole line
+            line = _ACCESS_LINE % (self._date_to(second), millisecond, *args)
         try:
             with self.lock:  # type: ignore[union-attr]
-                self.stream.write(line + self.terminator)
-                self.flush()
+                stream = self.stream
+                stream.write(line + self.terminator)
+                if not getattr(stream, "line_buffering", False):  # that one wrote it already
+                    stream.flush()
         except Exception:  # reported as StreamHandler.emit reports it
             self.handleError(access_log.makeRecord(
                 access_log.name, logging.INFO, "", 0, _ACCESS, args, None))
