@@ -12,6 +12,7 @@ lists in server.strip_request_headers.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import ipaddress
 import re
@@ -55,6 +56,8 @@ _IDENTITY_PREFIXES = ("oidc-", "x-auth-request-", "x-pomerium-", "x-amzn-oidc-",
                       "x-ms-client-principal")
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                          "x-forwarded-prefix", "x-forwarded-port", "x-real-ip", "forwarded"})
+# Identities whose headers a route's RequestRules keeps (then it starts again).
+IDENTITIES_KEPT = 1024
 # Never passed on from any client (RequestRules says why).
 _DROPPED = HOP_BY_HOP | {"cookie", "expect", "host"}
 _DROPPED_UNTRUSTED = _DROPPED | _FORWARDING
@@ -203,6 +206,9 @@ class RequestRules:
     identity_overridden: frozenset[str]  # default identity headers routes[].headers replace
     unverified_email: bool
     credentials: bool  # the route sends a credential or a header of its own
+    # Identity headers by the Identity object they were made for (id -> (it, headers)).
+    _sent: dict[int, tuple[Identity, tuple[tuple[str, str], ...]]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, route: Route, *, gateway_cookies: frozenset[str],
@@ -274,14 +280,26 @@ class RequestRules:
             kept.append(("X-Request-ID", request_id))
         kept.extend(self.fixed)
         if identity is not None:
-            sent = identity_headers(identity, unverified_email=self.unverified_email)
-            if self.identity_overridden:  # a route's own header wins over the default one
-                sent = tuple(pair for pair in sent
-                             if pair[0].lower() not in self.identity_overridden)
-            kept.extend(sent)
+            kept.extend(self._identity_headers(identity))
         if self.credentials:
             kept.extend(self._credentials(identity, access_token, id_token))
         return CIMultiDict(kept)
+
+    def _identity_headers(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        """identity_headers, less those the route sends its own of. Kept by the Identity
+        object itself: a signed-in user's requests share the session cache's, and hashing
+        and comparing an Identity (functools' cache) costs more than the lookup here. The
+        entry holds the object, so its id cannot be another's while kept."""
+        kept = self._sent.get(id(identity))
+        if kept is not None and kept[0] is identity:
+            return kept[1]
+        sent = identity_headers(identity, unverified_email=self.unverified_email)
+        if self.identity_overridden:  # a route's own header wins over the default one
+            sent = tuple(pair for pair in sent if pair[0].lower() not in self.identity_overridden)
+        if len(self._sent) >= IDENTITIES_KEPT:
+            self._sent.clear()
+        self._sent[id(identity)] = (identity, sent)
+        return sent
 
     def _credentials(self, identity: Identity | None, access_token: str | None,
                      id_token: str | None) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ import pytest
 from conftest import built_route
 from multidict import CIMultiDict
 
+from gateway import headers as headers_module
 from gateway.config_routes import RouteConfig
 from gateway.headers import (
     ClientInfo,
@@ -363,3 +364,21 @@ def test_a_route_header_without_a_value_sends_nothing_not_the_default() -> None:
     out = rules(r).for_upstream(CIMultiDict([("X-Department", "finance")]), unverified, CLIENT,
                                 access_token="at")
     assert "X-Forwarded-User" not in out and "X-Department" not in out
+
+
+def test_identity_headers_follow_the_identity_object_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept per Identity object, a bounded number of them: a refreshed session's new
+    identity (another email, other groups) is sent as it is now, never as it was kept."""
+    monkeypatch.setattr(headers_module, "IDENTITIES_KEPT", 3)
+    r = rules()
+    before = Identity("bob", "bob@example.com", True, "bobby", ("staff",))
+    after = Identity("bob", "robert@example.com", True, "bobby", ("ops",))
+    assert r.for_upstream(CIMultiDict(), before, CLIENT)["X-Forwarded-Email"] == "bob@example.com"
+    out = r.for_upstream(CIMultiDict(), after, CLIENT)
+    assert (out["X-Forwarded-Email"], out["X-Forwarded-Groups"]) == ("robert@example.com", "ops")
+    for n in range(10):
+        user = Identity(f"u{n}")
+        assert r.for_upstream(CIMultiDict(), user, CLIENT)["X-Forwarded-User"] == f"u{n}"
+        assert len(r._sent) <= 3
+    assert r.for_upstream(CIMultiDict(), before, CLIENT)["X-Forwarded-Groups"] == "staff"
