@@ -77,7 +77,8 @@ async def resolve(request: web.Request, rt: Runtime, host: str, target: Target,
             trail.rule = rule
     _audit(route, principal, decision)
     rate_fields: dict[str, str] = {}
-    if isinstance(decision, policy.Allow):  # only what would reach the upstream counts
+    # Only what would reach the upstream counts (and no coroutine for a route without limits).
+    if isinstance(decision, policy.Allow) and route.config.rate_limit is not None:
         rate_fields = await ratelimit.check_route(
             request, rt, snapshot, route, principal.identity.sub if principal else None)
     return Resolved(route, target, principal, decision, snapshot, rate_fields)

@@ -136,7 +136,8 @@ async def forward(request: web.Request, rt: Runtime,
                     request_id=request[TRAIL].request_id)
             response = _Proxied(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))
-            response.headers.update(resolved.rate_fields)
+            if resolved.rate_fields:
+                response.headers.update(resolved.rate_fields)
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left; not the upstream's failure
