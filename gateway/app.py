@@ -81,7 +81,8 @@ def _runtime_context(config: Config, clock: Callable[[], float]
                 provider=provider, verifier=verifier, introspector=introspector,
                 client=client, upstreams=upstreams,
                 idp_http=idp_http, clock=clock, metrics=metrics,
-                sockets=websocket.SocketWatch(sessions.alive, counted=metrics.websockets))
+                sockets=websocket.SocketWatch(sessions.alive, clock=clock,
+                                              counted=metrics.websockets))
             try:
                 await provider.metadata()
             except GatewayError as exc:

@@ -15,6 +15,7 @@ or store that cannot be reached is a 503, never a pass.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -64,9 +65,16 @@ def token_of(request: web.BaseRequest) -> str | None:
     return token
 
 
-async def identity_of(rt: Runtime, snapshot: Snapshot, route: Route, token: str) -> Identity:
-    """Who the token says is calling, once every check has passed; InvalidTokenError when
-    one fails."""
+class Checked(NamedTuple):
+    identity: Identity
+    # Until when the gateway would still take the token: its exp plus oidc.clock_skew, as
+    # the checks allow; None when it gave no exp (an introspection answer need not).
+    expires_at: float | None
+
+
+async def identity_of(rt: Runtime, snapshot: Snapshot, route: Route, token: str) -> Checked:
+    """Who the token says is calling, and until when, once every check has passed;
+    InvalidTokenError when one fails."""
     api = snapshot.config.api
     audiences = route.config.audiences or api.audiences
     try:
@@ -78,7 +86,11 @@ async def identity_of(rt: Runtime, snapshot: Snapshot, route: Route, token: str)
         else:
             raise TokenError("not_introspected", "an opaque token, and api.introspection is "
                                                  "off")
-        return Identity.from_claims(claims, snapshot.config.oidc.groups_claim)
+        exp = claims.get("exp")
+        oidc = snapshot.config.oidc
+        return Checked(Identity.from_claims(claims, oidc.groups_claim),
+                       float(exp) + oidc.clock_skew
+                       if isinstance(exp, int | float) and not isinstance(exp, bool) else None)
     except TokenError as exc:
         raise InvalidTokenError(f"route {route.name}: bearer token refused: {exc}",
                                 description=_DESCRIPTIONS.get(exc.code, "the token is not "

@@ -35,6 +35,7 @@ class Principal(NamedTuple):
     id_token: str | None  # None for a bearer token
     session_id: str | None  # the session's storage id (its WebSockets are watched for its
     # end); None for a bearer token, which has no session
+    expires_at: float | None = None  # a bearer token's exp: its WebSockets end then
 
     @property
     def bearer(self) -> bool:
@@ -104,8 +105,8 @@ async def _principal(request: web.Request, rt: Runtime, snapshot: Snapshot,
     if route.config.bearer:
         token = bearer.token_of(request)
         if token is not None:
-            identity = await bearer.identity_of(rt, snapshot, route, token)
-            return Principal(identity, token, None, None)
+            checked = await bearer.identity_of(rt, snapshot, route, token)
+            return Principal(checked.identity, token, None, None, checked.expires_at)
     return await _session_principal(request, rt)
 
 

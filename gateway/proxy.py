@@ -133,6 +133,7 @@ async def forward(request: web.Request, rt: Runtime,
                 return await websocket.accept(
                     request, upstream, rt.sockets, route,
                     session=principal.session_id if principal else None,
+                    expires_at=principal.expires_at if principal else None,
                     request_id=request[TRAIL].request_id)
             response = _Proxied(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_response_headers(snapshot, route, upstream.headers))

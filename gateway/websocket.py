@@ -14,6 +14,10 @@ seconds:
 - a socket whose session ended (sign-out, back-channel logout, admin revoke, or idle expiry)
   is closed with 1008; the check asks the store whether the sessions exist, all of them in
   one round trip, and does not count as use (it never slides a session's idle timeout);
+- a socket opened with a bearer token is closed with 1008 once the gateway would no longer
+  take the token (its `exp` plus oidc.clock_skew, on the gateway's clock): a token is
+  checked when it is presented, and a socket would otherwise outlive it for as long as it
+  stayed open;
 - a socket that carried no data frame either way for its route's websocket_idle_timeout is
   closed with 1001.
 On shutdown every open socket is closed with 1001 (going away).
@@ -27,6 +31,7 @@ import binascii
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -42,6 +47,7 @@ from gateway.wsrelay import Relay
 log = logging.getLogger("gateway.websocket")
 
 WS_RECHECK_INTERVAL = 2.0  # seconds; bounds how long a revoked session keeps a socket
+# 1008 (policy violation): the session or bearer token it was opened with has ended.
 _SESSION_ENDED, _GOING_AWAY = 1008, 1001
 # The client's handshake fields the upstream gets as they came (RFC 6455 §4.1, §9).
 _OFFER = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
@@ -56,8 +62,10 @@ class SocketWatch:
     """Every open socket of this process, and the one task that watches them."""
 
     def __init__(self, alive: Alive, interval: float = WS_RECHECK_INTERVAL, *,
+                 clock: Callable[[], float] = time.time,
                  counted: Callable[[int], None] | None = None) -> None:
         self._alive = alive  # which of these sessions still exist (one store round trip)
+        self._clock = clock  # the gateway's: what bearer tokens' expiry is read against
         self._interval = interval
         self._counted = counted  # told how many are open after each change (the metrics)
         self._sockets: set[Relay] = set()
@@ -110,12 +118,18 @@ class SocketWatch:
         while self._sockets:
             await asyncio.sleep(self._interval)
             now = loop.time()
+            wall = self._clock()
             for socket in list(self._sockets):
                 if not socket.closing and socket.idle_timeout is not None and \
                         socket.quiet_for(now) >= socket.idle_timeout:
                     log.info("websocket_closed_idle route=%s id=%s", socket.route,
                              socket.request_id)
                     socket.close(_GOING_AWAY, b"idle")
+                elif not socket.closing and socket.expires_at is not None and \
+                        wall >= socket.expires_at:
+                    log.info("websocket_closed_token_expired route=%s id=%s", socket.route,
+                             socket.request_id)
+                    socket.close(_SESSION_ENDED, b"token expired")
             sessions = {s.session for s in self._sockets
                         if s.session is not None and not s.closing}
             if not sessions:
@@ -160,11 +174,12 @@ def _is_key(key: str) -> bool:
 
 
 async def accept(request: web.Request, upstream: aiohttp.ClientResponse, watch: SocketWatch,
-                 route: Route, *, session: str | None,
-                 request_id: str | None) -> web.StreamResponse:
+                 route: Route, *, session: str | None, request_id: str | None,
+                 expires_at: float | None = None) -> web.StreamResponse:
     """The upstream answered 101: check it, send the client its 101, and relay the socket
-    from now on, `session` (its storage id) watched for its end; `request_id` names the
-    handshake's request in the socket's log lines."""
+    from now on, `session` (its storage id) watched for its end, and a bearer token's
+    `expires_at` for its passing; `request_id` names the handshake's request in the
+    socket's log lines."""
     answer = upstream.headers
     key = request.headers["Sec-WebSocket-Key"].strip()
     # RFC 6455 §4.2.2: SHA-1 here is the protocol's fixed proof of a WebSocket server, not
@@ -205,7 +220,7 @@ async def accept(request: web.Request, upstream: aiohttp.ClientResponse, watch: 
     options = route.config
     relay = Relay(client_transport, upstream_transport, route=route.name,
                   request_id=request_id, session=session,
-                  idle_timeout=options.websocket_idle_timeout,
+                  idle_timeout=options.websocket_idle_timeout, expires_at=expires_at,
                   ping_interval=options.websocket_ping_interval,
                   close_timeout=options.read_timeout, ended=watch.discard)
     client_tail = _release_server(request)

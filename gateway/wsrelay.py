@@ -176,13 +176,13 @@ class Relay:
     """One proxied WebSocket after its handshake: its two ends, and how it ends."""
 
     __slots__ = ("_close_timeout", "_deadline", "_ended", "_opened", "_ping_interval",
-                 "_progress", "_quiet_since", "_timer", "client", "closing", "heard",
-                 "idle_timeout",
+                 "_progress", "_quiet_since", "_timer", "client", "closing", "expires_at",
+                 "heard", "idle_timeout",
                  "request_id", "route", "session", "upstream")
 
     def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport, *,
                  route: str, request_id: str | None, session: str | None,
-                 idle_timeout: float | None,
+                 idle_timeout: float | None, expires_at: float | None = None,
                  ping_interval: float, close_timeout: float,
                  ended: Callable[[Relay], None]) -> None:
         self.route = route  # its name and the handshake's request id, for the log lines
@@ -191,6 +191,7 @@ class Relay:
         self.upstream = _Side(self, upstream, masked=True)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.session = session  # the session's storage id; None on a public route
+        self.expires_at = expires_at  # when the bearer token it was opened with expires
         self.idle_timeout = idle_timeout
         self.heard = True  # the client sent something since the last ping
         self.closing = False

@@ -11,6 +11,7 @@ test, so expiry and the introspection cache are tested without waiting.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -30,6 +31,7 @@ from nodeop import follow_op, node_op_available, start_node_op
 from gateway import config as config_module
 from gateway.app import build_app
 from gateway.demo.upstream import create_upstream_app
+from gateway.websocket import WS_RECHECK_INTERVAL
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +116,7 @@ ROUTES: list[dict[str, Any]] = [
     {"name": "cors", "path_prefix": "/echo/cors", "bearer": True, "allow_preflight": True},
     {"name": "passing", "path_prefix": "/echo/passing", "bearer": True,
      "pass_authorization_header": True, "pass_access_token": True, "pass_id_token": True},
+    {"name": "sockets", "path_prefix": "/ws", "bearer": True},
     {"name": "app", "path_prefix": "/"},
 ]
 
@@ -331,3 +334,24 @@ async def test_browser_session_still_works_on_a_bearer_route_but_a_bad_token_win
         status, headers, _ = await stack.call("/echo/api", "forged", http=browser)
         assert status == 401
         refused_because(headers, "opaque tokens are not accepted")
+
+
+async def test_a_websocket_opened_with_a_bearer_token_ends_when_the_token_does() -> None:
+    """A token is checked when it is presented; the socket it opened is closed (1008) once
+    the gateway would no longer take the token, within the watch's interval, instead of
+    staying open for as long as the client keeps it."""
+    async with api_stack() as stack:
+        token = await stack.token(API)
+        lifetime = part(token, 1)["exp"] - time.time()
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                stack.gateway + "/ws", headers={"Authorization": f"Bearer {token}"},
+                protocols=("chat",)) as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive(timeout=5)).data == "echo:hi"
+            stack.clock.offset = lifetime + 30  # expired, but within the 60 s clock skew
+            await asyncio.sleep(WS_RECHECK_INTERVAL + 1)  # the watch has looked meanwhile
+            await ws.send_str("still")
+            assert (await ws.receive(timeout=5)).data == "echo:still"
+            stack.clock.offset = lifetime + 61
+            message = await ws.receive(timeout=WS_RECHECK_INTERVAL + 3)
+            assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1008)
