@@ -342,8 +342,10 @@ def identity_headers(identity: Identity, *, unverified_email: bool = False
     operator opted out): upstreams that key accounts by email (Grafana's auth proxy, Gitea)
     would otherwise hand an account to whoever the IdP let pick that address.
 
-    Kept for the last identities seen: a signed-in user's requests share one Identity (the
-    session cache's), found in the cache by its own object first."""
+    Kept for the last identities seen, by equality: a session the cache reloads from the
+    store brings a new but equal Identity, whose email need not be checked (IDNA) again.
+    The proxy also keeps the result per Identity object (RequestRules._identity_headers),
+    which spares it the hashing and comparing this cache costs on every request."""
     values = {
         USER: identity.sub,
         EMAIL: _checked_email(identity.email)
