@@ -142,6 +142,6 @@ def build_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.
     app.router.add_route("*", forward_auth.PATH + "/{tail:.*}", forward_auth.auth)
     app.router.add_get("/oauth2/healthz", endpoints.healthz)
     app.router.add_get("/oauth2/readyz", endpoints.readyz)
-    app.router.add_route("*", "/{tail:.*}", dispatch.handle,
-                         expect_handler=dispatch.defer_continue)
+    app[server.CATCH_ALL] = app.router.add_route("*", "/{tail:.*}", dispatch.handle,
+                                                 expect_handler=dispatch.defer_continue)
     return app

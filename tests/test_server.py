@@ -1,15 +1,26 @@
-"""The server around the app: size limits answered before any handler runs (414, 431)."""
+"""The server around the app: size limits answered before any handler runs (414, 431), and
+the proxied requests handed straight to the catch-all route."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from conftest import Stack, StackFactory
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_urldispatcher import AbstractRoute
+from conftest import Stack, StackFactory, serve
 from yarl import URL
 
 from gateway import app as app_module
-from gateway.server import MAX_REQUEST_LINE, handler_args
+from gateway.server import (
+    CATCH_ALL,
+    MAX_REQUEST_LINE,
+    GatewayRunner,
+    StraightToCatchAll,
+    handler_args,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -103,3 +114,121 @@ async def test_a_listener_that_loses_a_cancellation_is_cancelled_again() -> None
     await asyncio.sleep(0)
     await asyncio.wait_for(app_module._stop_listening(task), timeout=5)
     assert task.cancelled() and swallowed == 1
+
+
+async def answer_to(base: str, request: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """The status line, the headers that do not change from one answer to the next, and the
+    body of the answer to one raw request (with Connection: close)."""
+    url = URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    while answer.startswith(b"HTTP/1.1 100 "):  # the interim answer to Expect: 100-continue
+        answer = answer.partition(b"\r\n\r\n")[2]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines)
+    for varying in (b"Date", b"X-Request-ID", b"Content-Length", b"Set-Cookie"):
+        headers.pop(varying, None)
+    if b"Location" in headers:  # the sign-in's state, nonce and PKCE challenge are new each time
+        headers[b"Location"] = headers[b"Location"].partition(b"?")[0]
+    if b'"request_id"' in body or b"Request id" in body or b"echo" in body:
+        body = b""  # names the request's own id (error pages) or echoes its headers
+    return status, headers, body
+
+
+async def test_requests_straight_to_the_catch_all_are_answered_as_through_the_router(
+        stack: Stack) -> None:
+    """GatewayRunner hands a request that aiohttp's router could only send to the catch-all
+    route straight to it: every request is answered exactly as the same app answers it
+    through the router and aiohttp's middleware chain, endpoints and refusals alike."""
+    app = app_module.build_app(stack.config)
+    del app[CATCH_ALL]  # every request through the router, on the same runner
+    twin, twin_url = await serve(app, runner_class=GatewayRunner)
+    try:
+        requests = [
+            get("/public/echo"), get("/public/echo?q=%20x"),
+            get("/echo", "Accept: application/json"), get("/echo", "Accept: text/html"),
+            get("/oauth2/healthz"), get("/%6Fauth2/healthz"), get("/oauth2%2Fhealthz"),
+            get("/oauth2/nothing-here"), get("/oauth2"), get("/oauth2/healthz/"),
+            get("//oauth2/healthz"), get("/public/../oauth2/healthz"),
+            get("http://x/public/echo"), get("*"),
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"POST /oauth2/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: something-else\r\nContent-Length: 2\r\n\r\nhi",
+        ]
+        for request in requests:
+            straight = await answer_to(stack.gateway, request)
+            assert straight == await answer_to(twin_url, request), request
+            assert straight[1][b"Server"] == b"gateway"  # the app's signal ran both ways
+    finally:
+        await twin.cleanup()
+
+
+def recording_app(*paths: str) -> tuple[web.Application, list[str], AbstractRoute]:
+    seen: list[str] = []
+
+    def middleware(name: str) -> Middleware:
+        @web.middleware
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+            seen.append(name)
+            return await handler(request)
+        return record
+
+    async def endpoint(request: web.Request) -> web.Response:
+        seen.append("endpoint")
+        return web.Response()
+
+    async def catch_all(request: web.Request) -> web.Response:
+        seen.append(f"catch-all app={request.app is app} route={request.match_info.route is route}")
+        return web.Response()
+
+    app = web.Application(middlewares=[middleware("outer"), middleware("inner")])
+    for path in paths:
+        app.router.add_get(path, endpoint)
+    route = app.router.add_route("*", "/{tail:.*}", catch_all)
+    return app, seen, route
+
+
+@pytest.mark.parametrize(("path", "straight"), [
+    ("/", True), ("/app/page", True), ("/oauth", True), ("/oauth2x/y", True),
+    ("/oauth2/start", False), ("/oauth2", False), ("/oauth2/other", False),
+    ("/%6Fauth2/start", False), ("*", False)])
+async def test_only_a_path_the_router_could_send_nowhere_else_goes_straight(
+        path: str, straight: bool) -> None:
+    app, seen, route = recording_app("/oauth2/start", "/oauth2/auth/{tail:.*}")
+    through_app: list[str] = []
+
+    async def router(request: web.BaseRequest) -> web.StreamResponse:
+        through_app.append(request.path)
+        return web.Response()
+
+    handler = StraightToCatchAll(app, route, router)
+    await handler(make_mocked_request("GET", path, app=app))
+    if straight:
+        assert (seen, through_app) == (["outer", "inner", "catch-all app=True route=True"], [])
+    else:
+        assert (seen, len(through_app)) == ([], 1)
+    seen.clear()
+    await handler(make_mocked_request("POST", path, headers={"Expect": "100-continue"}, app=app))
+    assert seen == []  # aiohttp's expect handler is the router's
+
+
+@pytest.mark.parametrize("path", ["/", "/{name}", "/{name}/more"])
+def test_no_straight_path_when_another_route_could_take_any_path(path: str) -> None:
+    app, _, route = recording_app(path)
+
+    async def router(request: web.BaseRequest) -> web.StreamResponse:
+        raise AssertionError("not called")
+
+    with pytest.raises(RuntimeError, match="not the only route"):
+        StraightToCatchAll(app, route, router)
