@@ -24,6 +24,7 @@ before claims were kept: that is a challenge too (the new sign-in keeps them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.identity import Identity, claim_at, email_address
 
@@ -55,8 +56,10 @@ class Access:
     allow_preflight: bool = False  # CORS preflights pass without credentials
 
 
-@dataclass(frozen=True, slots=True)
-class Allow:
+class Allow(NamedTuple):
+    """(Decided for nearly every request: a named tuple, built in C, as pipeline.Principal
+    is; the refusals stay frozen dataclasses.)"""
+
     identity: Identity | None
     rule: str | None = None  # the allow rule that matched, when the route has any
 

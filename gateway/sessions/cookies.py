@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ID_BYTES = 32  # 256-bit id + 256-bit key: 512 bits from `secrets` in all
 KEY_BYTES = 32
@@ -22,6 +22,13 @@ _SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{43}$")
 class SessionCookie:
     session_id: bytes
     key: bytes
+    # sha256(session_id), hex: the name the store knows the session by. Worked out once: a
+    # signed-in request asks for it, and the session cache hands out the same cookie for
+    # cache_ttl.
+    storage_id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage_id", hashlib.sha256(self.session_id).hexdigest())
 
     @classmethod
     def new(cls) -> SessionCookie:
@@ -41,10 +48,6 @@ class SessionCookie:
     @property
     def value(self) -> str:
         return f"{b64url(self.session_id)}.{b64url(self.key)}"
-
-    @property
-    def storage_id(self) -> str:
-        return hashlib.sha256(self.session_id).hexdigest()
 
 
 def b64url(raw: bytes) -> str:
