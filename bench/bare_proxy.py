@@ -12,12 +12,18 @@ passes SIGTERM on.
     python bench/bare_proxy.py --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8081
     python bench/bare_proxy.py --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8081 \
         --processes 2
+    python bench/bare_proxy.py --listen 127.0.0.1:8080 --answer-401 --processes 2
+
+With `--answer-401` there is no upstream: every request gets the gateway's 401 for an API
+client (its headers and JSON body), with nothing else done. The floor of the 401 row: what
+any gateway on aiohttp's server could do at best.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -92,9 +98,40 @@ def create_app(upstream: str) -> web.Application:
     return app
 
 
-async def serve(listen: str, upstream: str) -> None:
+def create_401_app() -> web.Application:
+    """Every request answered as the gateway answers an API client without a session (its
+    headers and JSON body, encoded once), and nothing else done: the floor of the 401 row."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(
+            status=401,
+            headers=_401_HEADERS,
+            body=_401_BODY,
+            content_type="application/json",
+            charset="utf-8",
+        )
+
+    app = web.Application(handler_args=handler_args(16 * 1024))
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    return app
+
+
+_401_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Server": "gateway",
+}
+_401_BODY = json.dumps(
+    {"error": "not_authenticated", "message": "Sign in to access this resource."}
+).encode()
+
+
+async def serve(listen: str, upstream: str | None) -> None:
     host, _, port = listen.rpartition(":")
-    runner = GatewayRunner(create_app(upstream.rstrip("/")), access_log=None)
+    app = create_app(upstream.rstrip("/")) if upstream else create_401_app()
+    runner = GatewayRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, int(port), reuse_port=True).start()
     stop = asyncio.Event()
@@ -108,7 +145,11 @@ async def serve(listen: str, upstream: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
-    parser.add_argument("--upstream", required=True, help="http://HOST:PORT")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--upstream", help="http://HOST:PORT")
+    mode.add_argument(
+        "--answer-401", action="store_true", help="no upstream: answer every request 401"
+    )
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
@@ -118,8 +159,8 @@ def main() -> int:
         return 0
     children = [
         subprocess.Popen(  # noqa: S603  (this very script, our own arguments)
-            [sys.executable, __file__, "--listen", args.listen, "--upstream", args.upstream,
-             "--event-loop", args.event_loop]
+            [sys.executable, __file__, "--listen", args.listen, "--event-loop", args.event_loop,
+             *(["--upstream", args.upstream] if args.upstream else ["--answer-401"])]
         )
         for _ in range(args.processes)
     ]

@@ -229,15 +229,15 @@ def _start_apache(workdir: Path, port: int, idp: str, upstream: str, redis_port:
     return Apache(process, base)
 
 
-def _start_bare_proxy(port: int, upstream: str, processes: int) -> subprocess.Popen[bytes]:
+def _start_bare_proxy(port: int, upstream: str | None, processes: int) -> subprocess.Popen[bytes]:
+    """bench/bare_proxy.py: a proxy to `upstream`, or (None) an app answering 401."""
     return subprocess.Popen(  # noqa: S603  (our own script and arguments)
         [
             sys.executable,
             str(ROOT / "bench" / "bare_proxy.py"),
             "--listen",
             f"127.0.0.1:{port}",
-            "--upstream",
-            upstream,
+            *(["--upstream", upstream] if upstream else ["--answer-401"]),
             "--processes",
             str(processes),
         ],
@@ -671,6 +671,10 @@ class Names:
     def bare(self) -> str:
         return f"bare aiohttp proxy, no auth, {_plural(self.workers, 'process', 'es')}"
 
+    @property
+    def bare_401(self) -> str:
+        return f"bare aiohttp app, a fixed 401, {_plural(self.workers, 'process', 'es')}"
+
     redis_one = "gateway, signed in, Redis, 1 worker, no cache"
     memory_one = "gateway, signed in, memory store, 1 worker"
     upstream = "nginx upstream direct"
@@ -700,6 +704,7 @@ class Names:
             self.apache_browser,
             self.api,
             self.apache_api,
+            self.bare_401,
         ]
         return list(dict.fromkeys(names))
 
@@ -722,10 +727,11 @@ def _worker_count(workers: str) -> int:
 
 async def _run(args: argparse.Namespace, workdir: Path) -> Results:
     names = Names(_worker_count(args.workers), args.cache_ttl)
-    ports = [free_port() for _ in range(8)]
-    nginx_port, idp_port, ws_port, ap_port, bare_port, *gw_ports = ports
+    ports = [free_port() for _ in range(9)]
+    nginx_port, idp_port, ws_port, ap_port, bare_port, bare_401_port, *gw_ports = ports
     upstream = f"http://127.0.0.1:{nginx_port}"
     apache_url, bare = f"http://127.0.0.1:{ap_port}", f"http://127.0.0.1:{bare_port}"
+    bare_401 = f"http://127.0.0.1:{bare_401_port}"
     gw_main, gw_redis, gw_memory = (f"http://127.0.0.1:{port}" for port in gw_ports)
     idp = f"http://127.0.0.1:{idp_port}"
     www = workdir / "www"
@@ -753,7 +759,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
     )
     idp_process.start()
     stats = RedisStats(redis_server.url)
-    apache = bare_proxy = None
+    apache = bare_proxy = bare_401_app = None
     gateways: list[asyncio.subprocess.Process] = []
     population = None
     try:
@@ -791,10 +797,12 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
             pids[url] = gateways[-1].pid
         apache = _start_apache(workdir, ap_port, idp, upstream, redis_port)
         bare_proxy = _start_bare_proxy(bare_port, upstream, names.workers)
+        bare_401_app = _start_bare_proxy(bare_401_port, None, names.workers)
         for url in configs:
             await wait_until_ready(url + "/oauth2/readyz")
         await wait_until_ready(apache_url + "/public/hello")
         await wait_until_ready(bare + "/hello")
+        await wait_until_ready(bare_401 + "/oauth2/readyz", status=401)
         cookies = {url: await _gateway_login(url) for url in configs}
         async with aiohttp.ClientSession(
             cookie_jar=aiohttp.CookieJar(unsafe=True), headers=BROWSER_HEADERS
@@ -816,6 +824,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
             Target(names.apache, apache_url + "/hello", {"Cookie": ap_cookie}, ap),
             Target(names.api, gw_main + "/hello", API_HEADERS, main, 401),
             Target(names.apache_api, apache_url + "/hello", API_HEADERS, ap, 401),
+            Target(names.bare_401, bare_401 + "/hello", API_HEADERS, bare_401_app.pid, 401),
         ]
         rows = {}
         for target in targets:
@@ -873,9 +882,10 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
             if gateway.returncode is None:
                 gateway.terminate()
                 await gateway.wait()
-        if bare_proxy is not None:
-            bare_proxy.terminate()
-            bare_proxy.wait()
+        for bare_server in (bare_proxy, bare_401_app):
+            if bare_server is not None:
+                bare_server.terminate()
+                bare_server.wait()
         if apache is not None:
             apache.stop()
         idp_process.terminate()
@@ -967,7 +977,8 @@ def _table(results: Results, args: argparse.Namespace) -> str:
         f"- gateway signed in ÷ gateway public route: {ratio(names.headline, names.public)}",
         f"- gateway signed in ÷ bare aiohttp proxy: {ratio(names.headline, names.bare)}",
         f"- gateway ÷ Apache, unauthenticated API request (401): "
-        f"{ratio(names.api, names.apache_api)}",
+        f"{ratio(names.api, names.apache_api)} (a bare aiohttp app answering every request "
+        f"with that 401 and doing nothing else: {ratio(names.bare_401, names.apache_api)})",
         f"- gateway ÷ Apache, unauthenticated browser request (302): "
         f"{ratio(names.browser, names.apache_browser)}",
         f"- gateway ÷ Apache, full sign-ins per second: {gw_in.rate / ap_in.rate:.2f}x",

@@ -103,18 +103,18 @@ async def serve(app: web.Application, port: int | None = None, *,
     return runner, f"http://127.0.0.1:{port}"
 
 
-async def wait_until_ready(url: str, *, attempts: int = 150) -> None:
-    """Poll `url` (a readiness endpoint) every 0.1 s until it answers 200."""
+async def wait_until_ready(url: str, *, attempts: int = 150, status: int = 200) -> None:
+    """Poll `url` (a readiness endpoint) every 0.1 s until it answers `status`."""
     async with aiohttp.ClientSession() as http:
         for _ in range(attempts):
             try:
                 async with http.get(url) as resp:
-                    if resp.status == 200:
+                    if resp.status == status:
                         return
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} did not answer 200")
+    raise AssertionError(f"{url} did not answer {status}")
 
 
 GATEWAY_ENV = {"SECRET": CLIENT_SECRET, "PATH": "/usr/bin:/bin"}

@@ -108,6 +108,7 @@ def test_the_comparison_with_apache_runs_with_one_command_and_measures_every_row
         "Apache + mod_auth_openidc, browser request, no session (302)",
         "gateway, API request, no session (401)",
         "Apache + mod_auth_openidc, API request, no session (401)",
+        "bare aiohttp app, a fixed 401, 2 processes",
     ]
     assert cells["row"] == [
         "req/s",
@@ -182,6 +183,9 @@ def test_the_comparison_with_apache_runs_with_one_command_and_measures_every_row
     ):
         found = re.search(rf"^- {re.escape(ratio)}: \**([\d.]+)x", table, re.M)
         assert found is not None and float(found[1]) > 0, ratio
+    floor = re.search(r"answering every request with that 401 and doing nothing else: ([\d.]+)x",
+                      table)
+    assert floor is not None and float(floor[1]) > 0, table
 
 
 def test_instruction_counts_are_counted_and_the_gateway_does_more_than_the_bare_proxy() -> None:
