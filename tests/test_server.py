@@ -4,6 +4,9 @@ the proxied requests handed straight to the catch-all route."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -14,6 +17,8 @@ from conftest import Stack, StackFactory, serve
 from yarl import URL
 
 from gateway import app as app_module
+from gateway import server
+from gateway.runtime import Runtime
 from gateway.server import (
     CATCH_ALL,
     MAX_REQUEST_LINE,
@@ -232,3 +237,42 @@ def test_no_straight_path_when_another_route_could_take_any_path(path: str) -> N
 
     with pytest.raises(RuntimeError, match="not the only route"):
         StraightToCatchAll(app, route, router)
+
+
+def test_settled_objects_are_left_alone_until_settled_again_after_a_reload() -> None:
+    """What a process made to start is out of the collector's sight (its full collections
+    walked all of it); a reload settles it again, so a replaced config's cycles go."""
+
+    class Config:
+        me: object
+
+    old = Config()
+    old.me = old  # a reference cycle: only the collector frees it
+    gone = weakref.ref(old)
+    try:
+        server.settle_gc()
+        assert gc.get_freeze_count() > 0
+        del old
+        gc.collect()
+        assert gone() is not None  # settled: no collection walks it
+        server.settle_again()
+        assert gone() is None
+        assert gc.get_freeze_count() > 0  # what is still alive is settled again
+    finally:
+        gc.unfreeze()
+
+
+async def test_a_reload_settles_the_collector_again_once_the_old_configs_requests_are_done(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    outcomes = iter([False, True])
+    settled = asyncio.Event()
+    monkeypatch.setattr(server.reload, "reload", lambda rt, path: next(outcomes))
+    monkeypatch.setattr(server, "settle_again", settled.set)
+    monkeypatch.setattr(server, "SETTLE_AFTER_RELOAD", 0.05)
+    rt = cast(Runtime, object())
+    server._reload(rt, "refused.yaml")  # a refused config replaced nothing
+    await asyncio.sleep(0.2)
+    assert not settled.is_set()
+    server._reload(rt, "gateway.yaml")
+    assert not settled.is_set()  # not at once: the old config's requests may be in flight
+    await asyncio.wait_for(settled.wait(), timeout=2)
