@@ -1,10 +1,11 @@
-"""The server around the app: size limits answered before any handler runs (414, 431), and
-the proxied requests handed straight to the catch-all route."""
+"""The server around the app: size limits answered before any handler runs (414, 431), the
+proxied requests handed straight to the catch-all route, and the garbage collector settled."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import weakref
 from typing import cast
 
@@ -142,8 +143,13 @@ async def answer_to(base: str, request: bytes) -> tuple[bytes, dict[bytes, bytes
         headers.pop(varying, None)
     if b"Location" in headers:  # the sign-in's state, nonce and PKCE challenge are new each time
         headers[b"Location"] = headers[b"Location"].partition(b"?")[0]
-    if b'"request_id"' in body or b"Request id" in body or b"echo" in body:
-        body = b""  # names the request's own id (error pages) or echoes its headers
+    if headers.get(b"Content-Type", b"").startswith(b"application/json") and b'"headers"' in body:
+        echoed = json.loads(body)  # what the upstream got, but for the request's own id
+        echoed["headers"] = [pair for pair in echoed["headers"]
+                             if pair[0].lower() != "x-request-id"]
+        body = json.dumps(echoed).encode()
+    elif b'"request_id"' in body or b"Request id" in body:
+        body = b""  # an error page naming the request's own id
     return status, headers, body
 
 
