@@ -41,6 +41,17 @@ async def https_upstream(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     await runner.cleanup()
 
 
+@pytest.fixture
+async def unix_upstream(tmp_path: Path) -> AsyncIterator[Path]:
+    """The demo upstream on a Unix socket: its path."""
+    socket_path = tmp_path / "app.sock"
+    runner = web.AppRunner(create_upstream_app(), access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(socket_path)).start()
+    yield socket_path
+    await runner.cleanup()
+
+
 async def get_status(url: str) -> int:
     async with aiohttp.ClientSession() as http:
         async with http.get(url, headers={"Accept": "application/json"}) as resp:
@@ -66,20 +77,13 @@ async def test_https_upstream_with_a_private_ca(
     assert "upstream_tls_verify_off route=unchecked" in caplog.text  # and it says so loudly
 
 
-async def test_unix_socket_upstream(make_stack: StackFactory, tmp_path: Path) -> None:
-    socket_path = tmp_path / "app.sock"
-    runner = web.AppRunner(create_upstream_app(), access_log=None)
-    await runner.setup()
-    await web.UnixSite(runner, str(socket_path)).start()
-    try:
-        stack = await make_stack(routes=[{"name": "sock", "path_prefix": "/",
-                                          "upstream": f"unix:{socket_path}", "auth": "public"}])
-        async with aiohttp.ClientSession() as http:
-            async with http.get(stack.gateway + "/echo?via=socket") as resp:
-                assert resp.status == 200
-                assert (await resp.json())["query"] == "via=socket"
-    finally:
-        await runner.cleanup()
+async def test_unix_socket_upstream(make_stack: StackFactory, unix_upstream: Path) -> None:
+    stack = await make_stack(routes=[{"name": "sock", "path_prefix": "/",
+                                      "upstream": f"unix:{unix_upstream}", "auth": "public"}])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.gateway + "/echo?via=socket") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["query"] == "via=socket"
 
 
 async def relayed_both_ways(url: str) -> None:
@@ -110,50 +114,36 @@ async def test_websockets_are_relayed_to_an_https_upstream(
 
 
 async def test_websockets_are_relayed_to_a_unix_socket_upstream(
-        make_stack: StackFactory, tmp_path: Path) -> None:
-    socket_path = tmp_path / "app.sock"
-    runner = web.AppRunner(create_upstream_app(), access_log=None)
-    await runner.setup()
-    await web.UnixSite(runner, str(socket_path)).start()
-    try:
-        stack = await make_stack(routes=[{"name": "sock", "path_prefix": "/",
-                                          "upstream": f"unix:{socket_path}", "auth": "public"}])
-        await relayed_both_ways(stack.gateway + "/ws")
-    finally:
-        await runner.cleanup()
+        make_stack: StackFactory, unix_upstream: Path) -> None:
+    stack = await make_stack(routes=[{"name": "sock", "path_prefix": "/",
+                                      "upstream": f"unix:{unix_upstream}", "auth": "public"}])
+    await relayed_both_ways(stack.gateway + "/ws")
 
 
 async def test_on_uvloop_websockets_are_relayed_to_https_and_unix_socket_upstreams(
-        tmp_path: Path, https_upstream: tuple[str, Path]) -> None:
+        tmp_path: Path, https_upstream: tuple[str, Path], unix_upstream: Path) -> None:
     """The same in a real `gateway run` on its default loop, uvloop, whose TLS and Unix
     transports are its own: the relay takes them over as it takes asyncio's."""
     url, ca_file = https_upstream
-    socket_path = tmp_path / "app.sock"
-    runner = web.AppRunner(create_upstream_app(), access_log=None)
-    await runner.setup()
-    await web.UnixSite(runner, str(socket_path)).start()
     gateway = f"http://127.0.0.1:{free_port()}"
-    try:
-        async with idp_and_upstream(gateway) as (idp, upstream):
-            config = raw_config(gateway, idp, upstream, routes=[
-                {"name": "tls", "path_prefix": "/tls", "upstream": url, "auth": "public",
-                 "strip_prefix": True, "upstream_tls": {"ca_file": str(ca_file)}},
-                {"name": "sock", "path_prefix": "/sock", "upstream": f"unix:{socket_path}",
-                 "auth": "public", "strip_prefix": True}])
-            proc = await start_gateway(config, tmp_path / "gateway.yaml",
-                                       log=tmp_path / "gateway.log")
-            try:
-                await wait_until_ready(gateway + "/oauth2/readyz")
-                await relayed_both_ways(gateway + "/tls/ws")
-                await relayed_both_ways(gateway + "/sock/ws")
-                proc.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-    finally:
-        await runner.cleanup()
+    async with idp_and_upstream(gateway) as (idp, upstream):
+        config = raw_config(gateway, idp, upstream, routes=[
+            {"name": "tls", "path_prefix": "/tls", "upstream": url, "auth": "public",
+             "strip_prefix": True, "upstream_tls": {"ca_file": str(ca_file)}},
+            {"name": "sock", "path_prefix": "/sock", "upstream": f"unix:{unix_upstream}",
+             "auth": "public", "strip_prefix": True}])
+        proc = await start_gateway(config, tmp_path / "gateway.yaml",
+                                   log=tmp_path / "gateway.log")
+        try:
+            await wait_until_ready(gateway + "/oauth2/readyz")
+            await relayed_both_ways(gateway + "/tls/ws")
+            await relayed_both_ways(gateway + "/sock/ws")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     log = (tmp_path / "gateway.log").read_text()
     assert "event_loop=uvloop" in log
     assert " ERROR " not in log
