@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -36,8 +35,10 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway import pages
+from gateway.errors import NotAuthenticatedError
 from gateway.headers import HOP_BY_HOP
-from gateway.server import GatewayRunner, handler_args
+from gateway.server import SERVER_HEADER, GatewayRunner, handler_args
 from gateway.upstreams import KEEPALIVE_TIMEOUT
 
 _CHUNK = 64 * 1024
@@ -116,16 +117,10 @@ def create_401_app() -> web.Application:
     return app
 
 
-_401_HEADERS = {
-    "Cache-Control": "no-store",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Server": "gateway",
-}
-_401_BODY = json.dumps(
-    {"error": "not_authenticated", "message": "Sign in to access this resource."}
-).encode()
+# The gateway's own: its error pages' headers and Server name, and the body pages.render
+# makes for a NotAuthenticatedError (an API client's 401 on a route without bearer tokens).
+_401_HEADERS = {**pages._PAGE_HEADERS, "Server": SERVER_HEADER}
+_401_BODY = pages._json_body(NotAuthenticatedError.event, NotAuthenticatedError.public_message, ())
 
 
 async def serve(listen: str, upstream: str | None) -> None:
